@@ -1,0 +1,266 @@
+"""The gateway's aiohttp application: middleware order and the forwarding handler.
+
+Order of the layers, outermost first (each one can refuse):
+
+1. ``certificate_middleware`` — every request, every time: the client
+   certificate is re-judged per request (time, revocation), so a revocation
+   or expiry takes effect on open keep-alive connections too.
+2. the access layer (:mod:`gateway.login`) — session, login pages, per-system
+   authorisation; passthrough backends get the certificate identity only.
+3. ``proxy_handler`` — path safety, routing, forwarding with identity headers.
+
+Refusals all go through :meth:`GatewayRuntime.refuse`: one audit event, one
+metric, one page or JSON body with the same support ID.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+from aiohttp import web
+
+from gateway import metrics
+from gateway.audit import AuditEvent, EventKind, new_support_id
+from gateway.certpolicy import PeerCertificate, TrustAnchors, check_certificate, issued_by_trusted_ca, parse_peer
+from gateway.config import Backend, Config
+from gateway.keys import BACKEND, PEER, USER
+from gateway.proxy import BodyTooLarge, UpstreamError, forward, identity_headers, make_client_session
+from gateway.responses import refusal
+from gateway.revocation import CrlRefresher
+from gateway.routing import Router, check_path
+from gateway.verdict import Reason, Verdict
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class AuditSink(Protocol):
+    def record(self, event: AuditEvent) -> None: ...
+
+
+class _Lru(OrderedDict[Any, Any]):
+    """A tiny LRU for per-certificate parse results (bounded memory)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def put(self, key: Any, value: Any) -> None:
+        self[key] = value
+        if len(self) > self.size:
+            self.popitem(last=False)
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass
+class GatewayRuntime:
+    """Everything a worker needs per request; replaced piecewise on reload."""
+
+    config: Config
+    anchors: TrustAnchors
+    refresher: CrlRefresher
+    router: Router
+    audit: AuditSink
+    worker: int = 0
+    clock: Callable[[], dt.datetime] = utcnow
+    client: aiohttp.ClientSession | None = None
+    _peers: _Lru = field(default_factory=lambda: _Lru(20_000))
+    _issuer_verdicts: _Lru = field(default_factory=lambda: _Lru(20_000))
+
+    def peer_of(self, request: web.BaseRequest) -> tuple[PeerCertificate | None, bool]:
+        """The client's leaf, parsed once per distinct certificate; (None, sent?)."""
+        transport = request.transport
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            return None, False
+        peer = self._peers.get(der)
+        if peer is None:
+            peer = parse_peer(der)
+            if peer is None:
+                return None, True
+            self._peers.put(der, peer)
+        return peer, True
+
+    def judge_certificate(self, peer: PeerCertificate | None, sent: bool) -> Verdict:
+        if peer is None:
+            if sent:
+                return Verdict.deny(Reason.MALFORMED_SUBJECT, "certificate could not be parsed")
+            return Verdict.deny(Reason.NO_CERTIFICATE)
+        issuer_verdict = self._issuer_verdicts.get(peer.fingerprint)
+        if issuer_verdict is None:
+            issuer_verdict = issued_by_trusted_ca(peer, self.anchors)
+            self._issuer_verdicts.put(peer.fingerprint, issuer_verdict)
+        return check_certificate(peer, self.anchors, self.refresher.state, self.clock(), issuer_verdict=issuer_verdict)
+
+    def event(
+        self,
+        request: web.BaseRequest,
+        kind: EventKind,
+        reason: Reason | str = "",
+        *,
+        peer: PeerCertificate | None = None,
+        user_id: str = "",
+        backend: str = "",
+        detail: str = "",
+        support_id: str | None = None,
+    ) -> AuditEvent:
+        """An audit event filled from the request and its connection."""
+        transport = request.transport
+        peername = transport.get_extra_info("peername") if transport is not None else None
+        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        cipher = ssl_object.cipher() if ssl_object is not None else None
+        return AuditEvent(
+            event=kind,
+            reason=str(reason),
+            support_id=support_id or new_support_id(),
+            client_ip=str(peername[0]) if peername else "",
+            client_port=int(peername[1]) if peername else None,
+            tls_version=(ssl_object.version() or "") if ssl_object is not None else "",
+            tls_cipher=cipher[0] if cipher else "",
+            backend=backend or request.get(BACKEND, ""),
+            method=request.method,
+            path=request.path,
+            user_id=user_id,
+            cert_subject=peer.common_name if peer else "",
+            cert_serial=peer.serial_hex if peer else "",
+            cert_issuer=peer.issuer_text if peer else "",
+            cert_fingerprint=peer.fingerprint if peer else "",
+            cert_not_after=peer.not_after.isoformat() if peer else "",
+            user_agent=request.headers.get("User-Agent", ""),
+            worker=self.worker,
+            detail=detail,
+        )
+
+    def refuse(
+        self,
+        request: web.BaseRequest,
+        verdict: Verdict,
+        *,
+        peer: PeerCertificate | None = None,
+        kind: EventKind = EventKind.REQUEST_REFUSED,
+        user_id: str = "",
+        status: int | None = None,
+        links: tuple[tuple[str, str, str], ...] = (),
+        headers: dict[str, str] | None = None,
+    ) -> web.Response:
+        """Record and answer one refusal (same support ID in both)."""
+        event = self.event(request, kind, verdict.reason, peer=peer, user_id=user_id, detail=verdict.detail)
+        self.audit.record(event)
+        metrics.REFUSALS.labels(str(verdict.reason)).inc()
+        return refusal(request, verdict.reason, event.support_id, status=status, links=links, headers=headers)
+
+
+RUNTIME = web.AppKey("gateway_runtime", GatewayRuntime)
+
+
+@web.middleware
+async def certificate_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse unless the presented certificate is acceptable right now."""
+    rt = request.app[RUNTIME]
+    peer, sent = rt.peer_of(request)
+    verdict = rt.judge_certificate(peer, sent)
+    if not verdict.allowed:
+        return rt.refuse(request, verdict, peer=peer)
+    request[PEER] = peer
+    return await handler(request)
+
+
+class AccessLayer(Protocol):
+    """Decides, per request, whether and as whom a backend may be reached (login issue)."""
+
+    async def authorize(
+        self, request: web.Request, backend: Backend, peer: PeerCertificate
+    ) -> web.StreamResponse | str | None: ...
+
+
+class CertificateOnlyAccess:
+    """Passthrough backends: the certificate identity is the only identity.
+
+    Backends in ``gateway`` login mode need a session; without the login
+    layer they are refused with ``login_required`` (fail closed).
+    """
+
+    async def authorize(
+        self, request: web.Request, backend: Backend, peer: PeerCertificate
+    ) -> web.StreamResponse | str | None:
+        if backend.login.mode == "passthrough":
+            return None
+        rt = request.app[RUNTIME]
+        return rt.refuse(request, Verdict.deny(Reason.LOGIN_REQUIRED), peer=peer)
+
+
+ACCESS = web.AppKey("gateway_access", AccessLayer)
+
+
+async def proxy_handler(request: web.Request) -> web.StreamResponse:
+    """Route, authorise and forward one request."""
+    rt = request.app[RUNTIME]
+    peer: PeerCertificate = request[PEER]
+    path_verdict = check_path(request.raw_path)
+    if not path_verdict.allowed:
+        return rt.refuse(request, path_verdict, peer=peer)
+    backend = rt.router.match(request.host, request.path)
+    if backend is None:
+        return rt.refuse(request, Verdict.deny(Reason.NO_ROUTE), peer=peer)
+    request[BACKEND] = backend.name
+    decision = await request.app[ACCESS].authorize(request, backend, peer)
+    if isinstance(decision, web.StreamResponse):
+        return decision
+    return await forward_to(request, backend, peer, decision)
+
+
+async def forward_to(
+    request: web.Request, backend: Backend, peer: PeerCertificate, user_id: str | None, body: bytes | None = None
+) -> web.StreamResponse:
+    """Forward with identity headers; backend failures become 502/504/413 pages."""
+    rt = request.app[RUNTIME]
+    assert rt.client is not None
+    if user_id is not None:
+        request[USER] = user_id
+    try:
+        response = await forward(request, backend, rt.client, identity_headers(peer, user_id), body=body)
+    except BodyTooLarge as exc:
+        return rt.refuse(
+            request,
+            Verdict.deny(Reason.PAYLOAD_TOO_LARGE, str(exc)),
+            peer=peer,
+            user_id=user_id or "",
+            headers={"Connection": "close"},
+        )
+    except UpstreamError as exc:
+        reason = Reason.BACKEND_TIMEOUT if exc.timeout else Reason.BACKEND_UNAVAILABLE
+        log.warning("upstream failure", extra={"backend": backend.name, "error": str(exc)})
+        return rt.refuse(request, Verdict.deny(reason, str(exc)), peer=peer, user_id=user_id or "")
+    metrics.REQUESTS.labels(backend.name, f"{response.status // 100}xx").inc()
+    return response
+
+
+async def _client_ctx(app: web.Application) -> Any:
+    rt = app[RUNTIME]
+    rt.client = make_client_session(rt.config.limits.max_connections)
+    yield
+    await rt.client.close()
+
+
+def build_app(runtime: GatewayRuntime, access: AccessLayer | None = None) -> web.Application:
+    """The gateway application for one worker (no listening sockets here)."""
+    app = web.Application(middlewares=[certificate_middleware], client_max_size=1024**2)
+    app[RUNTIME] = runtime
+    app[ACCESS] = access or CertificateOnlyAccess()
+    app.cleanup_ctx.append(_client_ctx)
+    setup = getattr(access, "setup_routes", None)
+    if setup is not None:
+        setup(app)
+    app.router.add_route("*", "/{tail:.*}", proxy_handler)
+    return app

@@ -1,0 +1,59 @@
+"""The ``gateway`` command: one argparse tree, one exit path for errors.
+
+Each concern registers its own sub-commands (``register(subparsers)`` in
+``cli_*`` modules) so this file stays the table of contents. Errors of the
+:class:`GatewayError` family print one line (several for config problems)
+and exit 2; tracebacks only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from gateway import __version__
+from gateway.errors import ConfigError, GatewayError
+
+# Modules that add sub-commands, in the order they appear in --help.
+COMMAND_MODULES = (
+    "gateway.cli_serve",
+    "gateway.cli_users",
+    "gateway.cli_audit",
+    "gateway.cli_ca",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="mTLS login gateway for TDnet, J-IRISS and clearing, and the TSE SSO CA.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigError as exc:
+        for line in exc.problems:
+            print(f"error: {line}", file=sys.stderr)
+        if args.debug:
+            raise
+        return 2
+    except GatewayError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if args.debug:
+            raise
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,107 @@
+"""Sub-commands that run things: ``serve``, ``check-config``, ``reload``, ``portal``, ``demo``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from gateway.config import load_config, require_gateway, require_portal
+from gateway.errors import ConfigError, GatewayError
+
+
+def register(sub: argparse._SubParsersAction[Any]) -> None:
+    p = sub.add_parser("serve", help="run the gateway in the foreground (SIGTERM/SIGINT stop, SIGHUP reloads)")
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("check-config", help="validate a config file; one line per problem")
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--portal", action="store_true", help="also require the portal and CA sections")
+    p.set_defaults(func=_check_config)
+
+    p = sub.add_parser("reload", help="ask a running gateway to reload its config and files (via the admin listener)")
+    p.add_argument("--config", required=True, help="YAML config file of the running gateway")
+    p.set_defaults(func=_reload)
+
+    p = sub.add_parser("portal", help="run the TSE-CA certificate issuance service")
+    p.add_argument("--config", required=True, help="YAML config file (ca:, portal:, users:)")
+    p.set_defaults(func=_portal)
+
+    p = sub.add_parser("demo", help="run a self-contained demo: throwaway CA, backends, gateway, portal")
+    p.add_argument("--dir", default=None, help="where to write the demo's PKI and databases (default: a temp dir)")
+    p.add_argument("--port", type=int, default=8443, help="gateway port (portal: +1, admin: 9100)")
+    p.add_argument("--once", action="store_true", help="start, print the instructions, self-check and exit")
+    p.set_defaults(func=_demo)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.server import run
+
+    return run(load_config(args.config))
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    problems: list[str] = []
+    gateway_wanted = config.tls is not None or config.backends or config.revocation is not None or config.portal is None
+    for wanted, check in (
+        (gateway_wanted, require_gateway),
+        (args.portal or config.portal is not None, require_portal),
+    ):
+        if not wanted:
+            continue
+        try:
+            check(config)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+    if config.tls is not None and not problems:
+        problems.extend(_check_tls_files(config))
+    if problems:
+        raise ConfigError(problems)
+    print(f"{config.path}: OK")
+    return 0
+
+
+def _check_tls_files(config: Any) -> list[str]:
+    """Load the certificate, key and CA bundle as serve would, to catch bad files now."""
+    from gateway.server import load_tls_state
+
+    try:
+        load_tls_state(config)
+    except GatewayError as exc:
+        return [f"{config.path}: tls: {exc}"]
+    return []
+
+
+def _reload(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    if config.admin is None:
+        raise ConfigError([f"{config.path}: admin: missing; reload talks to the admin listener"])
+    url = f"http://{config.admin.host}:{config.admin.port}/reload"
+    request = urllib.request.Request(url, method="POST", data=b"")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:  # noqa: S310 - admin URL from config
+            result = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        result = json.loads(exc.read() or b"{}")
+    except OSError as exc:
+        raise GatewayError(f"cannot reach the admin listener at {url}: {exc}") from exc
+    print(json.dumps(result, ensure_ascii=False))
+    return 0 if result.get("ok") else 1
+
+
+def _portal(args: argparse.Namespace) -> int:
+    from gateway.portal import run_portal
+
+    config = load_config(args.config)
+    require_portal(config)
+    return run_portal(config)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(args.dir, args.port, once=args.once)

@@ -1,0 +1,10 @@
+"""Sub-commands `gateway users ...` (placeholder until its issue lands)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(sub: "argparse._SubParsersAction[Any]") -> None:
+    """Add the `users` sub-commands to the CLI."""

@@ -1,0 +1,38 @@
+"""The small family of errors the CLI reports in one line each.
+
+Low-level exceptions (OSError, ssl.SSLError, sqlite3.Error, ValueError from
+parsers) are translated into these at the I/O edge, with a message a person
+can act on; ``gateway.cli.main`` catches :class:`GatewayError` once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class GatewayError(Exception):
+    """Base of every error the CLI reports without a traceback."""
+
+
+class ConfigError(GatewayError):
+    """A configuration file is missing, unreadable or invalid.
+
+    ``problems`` holds one line per problem, each naming the file, the key
+    path and what was expected, so an operator can fix them all in one go.
+    """
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = tuple(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class PkiError(GatewayError):
+    """A certificate, key or CRL file cannot be read or does not fit."""
+
+
+class CaError(GatewayError):
+    """The certificate authority refused an operation (exists, not found, ...)."""
+
+
+class StoreError(GatewayError):
+    """A SQLite store (users, sessions, audit, issuance) failed."""

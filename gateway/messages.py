@@ -1,0 +1,226 @@
+"""What a refused user is told, per reason code: Japanese first, English below.
+
+Generic to clients, precise in the audit: these texts never carry DNs,
+serials of other users, paths or stack traces. The certificate reasons all
+open with the manual's sentence 有効なクライアント証明書ではありません.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.verdict import CERTIFICATE_REASONS, Reason
+
+NOT_VALID_JA = "有効なクライアント証明書ではありません"
+NOT_VALID_EN = "This is not a valid client certificate"
+
+_RESTART_JA = (
+    "ブラウザを再起動し、正しい https の URL であることを確認して、証明書の選択画面で正しい証明書を選択してください。"
+)
+_RESTART_EN = (
+    "Restart the browser, make sure the https URL is correct, and choose the right certificate in the selection dialog."
+)
+_PICK_JA = "ご自身のユーザIDに対して Tokyo Stock Exchange SSO CA が発行した証明書を選択してください。"
+_PICK_EN = "Choose the certificate issued to your user ID by Tokyo Stock Exchange SSO CA."
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    status: int
+    title_ja: str
+    title_en: str
+    advice_ja: str
+    advice_en: str
+
+
+MESSAGES: dict[Reason, Message] = {
+    Reason.NO_CERTIFICATE: Message(
+        403,
+        NOT_VALID_JA,
+        NOT_VALID_EN,
+        "クライアント証明書が提示されませんでした。証明書発行サービスで証明書を取得して端末にインストールし、"
+        + _RESTART_JA,
+        "No client certificate was presented. Obtain one in the certificate issuance service, install it on this terminal, then: "
+        + _RESTART_EN,
+    ),
+    Reason.UNTRUSTED_CERTIFICATE: Message(
+        403,
+        NOT_VALID_JA,
+        NOT_VALID_EN,
+        "提示された証明書は Tokyo Stock Exchange SSO CA が発行したものではありません(旧 TSE-CA2 の証明書は使用できません)。"
+        + _PICK_JA,
+        "The certificate was not issued by Tokyo Stock Exchange SSO CA (certificates from the old TSE-CA2 are no longer valid). "
+        + _PICK_EN,
+    ),
+    Reason.CERTIFICATE_EXPIRED: Message(
+        403,
+        NOT_VALID_JA,
+        NOT_VALID_EN,
+        "証明書の有効期限が切れています。証明書発行サービスで新しい証明書を発行し、古い証明書を削除してからブラウザを再起動してください。",
+        "The certificate has expired. Issue a new one in the certificate issuance service, delete the old one, and restart the browser.",
+    ),
+    Reason.CERTIFICATE_NOT_YET_VALID: Message(
+        403,
+        NOT_VALID_JA,
+        NOT_VALID_EN,
+        "証明書の有効期間がまだ始まっていません。端末の時刻を確認してください。",
+        "The certificate is not valid yet. Check this terminal's clock.",
+    ),
+    Reason.CERTIFICATE_REVOKED: Message(
+        403,
+        NOT_VALID_JA,
+        NOT_VALID_EN,
+        "この証明書は失効しています。証明書発行サービスで証明書を再発行し、失効した証明書を削除してからブラウザを再起動してください。",
+        "This certificate has been revoked. Reissue a certificate in the issuance service, delete the revoked one, and restart the browser.",
+    ),
+    Reason.REVOCATION_UNAVAILABLE: Message(
+        403,
+        NOT_VALID_JA,
+        NOT_VALID_EN,
+        "証明書の失効状況を確認できないため、安全のためアクセスをお断りしています。しばらくしてから再度お試しください。解決しない場合はサポートIDをお知らせください。",
+        "The certificate's revocation status cannot be checked right now, so access is refused for safety. Try again later; if it persists, contact support with the ID below.",
+    ),
+    Reason.WRONG_KEY_USAGE: Message(
+        403,
+        NOT_VALID_JA,
+        NOT_VALID_EN,
+        "この証明書はクライアント認証用ではありません。" + _PICK_JA,
+        "This certificate is not meant for client authentication. " + _PICK_EN,
+    ),
+    Reason.MALFORMED_SUBJECT: Message(
+        403,
+        NOT_VALID_JA,
+        NOT_VALID_EN,
+        "証明書の発行先(サブジェクト)がユーザIDの形式ではありません。" + _PICK_JA,
+        "The certificate's subject is not a user ID. " + _PICK_EN,
+    ),
+    Reason.NO_ROUTE: Message(
+        404,
+        "ページが見つかりません",
+        "Page not found",
+        "URL を確認してください。",
+        "Check the URL.",
+    ),
+    Reason.BAD_REQUEST: Message(
+        400,
+        "不正なリクエストです",
+        "Bad request",
+        "URL を確認して、もう一度お試しください。",
+        "Check the URL and try again.",
+    ),
+    Reason.PAYLOAD_TOO_LARGE: Message(
+        413,
+        "送信データが大きすぎます",
+        "Request body too large",
+        "送信するファイルのサイズを確認してください。",
+        "Check the size of what you are sending.",
+    ),
+    Reason.BACKEND_UNAVAILABLE: Message(
+        502,
+        "システムに接続できません",
+        "The system is not reachable",
+        "しばらくしてから再度お試しください。",
+        "Try again in a few minutes.",
+    ),
+    Reason.BACKEND_TIMEOUT: Message(
+        504,
+        "システムの応答がありません",
+        "The system did not answer in time",
+        "しばらくしてから再度お試しください。",
+        "Try again in a few minutes.",
+    ),
+    Reason.LOGIN_REQUIRED: Message(
+        401,
+        "ログインが必要です",
+        "Login required",
+        "ユーザID とパスワードでログインしてください。",
+        "Log in with your user ID and password.",
+    ),
+    Reason.SUBJECT_MISMATCH: Message(
+        403,
+        "選択された証明書はこのユーザIDのものではありません",
+        "The selected certificate does not belong to this user ID",
+        "証明書の発行先(サブジェクト)が入力したユーザIDと一致しません。ブラウザを再起動し、ご自身のユーザIDの証明書を選択してください。",
+        "The certificate's subject does not match the user ID you entered. Restart the browser and choose the certificate issued to your user ID.",
+    ),
+    Reason.BAD_CREDENTIALS: Message(
+        401,
+        "ユーザIDまたはパスワードが正しくありません",
+        "User ID or password is incorrect",
+        "入力内容を確認して、もう一度お試しください。",
+        "Check what you entered and try again.",
+    ),
+    Reason.ACCOUNT_LOCKED: Message(
+        403,
+        "アカウントがロックされています",
+        "The account is locked",
+        "ログインの失敗が続いたため、一定時間ログインできません。しばらくしてから再度お試しください。",
+        "Too many failed logins: logging in is blocked for a while. Try again later.",
+    ),
+    Reason.RATE_LIMITED: Message(
+        429,
+        "試行回数が多すぎます",
+        "Too many attempts",
+        "しばらくしてから再度お試しください。",
+        "Try again later.",
+    ),
+    Reason.CSRF_FAILED: Message(
+        403,
+        "画面の有効期限が切れました",
+        "This form has expired",
+        "ページを再読み込みして、もう一度お試しください。",
+        "Reload the page and try again.",
+    ),
+    Reason.SESSION_EXPIRED: Message(
+        401,
+        "セッションの有効期限が切れました",
+        "Your session has expired",
+        "もう一度ログインしてください。",
+        "Please log in again.",
+    ),
+    Reason.SESSION_CERTIFICATE_MISMATCH: Message(
+        403,
+        "ログイン時と異なる証明書が提示されました",
+        "A different certificate than at login was presented",
+        "安全のためセッションを終了しました。ブラウザを再起動し、ご自身の証明書でもう一度ログインしてください。",
+        "The session was ended for safety. Restart the browser and log in again with your own certificate.",
+    ),
+    Reason.NOT_AUTHORIZED: Message(
+        403,
+        "このシステムを利用する権限がありません",
+        "You are not authorised for this system",
+        "利用権限については管理者にお問い合わせください。",
+        "Ask your administrator for access to this system.",
+    ),
+    Reason.PASSWORD_CHANGE_REQUIRED: Message(
+        403,
+        "パスワードの変更が必要です",
+        "You must change your password",
+        "仮パスワードでログインしました。パスワードを変更してください。",
+        "You logged in with a temporary password. Please change it.",
+    ),
+    Reason.PASSWORD_POLICY: Message(
+        400,
+        "新しいパスワードが条件を満たしていません",
+        "The new password does not meet the policy",
+        "条件を確認して、もう一度入力してください。",
+        "Check the rules and enter it again.",
+    ),
+    Reason.CERTIFICATE_DUPLICATE: Message(
+        409,
+        "証明書重複エラー",
+        "Certificate duplicate error",
+        "既に有効な証明書が発行されています。証明書を再発行する場合は、現在の証明書を失効してから発行してください。",
+        "A valid certificate has already been issued. To get a new one, revoke the current certificate first.",
+    ),
+}
+
+_FALLBACK = Message(403, "アクセスできません", "Access refused", "", "")
+
+
+def message_for(reason: Reason) -> Message:
+    return MESSAGES.get(reason, _FALLBACK)
+
+
+def is_certificate_reason(reason: Reason) -> bool:
+    return reason in CERTIFICATE_REASONS

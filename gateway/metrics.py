@@ -1,0 +1,76 @@
+"""Prometheus metrics: every counter and gauge the product exports, in one place.
+
+With ``workers: N > 1`` the supervisor sets ``PROMETHEUS_MULTIPROC_DIR``
+before the workers start, so each worker writes its samples to a shared
+folder and the admin listener aggregates them (prometheus_client's
+multiprocess mode, the same mechanism gunicorn deployments use). With one
+worker the default registry is served directly.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+REQUESTS = Counter("gateway_requests_total", "Requests answered, by backend and status class", ["backend", "status"])
+REFUSALS = Counter("gateway_refusals_total", "Requests refused, by reason code", ["reason"])
+HANDSHAKE_FAILURES = Counter(
+    "gateway_tls_handshake_failures_total", "TLS handshakes that failed, by reason", ["reason"]
+)
+HANDSHAKES = Counter("gateway_tls_handshakes_total", "TLS handshakes completed")
+UPSTREAM_LATENCY = Histogram(
+    "gateway_upstream_latency_seconds",
+    "Time to the backend's response headers",
+    ["backend"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+CRL_AGE = Gauge(
+    "gateway_crl_age_seconds",
+    "Seconds since the loaded CRL's thisUpdate",
+    ["source"],
+    multiprocess_mode="max",
+)
+CRL_ENTRIES = Gauge("gateway_crl_entries", "Revoked serials in the loaded CRL", ["source"], multiprocess_mode="max")
+CRL_NEXT_UPDATE = Gauge(
+    "gateway_crl_next_update_timestamp_seconds",
+    "nextUpdate of the loaded CRL",
+    ["source"],
+    multiprocess_mode="min",
+)
+CRL_LOAD_SECONDS = Gauge(
+    "gateway_crl_load_seconds",
+    "Time the last CRL load took (parse, verify, index)",
+    ["source"],
+    multiprocess_mode="max",
+)
+CRL_REFRESH_FAILURES = Counter(
+    "gateway_crl_refresh_failures_total", "CRL refreshes that failed (old CRL kept)", ["source"]
+)
+CRL_REFRESHES = Counter("gateway_crl_refreshes_total", "CRLs loaded and swapped in", ["source"])
+LOGINS = Counter("gateway_logins_total", "Login attempts, by result reason", ["reason"])
+AUDIT_EVENTS = Counter("gateway_audit_events_total", "Audit events recorded", ["event", "reason"])
+AUDIT_OVERFLOW = Counter(
+    "gateway_audit_overflow_total",
+    "Audit events that could not be queued or stored and went to stderr instead",
+    ["cause"],
+)
+RELOADS = Counter("gateway_reloads_total", "Configuration reloads, by result", ["result"])
+OPEN_CONNECTIONS = Gauge("gateway_open_connections", "Client connections open", multiprocess_mode="livesum")
+
+
+def render() -> tuple[bytes, str]:
+    """The metrics page body and its content type (aggregated across workers if any)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST

@@ -1,0 +1,29 @@
+"""HTML pages: one Jinja2 environment, autoescaped, Japanese first, English below.
+
+Every page (refusals, login, portal, audit report) extends ``base.html`` so
+they look alike and carry no external assets. Untrusted strings (DNs, user
+agents, user IDs) are only ever passed as template data, never formatted
+into markup, so autoescaping covers them.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+
+@cache
+def environment() -> Environment:
+    return Environment(
+        loader=PackageLoader("gateway", "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def render(template: str, **context: Any) -> str:
+    """Render a template from ``gateway/templates`` with the given data."""
+    return environment().get_template(template).render(**context)

@@ -1,0 +1,253 @@
+"""Forwarding: stream a request to its backend and the response back.
+
+Bodies stream both ways in 64 KiB chunks (a 1 GB upload or download keeps
+memory flat); connections to each backend are pooled and kept alive.
+Identity headers are built here from the verified certificate and never
+taken from the client: every header in :data:`IDENTITY_HEADERS` that a client
+sends is dropped before ours are added.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway import metrics
+from gateway.certpolicy import PeerCertificate
+from gateway.config import Backend
+
+CHUNK = 1 << 16
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus the legacy Proxy-Connection.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-connection",
+    }
+)
+# Headers that carry identity to the backends: only the gateway sets them.
+IDENTITY_HEADERS = frozenset(
+    {
+        "x-forwarded-client-cert",
+        "x-client-cert-serial",
+        "x-authenticated-user",
+        "x-client-cert-subject",
+        "x-client-cert-fingerprint",
+        "x-client-cert-not-after",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+        "forwarded",
+    }
+)
+
+
+class BodyTooLarge(Exception):
+    """The client sent more than the backend's ``max_body_bytes``."""
+
+
+class UpstreamError(Exception):
+    """The backend could not be reached (502) or did not answer in time (504)."""
+
+    def __init__(self, timeout: bool, detail: str) -> None:
+        super().__init__(detail)
+        self.timeout = timeout
+
+
+def xfcc_value(peer: PeerCertificate) -> str:
+    """Envoy's X-Forwarded-Client-Cert element: Hash and quoted Subject."""
+    subject = peer.subject.replace("\\", "\\\\").replace('"', '\\"')
+    return f'Hash={peer.fingerprint};Subject="{subject}"'
+
+
+def identity_headers(peer: PeerCertificate, user_id: str | None) -> dict[str, str]:
+    """The verified identity, as the backends receive it."""
+    headers = {
+        "X-Forwarded-Client-Cert": xfcc_value(peer),
+        "X-Client-Cert-Serial": peer.serial_hex,
+    }
+    if user_id is not None:
+        headers["X-Authenticated-User"] = user_id
+    return headers
+
+
+def outbound_headers(
+    incoming: CIMultiDictProxy[str] | Mapping[str, str],
+    identity: Mapping[str, str],
+    *,
+    client_ip: str,
+    host: str,
+) -> CIMultiDict[str]:
+    """Client headers minus hop-by-hop and identity ones, plus ours."""
+    connection_listed = {token.strip().lower() for token in incoming.get("Connection", "").split(",") if token.strip()}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in IDENTITY_HEADERS or lower in connection_listed:
+            continue
+        if lower == "host":
+            continue
+        out.add(name, value)
+    out["X-Forwarded-For"] = client_ip
+    out["X-Forwarded-Proto"] = "https"
+    out["X-Forwarded-Host"] = host
+    out.update(identity)
+    return out
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    connection_listed = {token.strip().lower() for token in upstream.get("Connection", "").split(",") if token.strip()}
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in connection_listed or lower == "content-length":
+            continue
+        out.add(name, value)
+    return out
+
+
+async def _limited(stream: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
+    seen = 0
+    async for chunk in stream.iter_chunked(CHUNK):
+        seen += len(chunk)
+        if seen > limit:
+            raise BodyTooLarge(f"body over {limit} bytes")
+        yield chunk
+
+
+def make_client_session(max_connections: int = 1000) -> aiohttp.ClientSession:
+    """One pooled, keep-alive client for all backends; no cookies, no decompression."""
+    connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=60)
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+
+
+async def forward(
+    request: web.Request,
+    backend: Backend,
+    session: aiohttp.ClientSession,
+    identity: Mapping[str, str],
+    body: bytes | None = None,
+) -> web.StreamResponse:
+    """Send ``request`` to ``backend`` and stream the answer back.
+
+    ``body`` replaces the request body when the caller already read it (the
+    passthrough login). Raises :class:`BodyTooLarge` before contacting the
+    backend when Content-Length says so, :class:`UpstreamError` when the
+    backend fails before answering; after the answer has started, a failure
+    aborts the client connection (there is no honest status left to send).
+    """
+    length = request.content_length
+    if length is not None and length > backend.max_body_bytes:
+        raise BodyTooLarge(f"Content-Length {length} over {backend.max_body_bytes}")
+    if request.headers.get("Upgrade", "").lower() == "websocket":
+        return await _forward_websocket(request, backend, session, identity)
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    headers = outbound_headers(request.headers, identity, client_ip=peer[0] if peer else "", host=request.host)
+    data: bytes | AsyncIterator[bytes] | None
+    if body is not None:
+        data = body
+    elif request.body_exists:
+        data = _limited(request.content, backend.max_body_bytes)
+    else:
+        data = None
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=backend.connect_timeout, sock_read=backend.timeout)
+    started = time.perf_counter()
+    try:
+        async with session.request(
+            request.method,
+            backend.upstream + request.raw_path,
+            headers=headers,
+            data=data,
+            allow_redirects=False,
+            timeout=timeout,
+            compress=None,
+        ) as upstream:
+            metrics.UPSTREAM_LATENCY.labels(backend.name).observe(time.perf_counter() - started)
+            return await _relay(request, upstream)
+    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        raise UpstreamError(True, f"backend {backend.name} timed out: {exc}") from exc
+    except aiohttp.ClientPayloadError as exc:
+        raise UpstreamError(False, f"backend {backend.name} sent a broken body: {exc}") from exc
+    except aiohttp.ClientError as exc:
+        if isinstance(exc.__cause__, BodyTooLarge):
+            raise exc.__cause__ from exc
+        raise UpstreamError(False, f"backend {backend.name} unreachable: {type(exc).__name__}: {exc}") from exc
+
+
+async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    response = web.StreamResponse(
+        status=upstream.status, reason=upstream.reason, headers=response_headers(upstream.headers)
+    )
+    if upstream.content_length is not None:
+        response.content_length = upstream.content_length
+    await response.prepare(request)
+    try:
+        async for chunk in upstream.content.iter_chunked(CHUNK):
+            await response.write(chunk)
+    except (TimeoutError, aiohttp.ClientError):
+        # The status line is gone already: cut the client off so it sees a
+        # truncated body instead of a silently short one.
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response
+
+
+async def _forward_websocket(
+    request: web.Request, backend: Backend, session: aiohttp.ClientSession, identity: Mapping[str, str]
+) -> web.StreamResponse:
+    """Relay a WebSocket: both directions pumped until either side closes."""
+    url = backend.upstream.replace("http", "ws", 1) + request.raw_path
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    headers = outbound_headers(request.headers, identity, client_ip=peer[0] if peer else "", host=request.host)
+    for name in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol"):
+        headers.popall(name, None)
+    try:
+        upstream = await session.ws_connect(
+            url, headers=headers, timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10)
+        )
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise UpstreamError(isinstance(exc, asyncio.TimeoutError), f"websocket to {backend.name}: {exc}") from exc
+    client = web.WebSocketResponse()
+    await client.prepare(request)
+
+    async def pump(
+        src: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+        dst: aiohttp.ClientWebSocketResponse | web.WebSocketResponse,
+    ) -> None:
+        async for msg in src:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await dst.send_str(msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await dst.send_bytes(msg.data)
+            else:
+                break
+        await dst.close()
+
+    async with upstream:
+        tasks = [asyncio.create_task(pump(client, upstream)), asyncio.create_task(pump(upstream, client))]
+        _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+    return client

@@ -1,0 +1,303 @@
+"""TLS termination: the server context, CA names, and handshakes we can see fail.
+
+Three gaps of the stdlib ``ssl`` module are closed here, each deliberately:
+
+1. **Refuse with a page, not an alert.** The context uses ``CERT_OPTIONAL``
+   (no certificate still completes the handshake, so the user gets the
+   "install your certificate" page) and OpenSSL's ``X509_V_FLAG_NO_CHECK_TIME``
+   (an expired certificate completes the handshake, so the user gets the
+   "renew" page). Chain and signature are still verified by OpenSSL; time,
+   revocation, key usage and subject are checked per request by
+   :mod:`gateway.certpolicy`.
+2. **CA names in the CertificateRequest.** The stdlib sends none, so browsers
+   offer every certificate the user holds. ``SSL_CTX_set_client_CA_list`` is
+   called through ctypes on the context's own ``SSL_CTX`` (the pointer that
+   follows ``PyObject_HEAD`` in CPython's ``PySSLContext``). The pointer is
+   checked against the context's verify mode before use; if the layout ever
+   differs, we log and carry on without names rather than crash.
+3. **Failed handshakes are recorded.** asyncio logs them only in debug mode.
+   :class:`TlsAcceptor` accepts plain TCP and runs ``loop.start_tls`` itself,
+   so a failure raises in our code with OpenSSL's reason; a message callback
+   keeps the client's certificate as it arrives, so the audit record can name
+   the refused certificate's subject, serial and issuer.
+"""
+
+from __future__ import annotations
+
+import _ssl
+import asyncio
+import ctypes
+import logging
+import ssl
+from collections.abc import Callable, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway.config import TlsConfig
+from gateway.errors import PkiError
+from gateway.pkifiles import read_pem_certs
+
+log = logging.getLogger(__name__)
+
+# OpenSSL's X509_V_FLAG_NO_CHECK_TIME: verify chain and signatures, not dates.
+X509_V_FLAG_NO_CHECK_TIME = 0x200000
+_TLS_HANDSHAKE = 22
+_HS_CERTIFICATE = 11
+
+
+@dataclass(slots=True)
+class HandshakeSlot:
+    """What one connection's handshake left behind: the client's leaf, if sent."""
+
+    client_der: bytes | None = None
+    sslobj: ssl.SSLObject | None = None
+
+
+_current_slot: ContextVar[HandshakeSlot | None] = ContextVar("gateway_tls_slot", default=None)
+
+
+class _TrackedSSLObject(ssl.SSLObject):
+    """SSLObject that links itself to the handshake slot of the accepting task.
+
+    ``loop.start_tls`` schedules the SSL protocol's ``connection_made`` with a
+    copy of the calling task's context, and ``wrap_bio`` runs there: the
+    context variable set by :class:`TlsAcceptor` is visible at creation time.
+    """
+
+    _gateway_slot: HandshakeSlot | None
+
+    @classmethod
+    def _create(cls, *args: Any, **kwargs: Any) -> _TrackedSSLObject:  # type: ignore[override]
+        obj: _TrackedSSLObject = super()._create(*args, **kwargs)  # type: ignore[misc]
+        slot = _current_slot.get()
+        obj._gateway_slot = slot
+        if slot is not None:
+            slot.sslobj = obj
+        return obj
+
+
+def _first_certificate(body: bytes, tls13: bool) -> bytes | None:
+    """The leaf DER from a Certificate handshake message body (RFC 8446 4.4.2 / 5246 7.4.2)."""
+    pos = 0
+    if tls13:
+        pos = 1 + body[0]  # certificate_request_context
+    pos += 3  # certificate_list length
+    if len(body) < pos + 3:
+        return None
+    length = int.from_bytes(body[pos : pos + 3], "big")
+    der = body[pos + 3 : pos + 3 + length]
+    return der if len(der) == length and length > 0 else None
+
+
+def _on_tls_message(conn: Any, direction: str, version: int, content_type: int, msg_type: int, data: bytes) -> None:
+    """Keep the client's certificate as it is read (plaintext, TLS 1.2 and 1.3)."""
+    if content_type != _TLS_HANDSHAKE or msg_type != _HS_CERTIFICATE or direction != "read":
+        return
+    slot = getattr(conn, "_gateway_slot", None)
+    if slot is None or len(data) < 8:
+        return
+    try:
+        slot.client_der = _first_certificate(data[4:], version == ssl.TLSVersion.TLSv1_3)
+    except IndexError:
+        slot.client_der = None
+
+
+def load_client_cas(paths: Sequence[Path]) -> list[x509.Certificate]:
+    """All CA certificates of the configured bundles (each must be a CA)."""
+    certs: list[x509.Certificate] = []
+    for path in paths:
+        for cert in read_pem_certs(path):
+            try:
+                bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+            except x509.ExtensionNotFound as exc:
+                raise PkiError(f"{path}: {cert.subject.rfc4514_string()} is not a CA certificate") from exc
+            if not bc.ca:
+                raise PkiError(f"{path}: {cert.subject.rfc4514_string()} is not a CA certificate")
+            certs.append(cert)
+    return certs
+
+
+def build_server_context(tls: TlsConfig, client_cas: Sequence[x509.Certificate]) -> ssl.SSLContext:
+    """The server SSLContext: TLS 1.2+, client certificate requested and chain-verified."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    try:
+        ctx.load_cert_chain(tls.cert, tls.key)
+    except (OSError, ssl.SSLError) as exc:
+        raise PkiError(f"{tls.cert}, {tls.key}: cannot load server certificate and key: {exc}") from exc
+    pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in client_cas)
+    ctx.load_verify_locations(cadata=pem.decode("ascii"))
+    ctx.verify_mode = ssl.CERT_OPTIONAL
+    ctx.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
+    ctx.sslobject_class = _TrackedSSLObject
+    # The base setter takes raw integers; ssl.SSLContext's wrapper converts
+    # every argument to an enum on every record, which costs ~100 µs a handshake.
+    _ssl._SSLContext._msg_callback.__set__(ctx, _on_tls_message)  # type: ignore[attr-defined]
+    lib, pointer = _openssl_ctx(ctx)
+    if lib is not None and pointer is not None:
+        _purpose_any(lib, pointer)
+        if tls.send_ca_names:
+            set_client_ca_names(ctx, client_cas, lib, pointer)
+    return ctx
+
+
+def _openssl_ctx(ctx: ssl.SSLContext) -> tuple[ctypes.CDLL | None, int | None]:
+    """libssl (as loaded by ``_ssl``) and the context's ``SSL_CTX*``, or (None, None)."""
+    try:
+        lib = ctypes.CDLL(_ssl.__file__)
+        pointer = _ssl_ctx_pointer(ctx, lib)
+    except (OSError, AttributeError) as exc:
+        log.warning("tls: cannot reach OpenSSL through ctypes: %s", exc)
+        return None, None
+    if pointer is None:
+        log.warning("tls: unexpected SSLContext layout; CA names not sent, EKU checked by OpenSSL")
+        return None, None
+    return lib, pointer
+
+
+def _purpose_any(lib: ctypes.CDLL, pointer: int) -> None:
+    """Let certificates with the wrong key usage finish the handshake.
+
+    OpenSSL checks the "SSL client" purpose (EKU clientAuth, keyUsage) during
+    the handshake and answers with an alert, which a browser shows as a
+    connection error. With the purpose set to "any", chain and signatures are
+    still verified and :func:`gateway.certpolicy.check_usage` refuses the
+    certificate with the ``wrong_key_usage`` page instead. If this call is
+    unavailable OpenSSL keeps its stricter check: still fail closed.
+    """
+    lib.SSL_CTX_get0_param.restype = ctypes.c_void_p
+    lib.SSL_CTX_get0_param.argtypes = [ctypes.c_void_p]
+    lib.X509_VERIFY_PARAM_set_purpose.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    param = lib.SSL_CTX_get0_param(pointer)
+    if param:
+        lib.X509_VERIFY_PARAM_set_purpose(param, 7)  # X509_PURPOSE_ANY
+
+
+def _ssl_ctx_pointer(ctx: ssl.SSLContext, lib: ctypes.CDLL) -> int | None:
+    """The ``SSL_CTX*`` inside a CPython SSLContext, or None if the layout is unexpected."""
+    pointer = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
+    if not pointer:
+        return None
+    lib.SSL_CTX_get_verify_mode.restype = ctypes.c_int
+    lib.SSL_CTX_get_verify_mode.argtypes = [ctypes.c_void_p]
+    # Probe with a verify mode that differs from the default to be sure.
+    saved = ctx.verify_mode
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ok = lib.SSL_CTX_get_verify_mode(pointer) == 3  # SSL_VERIFY_PEER | FAIL_IF_NO_PEER_CERT
+    ctx.verify_mode = saved
+    expected = {ssl.CERT_NONE: 0, ssl.CERT_OPTIONAL: 1, ssl.CERT_REQUIRED: 3}[saved]
+    return pointer if ok and lib.SSL_CTX_get_verify_mode(pointer) == expected else None
+
+
+def set_client_ca_names(ctx: ssl.SSLContext, cas: Sequence[x509.Certificate], lib: ctypes.CDLL, pointer: int) -> None:
+    """Name the trusted CAs in the CertificateRequest (nginx's ssl_client_certificate does)."""
+    lib.OPENSSL_sk_new_null.restype = ctypes.c_void_p
+    lib.OPENSSL_sk_push.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.d2i_X509_NAME.restype = ctypes.c_void_p
+    lib.d2i_X509_NAME.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_char_p), ctypes.c_long]
+    lib.SSL_CTX_set_client_CA_list.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    stack = lib.OPENSSL_sk_new_null()
+    for cert in cas:
+        der = cert.subject.public_bytes()
+        buf = ctypes.c_char_p(der)
+        name = lib.d2i_X509_NAME(None, ctypes.byref(buf), len(der))
+        if name:
+            lib.OPENSSL_sk_push(stack, name)
+    lib.SSL_CTX_set_client_CA_list(pointer, stack)  # takes ownership of the stack
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeFailure:
+    """A handshake that did not complete, for the audit trail."""
+
+    peer: tuple[str, int] | None
+    reason: str  # OpenSSL's reason, e.g. TLSV1_ALERT_UNKNOWN_CA or CERTIFICATE_VERIFY_FAILED
+    message: str
+    client_der: bytes | None = field(default=None, repr=False)
+
+
+def describe_ssl_error(exc: BaseException) -> tuple[str, str]:
+    """(reason code, human message) for a handshake exception, from OpenSSL's words."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "certificate_verify_failed", exc.verify_message or str(exc)
+    if isinstance(exc, ssl.SSLError):
+        reason = (exc.reason or "ssl_error").lower()
+        return reason, str(exc)
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError | ConnectionAbortedError):
+        return "handshake_timeout", "TLS handshake did not complete in time"
+    if isinstance(exc, ConnectionError):
+        return "connection_lost", "client closed the connection during the handshake"
+    return type(exc).__name__.lower(), str(exc)
+
+
+ProtocolFactory = Callable[[], asyncio.Protocol]
+FailureHook = Callable[[HandshakeFailure], None]
+
+
+class TlsAcceptor(asyncio.Protocol):
+    """Accepts TCP, runs the TLS handshake, then hands the stream to the HTTP protocol.
+
+    On failure the hook gets the peer address, OpenSSL's reason and the
+    client's certificate when one was sent; nothing reaches the HTTP layer.
+    ``context_getter`` is read per connection so a reload can swap the
+    certificate for new handshakes without touching open connections.
+    """
+
+    def __init__(
+        self,
+        context_getter: Callable[[], ssl.SSLContext],
+        app_factory: ProtocolFactory,
+        on_failure: FailureHook,
+        handshake_timeout: float,
+    ) -> None:
+        self._context_getter = context_getter
+        self._app_factory = app_factory
+        self._on_failure = on_failure
+        self._timeout = handshake_timeout
+        self._transport: asyncio.Transport | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.pause_reading()
+        self._task = asyncio.get_running_loop().create_task(self._handshake(transport))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+
+    async def _handshake(self, transport: asyncio.Transport) -> None:
+        loop = asyncio.get_running_loop()
+        slot = HandshakeSlot()
+        _current_slot.set(slot)
+        app = self._app_factory()
+        peer = transport.get_extra_info("peername")
+        try:
+            tls_transport = await loop.start_tls(
+                transport,
+                app,
+                self._context_getter(),
+                server_side=True,
+                ssl_handshake_timeout=self._timeout,
+            )
+        except (TimeoutError, OSError, ConnectionError) as exc:
+            transport.abort()
+            reason, message = describe_ssl_error(exc)
+            self._on_failure(HandshakeFailure(_peer(peer), reason, message, slot.client_der))
+            return
+        if tls_transport is None:  # the peer went away as the handshake ended
+            transport.abort()
+            return
+        app.connection_made(tls_transport)
+
+
+def _peer(peer: Any) -> tuple[str, int] | None:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return str(peer[0]), int(peer[1])
+    return None
