@@ -1,0 +1,266 @@
+"""`gateway users ...` through the real CLI entry point, on a real database file."""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway import cli_users
+from gateway.audit import AuditEvent, AuditFilter, EventKind
+from gateway.auditstore import AuditStore
+from gateway.cli import main
+from gateway.config import Config
+from gateway.loginpolicy import LoginSettings
+from gateway.passwords import verify_password
+from gateway.sessions import SessionStore
+from gateway.users import UserStore
+
+GOOD_PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text("users:\n  database: users.db\nlogin:\n  password_min_length: 14\n")
+    return path
+
+
+@pytest.fixture
+def audited(monkeypatch: pytest.MonkeyPatch) -> list[AuditEvent]:
+    events: list[AuditEvent] = []
+
+    def record(config: Config, event: AuditEvent) -> None:
+        events.append(event)
+
+    monkeypatch.setattr(cli_users, "_record", record)
+    return events
+
+
+@pytest.fixture
+def store(config: Path) -> Iterator[UserStore]:
+    """The users database as a gateway worker sees it, to check what the CLI did."""
+    with UserStore(config.parent / "users.db") as opened:
+        yield opened
+
+
+@pytest.fixture
+def sessions(config: Path) -> Iterator[SessionStore]:
+    with SessionStore(config.parent / "users.db") as opened:
+        yield opened
+
+
+def users(config: Path, *args: str) -> int:
+    return main(["users", *args, "--config", str(config)])
+
+
+def add_with_password(config: Path, monkeypatch: pytest.MonkeyPatch, user_id: str = "LC000001") -> int:
+    monkeypatch.setattr("sys.stdin", io.StringIO(GOOD_PASSWORD + "\n"))
+    return users(config, "add", user_id, "--systems", "tdnet,clearing", "--password-stdin")
+
+
+def test_add_with_password_stdin(
+    config: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    audited: list[AuditEvent],
+    store: UserStore,
+) -> None:
+    assert add_with_password(config, monkeypatch) == 0
+    out, err = capsys.readouterr()
+    assert out == ""  # nothing to print: the admin chose the password
+    assert GOOD_PASSWORD not in out + err
+    user = store.get_user("LC000001")
+    assert user is not None
+    assert user.systems == {"tdnet", "clearing"}
+    assert not user.must_change_password
+    assert verify_password(user.password_hash, GOOD_PASSWORD)
+    assert len(audited) == 1
+    event = audited[0]
+    assert event.event is EventKind.ADMIN_ACTION
+    assert event.actor.startswith("cli:")
+    assert event.user_id == "LC000001"
+    assert event.detail == "users add systems=clearing,tdnet"
+
+
+def test_add_without_password_prints_a_temporary_one(
+    config: Path, capsys: pytest.CaptureFixture[str], audited: list[AuditEvent], store: UserStore
+) -> None:
+    assert users(config, "add", "LC000002", "--systems", "j-iriss") == 0
+    out, err = capsys.readouterr()
+    temporary = out.strip()
+    assert len(temporary) >= 16
+    assert "must be changed" in err
+    user = store.get_user("LC000002")
+    assert user is not None and user.must_change_password
+    assert verify_password(user.password_hash, temporary)
+    assert all(temporary not in e.detail for e in audited)
+
+
+def test_add_refusals(
+    config: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    audited: list[AuditEvent],
+) -> None:
+    assert users(config, "add", "LC 1", "--systems", "tdnet") == 2
+    assert "invalid user ID" in capsys.readouterr().err
+    assert users(config, "add", "LC000001", "--systems", "tdnet,payroll") == 2
+    assert "unknown system payroll" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("short\n"))
+    assert users(config, "add", "LC000001", "--systems", "tdnet", "--password-stdin") == 2
+    err = capsys.readouterr().err
+    assert "at least 14 characters" in err
+    assert "short" not in err  # the refused password is not echoed
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert users(config, "add", "LC000001", "--systems", "tdnet", "--password-stdin") == 2
+    assert "no password on stdin" in capsys.readouterr().err
+    assert add_with_password(config, monkeypatch) == 0
+    assert add_with_password(config, monkeypatch) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert len(audited) == 1  # refused commands change nothing and record nothing
+
+
+def test_list_table_and_json(
+    config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], store: UserStore
+) -> None:
+    add_with_password(config, monkeypatch, "LC000002")
+    users(config, "add", "LC000001", "--systems", "tdnet")
+    store.set_enabled("LC000002", False, now=dt.datetime.now(dt.UTC))
+    capsys.readouterr()
+    assert users(config, "list") == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["USER_ID", "SYSTEMS", "STATUS", "CREATED"]
+    assert table[1].startswith("LC000001") and "temporary-password" in table[1]
+    assert table[2].startswith("LC000002") and "disabled" in table[2]
+    assert users(config, "list", "--format", "json") == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["user_id"] for r in rows] == ["LC000001", "LC000002"]
+    assert rows[1]["systems"] == ["clearing", "tdnet"]
+    assert rows[1]["enabled"] is False
+    assert "password_hash" not in rows[0]
+
+
+def test_list_empty_store(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert users(config, "list", "--format", "json") == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_disable_ends_sessions_and_enable_restores(
+    config: Path, monkeypatch: pytest.MonkeyPatch, audited: list[AuditEvent], store: UserStore, sessions: SessionStore
+) -> None:
+    add_with_password(config, monkeypatch)
+    session_id, _ = sessions.create("LC000001", "ab" * 32, ["tdnet"], False, dt.datetime.now(dt.UTC))
+    assert users(config, "disable", "LC000001") == 0
+    user = store.get_user("LC000001")
+    assert user is not None and not user.enabled
+    assert sessions.get(session_id) is None
+    assert users(config, "enable", "LC000001") == 0
+    user = store.get_user("LC000001")
+    assert user is not None and user.enabled
+    assert [e.detail for e in audited[1:]] == ["users disable", "users enable"]
+
+
+def test_enable_unknown_user_fails(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert users(config, "enable", "ghost") == 2
+    assert "no such user: ghost" in capsys.readouterr().err
+
+
+def test_set_systems_updates_user_and_open_sessions(
+    config: Path, monkeypatch: pytest.MonkeyPatch, audited: list[AuditEvent], store: UserStore, sessions: SessionStore
+) -> None:
+    add_with_password(config, monkeypatch)
+    session_id, _ = sessions.create("LC000001", "ab" * 32, ["tdnet", "clearing"], False, dt.datetime.now(dt.UTC))
+    assert users(config, "set-systems", "LC000001", "j-iriss, clearing") == 0
+    user = store.get_user("LC000001")
+    assert user is not None and user.systems == {"j-iriss", "clearing"}
+    record = sessions.get(session_id)
+    assert record is not None and record.systems == {"j-iriss", "clearing"}
+    assert audited[-1].detail == "users set-systems systems=clearing,j-iriss"
+    assert users(config, "set-systems", "LC000001", ",") == 2
+
+
+def test_reset_password_sets_temporary_unlocks_and_ends_sessions(
+    config: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    audited: list[AuditEvent],
+    store: UserStore,
+    sessions: SessionStore,
+) -> None:
+    add_with_password(config, monkeypatch)
+    now = dt.datetime.now(dt.UTC)
+    for _ in range(5):
+        store.record_failure("LC000001", "192.0.2.1", now, LoginSettings())
+    assert store.locked_until("LC000001", now) is not None
+    session_id, _ = sessions.create("LC000001", "ab" * 32, ["tdnet"], False, now)
+    capsys.readouterr()
+    assert users(config, "reset-password", "LC000001") == 0
+    temporary = capsys.readouterr().out.strip()
+    user = store.get_user("LC000001")
+    assert user is not None and user.must_change_password
+    assert verify_password(user.password_hash, temporary)
+    assert not verify_password(user.password_hash, GOOD_PASSWORD)
+    assert store.locked_until("LC000001", now) is None
+    assert sessions.get(session_id) is None
+    assert audited[-1].detail == "users reset-password sessions_ended=1"
+    assert temporary not in audited[-1].detail
+    assert users(config, "reset-password", "ghost") == 2
+
+
+def test_unlock(
+    config: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    audited: list[AuditEvent],
+    store: UserStore,
+) -> None:
+    add_with_password(config, monkeypatch)
+    now = dt.datetime.now(dt.UTC)
+    for _ in range(5):
+        store.record_failure("LC000001", "192.0.2.1", now, LoginSettings())
+    capsys.readouterr()
+    assert users(config, "unlock", "LC000001") == 0
+    assert "LC000001 unlocked" in capsys.readouterr().err
+    assert store.locked_until("LC000001", now) is None
+    assert audited[-1].event is EventKind.ACCOUNT_UNLOCKED
+    assert users(config, "unlock", "LC000001") == 0
+    assert "was not locked" in capsys.readouterr().err
+
+
+def test_default_database_is_next_to_the_config(tmp_path: Path) -> None:
+    path = tmp_path / "minimal.yaml"
+    path.write_text("log_level: info\n")
+    assert main(["users", "add", "LC000001", "--systems", "tdnet", "--config", str(path)]) == 0
+    assert (tmp_path / "gateway.db").is_file()
+
+
+def test_admin_actions_reach_the_audit_store(tmp_path: Path, config: Path) -> None:
+    # No monkeypatch here: the real hook writes to audit.db next to the config.
+    assert users(config, "add", "LC000009", "--systems", "tdnet") == 0
+    assert users(config, "unlock", "LC000009") == 0
+    with AuditStore(tmp_path / "audit.db") as audit:
+        events = audit.query(AuditFilter(user_id="LC000009"))
+    assert [e.event for e in events] == [EventKind.ACCOUNT_UNLOCKED, EventKind.ADMIN_ACTION]
+    assert events[1].detail == "users add systems=tdnet"
+    assert all(e.actor.startswith("cli:") for e in events)
+
+
+def test_bad_config_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert users(tmp_path / "missing.yaml", "list") == 2
+    assert "cannot read config file" in capsys.readouterr().err
+
+
+def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for command in ("add", "list", "disable", "enable", "set-systems", "reset-password", "unlock"):
+        with pytest.raises(SystemExit) as info:
+            main(["users", command, "--help"])
+        assert info.value.code == 0
+        assert "--config" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["users", "add", "--help"])
+    assert "temporary password" in capsys.readouterr().out

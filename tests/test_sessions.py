@@ -1,0 +1,236 @@
+"""Server-side sessions, cookie signing and CSRF tokens."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+import stat
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import ConfigError
+from gateway.loginpolicy import SessionLimits
+from gateway.sessions import (
+    LOGIN_CSRF_COOKIE,
+    SESSION_COOKIE,
+    TOUCH_INTERVAL,
+    SessionStore,
+    check_login_csrf,
+    check_session_csrf,
+    clear_cookie_header,
+    create_session_key,
+    load_session_key,
+    login_csrf_token,
+    new_login_nonce,
+    set_cookie_header,
+    sign,
+    unsign,
+)
+from gateway.users import UserStore
+
+NOW = dt.datetime(2025, 1, 15, 9, 0, tzinfo=dt.UTC)
+FP = "AB" * 32
+KEY = b"k" * 32
+OTHER_KEY = b"o" * 32
+LIMITS = SessionLimits(idle=dt.timedelta(minutes=30), absolute=dt.timedelta(hours=10))
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "gateway.db"
+
+
+@pytest.fixture
+def store(db: Path) -> Iterator[SessionStore]:
+    with SessionStore(db) as opened:
+        yield opened
+
+
+def new(store: SessionStore, user: str = "LC000001", at: dt.datetime = NOW) -> str:
+    session_id, _ = store.create(user, FP, ["tdnet", "clearing"], False, at)
+    return session_id
+
+
+def test_create_and_get(store: SessionStore) -> None:
+    session_id, csrf = store.create("LC000001", FP, ["tdnet", "clearing"], True, NOW)
+    record = store.get(session_id)
+    assert record is not None
+    assert record.user_id == "LC000001"
+    assert record.cert_fingerprint == FP.lower()
+    assert record.systems == {"tdnet", "clearing"}
+    assert record.must_change_password
+    assert record.csrf_token == csrf
+    assert record.created_at == record.last_seen == NOW
+    assert session_id not in repr(record) and csrf not in repr(record)
+
+
+def test_ids_are_random_and_not_stored_in_clear(db: Path, store: SessionStore) -> None:
+    ids = {new(store) for _ in range(20)}
+    assert len(ids) == 20
+    with closing(sqlite3.connect(db)) as conn:
+        dump = "\n".join(conn.iterdump())
+    assert not any(i in dump for i in ids)
+
+
+@pytest.mark.parametrize("bad", ["", "nope", "x" * 500, "a.b", "' OR 1=1 --" * 3])
+def test_get_unknown_or_malformed(store: SessionStore, bad: str) -> None:
+    new(store)
+    assert store.get(bad) is None
+
+
+def test_logout_in_one_worker_ends_the_session_in_another(db: Path) -> None:
+    with SessionStore(db) as worker1, SessionStore(db) as worker2:
+        session_id = new(worker1)
+        assert worker2.get(session_id) is not None
+        assert worker2.delete(session_id) is True
+        assert worker1.get(session_id) is None
+        assert worker1.delete(session_id) is False
+
+
+def test_delete_for_user_only_hits_that_user(store: SessionStore) -> None:
+    mine = [new(store), new(store)]
+    theirs = new(store, "LC000002")
+    assert store.delete_for_user("LC000001") == 2
+    assert all(store.get(s) is None for s in mine)
+    assert store.get(theirs) is not None
+
+
+def test_set_systems_for_user(store: SessionStore) -> None:
+    session_id = new(store)
+    assert store.set_systems_for_user("LC000001", ["j-iriss"]) == 1
+    record = store.get(session_id)
+    assert record is not None and record.systems == {"j-iriss"}
+
+
+def test_touch_writes_at_most_every_interval(store: SessionStore) -> None:
+    session_id = new(store)
+    soon = NOW + TOUCH_INTERVAL - dt.timedelta(seconds=1)
+    assert store.touch(session_id, soon) is False
+    assert store.touch(session_id, soon, last_seen=NOW) is False
+    later = NOW + TOUCH_INTERVAL
+    assert store.touch(session_id, later, last_seen=NOW) is True
+    record = store.get(session_id)
+    assert record is not None and record.last_seen == later
+    assert store.touch("unknown-session-id-xxxxxx", later + TOUCH_INTERVAL) is False
+
+
+def test_purge_expired(store: SessionStore) -> None:
+    idle = new(store, at=NOW - LIMITS.idle)
+    active_but_old = new(store, at=NOW - LIMITS.absolute)
+    store.touch(active_but_old, NOW)
+    alive = new(store, at=NOW - dt.timedelta(minutes=1))
+    assert store.purge_expired(NOW, LIMITS) == 2
+    assert store.get(idle) is None and store.get(active_but_old) is None
+    assert store.get(alive) is not None
+
+
+def test_shares_the_users_database(db: Path) -> None:
+    with UserStore(db) as users, SessionStore(db) as sessions:
+        assert users.get_user("x") is None
+        assert sessions.get(new(sessions)) is not None
+    with closing(sqlite3.connect(db)) as conn:
+        versions = dict(conn.execute("SELECT component, version FROM schema_version"))
+    assert versions == {"users": 1, "sessions": 1}
+
+
+# -- cookie signing --------------------------------------------------------
+
+
+def test_sign_round_trip() -> None:
+    session_id = "A" * 43
+    value = sign(session_id, KEY)
+    assert value.startswith(session_id + ".")
+    assert unsign(value, KEY) == session_id
+
+
+def test_unsign_refuses_tampering_and_other_keys() -> None:
+    session_id = "A" * 43
+    value = sign(session_id, KEY)
+    assert unsign(value, OTHER_KEY) is None
+    assert unsign("B" + value[1:], KEY) is None
+    assert unsign(value[:-1], KEY) is None
+    assert unsign(session_id, KEY) is None
+    assert unsign("", KEY) is None
+    assert unsign(value + "x" * 300, KEY) is None
+    assert unsign("é" * 20 + "." + value.split(".")[1], KEY) is None
+
+
+def test_session_mac_is_not_a_login_csrf_mac() -> None:
+    # Separate HMAC contexts: a value from one use never validates in the other.
+    nonce = new_login_nonce()
+    token = login_csrf_token(KEY, nonce, NOW)
+    assert unsign(f"{nonce}.{token.split('.')[1]}", KEY) is None
+
+
+def test_cookie_headers() -> None:
+    header = set_cookie_header(SESSION_COOKIE, "v")
+    assert header.startswith("__Host-gw_session=v;")
+    for attr in ("Path=/", "Secure", "HttpOnly", "SameSite=Lax"):
+        assert attr in header
+    assert "Domain" not in header and "Max-Age" not in header
+    assert "Max-Age=0" in clear_cookie_header(LOGIN_CSRF_COOKIE)
+    assert LOGIN_CSRF_COOKIE.startswith("__Host-")
+
+
+# -- CSRF ------------------------------------------------------------------
+
+
+def test_session_csrf(store: SessionStore) -> None:
+    session_id, csrf = store.create("LC000001", FP, ["tdnet"], False, NOW)
+    record = store.get(session_id)
+    assert record is not None
+    assert check_session_csrf(record, csrf)
+    assert not check_session_csrf(record, csrf[:-1] + "x")
+    assert not check_session_csrf(record, "")
+    assert not check_session_csrf(record, None)
+
+
+def test_login_csrf_accepts_a_fresh_token_for_its_nonce() -> None:
+    nonce = new_login_nonce()
+    token = login_csrf_token(KEY, nonce, NOW)
+    max_age = dt.timedelta(hours=1)
+    assert check_login_csrf(KEY, token, nonce, NOW + dt.timedelta(minutes=59), max_age)
+
+
+def test_login_csrf_refusals() -> None:
+    nonce = new_login_nonce()
+    token = login_csrf_token(KEY, nonce, NOW)
+    max_age = dt.timedelta(hours=1)
+    assert not check_login_csrf(KEY, token, new_login_nonce(), NOW, max_age)
+    assert not check_login_csrf(OTHER_KEY, token, nonce, NOW, max_age)
+    assert not check_login_csrf(KEY, token, nonce, NOW + dt.timedelta(hours=1, seconds=1), max_age)
+    assert not check_login_csrf(KEY, token, nonce, NOW - dt.timedelta(minutes=5), max_age)
+    assert not check_login_csrf(KEY, None, nonce, NOW, max_age)
+    assert not check_login_csrf(KEY, token, None, NOW, max_age)
+    assert not check_login_csrf(KEY, "garbage", nonce, NOW, max_age)
+    assert not check_login_csrf(KEY, "１２.x", nonce, NOW, max_age)
+    stamp, mac = token.split(".")
+    assert not check_login_csrf(KEY, f"{int(stamp) + 1}.{mac}", nonce, NOW, max_age)
+
+
+# -- the key file ----------------------------------------------------------
+
+
+def test_create_and_load_key(tmp_path: Path) -> None:
+    path = tmp_path / "session.key"
+    create_session_key(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    key = load_session_key(path)
+    assert len(key) >= 32
+    with pytest.raises(ConfigError, match="already exists"):
+        create_session_key(path)
+    assert load_session_key(path) == key
+
+
+def test_short_or_missing_key_refused(tmp_path: Path) -> None:
+    short = tmp_path / "short.key"
+    secret = "s3cr3t-but-short"
+    short.write_text(secret + "\n")
+    with pytest.raises(ConfigError, match="need at least 32") as info:
+        load_session_key(short)
+    assert secret not in str(info.value)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_session_key(tmp_path / "missing.key")
