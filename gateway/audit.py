@@ -200,10 +200,7 @@ def parse_iso(text: str) -> dt.datetime:
 
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 _RELATIVE = re.compile(r"(\d{1,7})([smhdw])")
-_WHEN_HELP = (
-    "expected a duration like 30m, 24h, 7d, 2w"
-    " or a UTC date/time like 2026-11-01 or 2026-11-01T10:00"
-)
+_WHEN_HELP = "expected a duration like 30m, 24h, 7d, 2w or a UTC date/time like 2026-11-01 or 2026-11-01T10:00"
 
 
 def parse_when(text: str, now: dt.datetime) -> dt.datetime:
@@ -243,9 +240,7 @@ FILTER_KEYS = ("since", "until", "event", "reason", "user", "ip", "serial", "sup
 MAX_LIMIT = 100_000
 
 
-def parse_filter(
-    params: Mapping[str, str | None], now: dt.datetime, *, default_limit: int = 100
-) -> AuditFilter:
+def parse_filter(params: Mapping[str, str | None], now: dt.datetime, *, default_limit: int = 100) -> AuditFilter:
     """Build a filter from CLI options or page parameters; one clear error per bad value."""
 
     def get(key: str) -> str:
@@ -254,9 +249,7 @@ def parse_filter(
     since = parse_when(get("since"), now) if get("since") else None
     until = parse_when(get("until"), now) if get("until") else None
     if since is not None and until is not None and since >= until:
-        raise GatewayError(
-            f"--since ({format_time(since)}) must be before --until ({format_time(until)})"
-        )
+        raise GatewayError(f"--since ({format_time(since)}) must be before --until ({format_time(until)})")
     return AuditFilter(
         since=since,
         until=until,
