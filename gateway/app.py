@@ -32,6 +32,8 @@ from gateway.config import Backend, Config
 from gateway.keys import BACKEND, PEER, USER
 from gateway.proxy import BodyTooLarge, UpstreamError, forward, identity_headers, make_client_session
 from gateway.responses import refusal
+
+NO_CACHE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 from gateway.revocation import CrlRefresher
 from gateway.routing import Router, check_path
 from gateway.verdict import Reason, Verdict
@@ -171,6 +173,9 @@ async def certificate_middleware(request: web.Request, handler: Handler) -> web.
     peer, sent = rt.peer_of(request)
     verdict = rt.judge_certificate(peer, sent)
     if not verdict.allowed:
+        hook = getattr(request.app[ACCESS], "on_certificate_refused", None)
+        if hook is not None:
+            await hook(request, verdict)
         return rt.refuse(request, verdict, peer=peer)
     request[PEER] = peer
     return await handler(request)
@@ -229,7 +234,11 @@ async def forward_to(
     if user_id is not None:
         request[USER] = user_id
     try:
-        response = await forward(request, backend, rt.client, identity_headers(peer, user_id), body=body)
+        response = await forward(
+            request, backend, rt.client, identity_headers(peer, user_id), body=body,
+            # Pages behind a login must not come back from a cache after logout.
+            response_extra=NO_CACHE if backend.login.mode == "gateway" else None,
+        )
     except BodyTooLarge as exc:
         return rt.refuse(
             request,

@@ -55,6 +55,9 @@ IDENTITY_HEADERS = frozenset(
 )
 
 
+GATEWAY_COOKIE_PREFIX = "__Host-gw_"
+
+
 class BodyTooLarge(Exception):
     """The client sent more than the backend's ``max_body_bytes``."""
 
@@ -100,12 +103,26 @@ def outbound_headers(
             continue
         if lower == "host":
             continue
+        if lower == "cookie":
+            value = strip_gateway_cookies(value)
+            if not value:
+                continue
         out.add(name, value)
     out["X-Forwarded-For"] = client_ip
     out["X-Forwarded-Proto"] = "https"
     out["X-Forwarded-Host"] = host
     out.update(identity)
     return out
+
+
+def strip_gateway_cookies(header: str) -> str:
+    """The Cookie header without the gateway's own ``__Host-gw_*`` cookies.
+
+    Backends never see the gateway's session: a backend (or its logs) could
+    otherwise replay it.
+    """
+    kept = [part.strip() for part in header.split(";") if not part.strip().startswith(GATEWAY_COOKIE_PREFIX)]
+    return "; ".join(p for p in kept if p)
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
@@ -146,6 +163,7 @@ async def forward(
     session: aiohttp.ClientSession,
     identity: Mapping[str, str],
     body: bytes | None = None,
+    response_extra: Mapping[str, str] | None = None,
 ) -> web.StreamResponse:
     """Send ``request`` to ``backend`` and stream the answer back.
 
@@ -182,7 +200,7 @@ async def forward(
             compress=None,
         ) as upstream:
             metrics.UPSTREAM_LATENCY.labels(backend.name).observe(time.perf_counter() - started)
-            return await _relay(request, upstream)
+            return await _relay(request, upstream, response_extra)
     except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
         raise UpstreamError(True, f"backend {backend.name} timed out: {exc}") from exc
     except aiohttp.ClientPayloadError as exc:
@@ -193,10 +211,13 @@ async def forward(
         raise UpstreamError(False, f"backend {backend.name} unreachable: {type(exc).__name__}: {exc}") from exc
 
 
-async def _relay(request: web.Request, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
-    response = web.StreamResponse(
-        status=upstream.status, reason=upstream.reason, headers=response_headers(upstream.headers)
-    )
+async def _relay(
+    request: web.Request, upstream: aiohttp.ClientResponse, extra: Mapping[str, str] | None
+) -> web.StreamResponse:
+    headers = response_headers(upstream.headers)
+    if extra:
+        headers.update(extra)
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     if upstream.content_length is not None:
         response.content_length = upstream.content_length
     await response.prepare(request)

@@ -1,0 +1,387 @@
+"""The login layer: user ID + password + certificate, sessions pinned to the certificate.
+
+This is the aiohttp edge of :mod:`gateway.loginpolicy` (the decisions),
+:mod:`gateway.users` and :mod:`gateway.sessions` (the stores). It serves
+``/login``, ``/logout``, ``/password`` and ``/`` and, as the gateway's
+:class:`~gateway.app.AccessLayer`, decides for every backend request:
+
+* ``gateway`` mode (default): a valid session made with *this* certificate,
+  for a user allowed on the backend's system; else a 303 to the login page
+  (HTML navigations) or 401.
+* ``passthrough`` mode: the backend keeps its own login form; its login POST
+  is forwarded only when the user field equals the certificate's CN.
+
+Blocking work (argon2, SQLite writes) runs in a thread pool. The per-request
+session read is one primary-key SELECT on a WAL database, done inline on a
+connection of its own: WAL readers never wait for writers, and a thread hop
+would cost more than the read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+from aiohttp import web
+
+from gateway import metrics
+from gateway.app import RUNTIME, forward_to
+from gateway.audit import EventKind
+from gateway.certpolicy import PeerCertificate
+from gateway.config import SYSTEMS, Backend, Config
+from gateway.keys import PEER, USER
+from gateway.loginpolicy import (
+    LoginAttempt,
+    LoginSettings,
+    SessionLimits,
+    decide_login,
+    decide_session,
+    safe_next,
+)
+from gateway.pages import render
+from gateway.passwords import (
+    check_password_policy,
+    dummy_verify,
+    hash_password,
+    policy_message,
+    verify_password,
+)
+from gateway.responses import NO_STORE, wants_json
+from gateway.sessions import (
+    LOGIN_CSRF_COOKIE,
+    SESSION_COOKIE,
+    SessionRecord,
+    SessionStore,
+    check_login_csrf,
+    check_session_csrf,
+    clear_cookie_header,
+    load_session_key,
+    login_csrf_token,
+    new_login_nonce,
+    set_cookie_header,
+    sign,
+    unsign,
+)
+from gateway.users import UserStore
+from gateway.verdict import Reason, Verdict
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+LOGIN_FORM_MAX_AGE = dt.timedelta(hours=1)
+MAX_FORM_BYTES = 16 * 1024
+SYSTEM_LABELS = {"tdnet": "TDnet", "j-iriss": "J-IRISS", "clearing": "清算受渡 / Clearing"}
+LOGIN_LINK = (("/login", "ログイン画面へ", "Back to login"),)
+
+
+def _jst(when: dt.datetime) -> str:
+    return when.astimezone(dt.timezone(dt.timedelta(hours=9))).strftime("%Y/%m/%d %H:%M:%S")
+
+
+class LoginAccess:
+    """Login pages and the per-request session check (one per worker)."""
+
+    def __init__(self, config: Config, audit: Any) -> None:
+        self.config = config
+        self.audit = audit
+        self.key = load_session_key(config.session.secret_file)
+        self.users = UserStore(config.users.database)
+        self.sessions = SessionStore(config.users.database)  # writes, from the pool
+        self.reader = SessionStore(config.users.database)  # reads, inline on the loop
+        self.settings = LoginSettings.from_config(config.login)
+        self.limits = SessionLimits.from_config(config.session)
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="login")
+
+    # -- plumbing ---------------------------------------------------------------
+
+    async def _run(self, func: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, func, *args)
+
+    def setup_routes(self, app: web.Application) -> None:
+        app.router.add_get("/login", self.login_page)
+        app.router.add_post("/login", self.login_post)
+        app.router.add_get("/logout", self.logout_page)
+        app.router.add_post("/logout", self.logout)
+        app.router.add_get("/password", self.password_page)
+        app.router.add_post("/password", self.password_post)
+        app.router.add_get("/notice", self.notice_page)
+        app.router.add_get("/", self.landing)
+        app.on_startup.append(self._warm)
+        app.on_cleanup.append(self._close)
+
+    async def _warm(self, app: web.Application) -> None:
+        await self._run(dummy_verify, "warm-up")  # the first unknown-user login is not slower
+
+    async def _close(self, app: web.Application) -> None:
+        self.pool.shutdown(wait=True)
+        for store in (self.users, self.sessions, self.reader):
+            store.close()
+
+    def _now(self, request: web.Request) -> dt.datetime:
+        return request.app[RUNTIME].clock()
+
+    def _session(self, request: web.Request) -> SessionRecord | None:
+        cookie = request.cookies.get(SESSION_COOKIE)
+        session_id = unsign(cookie, self.key) if cookie else None
+        return self.reader.get(session_id) if session_id else None
+
+    def _record(self, request: web.Request, kind: EventKind, reason: Reason | str = "", **fields: Any) -> None:
+        rt = request.app[RUNTIME]
+        self.audit.record(rt.event(request, kind, reason, peer=request.get(PEER), **fields))
+
+    # -- the per-request decision -------------------------------------------------
+
+    async def authorize(
+        self, request: web.Request, backend: Backend, peer: PeerCertificate
+    ) -> web.StreamResponse | str | None:
+        if backend.login.mode == "passthrough":
+            return await self._passthrough(request, backend, peer)
+        now = self._now(request)
+        session = self._session(request)
+        verdict = decide_session(session, peer.fingerprint, backend.system_name, now, self.limits)
+        if not verdict.allowed:
+            return await self._session_refused(request, verdict, session, peer)
+        assert session is not None
+        if now - session.last_seen >= dt.timedelta(seconds=30):
+            asyncio.get_running_loop().run_in_executor(self.pool, self.sessions.touch, session.session_id, now)
+        return session.user_id
+
+    async def _session_refused(
+        self, request: web.Request, verdict: Verdict, session: SessionRecord | None, peer: PeerCertificate
+    ) -> web.StreamResponse:
+        rt = request.app[RUNTIME]
+        reason = verdict.reason
+        if session is not None and reason in (Reason.SESSION_EXPIRED, Reason.SESSION_CERTIFICATE_MISMATCH):
+            await self._run(self.sessions.delete, session.session_id)
+            self._record(request, EventKind.SESSION_ENDED, reason, user_id=session.user_id, detail=verdict.detail)
+        navigation = request.method in ("GET", "HEAD") and not wants_json(request)
+        if reason in (Reason.LOGIN_REQUIRED, Reason.SESSION_EXPIRED) and navigation:
+            target = "/login?next=" + quote(request.path_qs, safe="/")
+            return see_other(target, headers=NO_STORE)
+        if reason is Reason.PASSWORD_CHANGE_REQUIRED and navigation:
+            return see_other("/password", headers=NO_STORE)
+        user = session.user_id if session else ""
+        extra = {"Set-Cookie": clear_cookie_header(SESSION_COOKIE)} if reason is Reason.SESSION_CERTIFICATE_MISMATCH else None
+        return rt.refuse(request, verdict, peer=peer, user_id=user, links=LOGIN_LINK, headers=extra)
+
+    async def _passthrough(self, request: web.Request, backend: Backend, peer: PeerCertificate) -> web.StreamResponse | None:
+        """Forward the backend's own login POST only for the certificate's user."""
+        if request.method != "POST" or request.path != backend.login.path:
+            return None
+        if (request.content_length or 0) > MAX_FORM_BYTES:
+            return request.app[RUNTIME].refuse(request, Verdict.deny(Reason.PAYLOAD_TOO_LARGE), peer=peer)
+        body = await request.read()
+        form = await request.post()
+        typed = form.get(backend.login.user_field)
+        typed_text = typed if isinstance(typed, str) else ""
+        attempt = LoginAttempt(Verdict.allow(), peer.common_name, typed_text, True, 0, None, True)
+        outcome = decide_login(attempt, self._now(request), self.settings)
+        if not outcome.verdict.allowed:
+            metrics.LOGINS.labels(str(outcome.verdict.reason)).inc()
+            return request.app[RUNTIME].refuse(
+                request, outcome.verdict, peer=peer, kind=EventKind.LOGIN_REFUSED, user_id=typed_text
+            )
+        metrics.LOGINS.labels("passthrough").inc()
+        return await forward_to(request, backend, peer, None, body=body)
+
+    async def on_certificate_refused(self, request: web.Request, verdict: Verdict) -> None:
+        """A refused certificate ends the session it carried (revocation, expiry)."""
+        session = self._session(request)
+        if session is not None:
+            await self._run(self.sessions.delete, session.session_id)
+            self._record(request, EventKind.SESSION_ENDED, verdict.reason, user_id=session.user_id, detail=verdict.detail)
+
+    # -- pages ---------------------------------------------------------------------
+
+    def _page(self, template: str, status: int = 200, cookies: tuple[str, ...] = (), **ctx: Any) -> web.Response:
+        response = web.Response(
+            text=render(template, **ctx), status=status, content_type="text/html", charset="utf-8", headers=NO_STORE
+        )
+        for cookie in cookies:
+            response.headers.add("Set-Cookie", cookie)
+        return response
+
+    async def login_page(self, request: web.Request, *, error: str = "") -> web.Response:
+        peer: PeerCertificate = request[PEER]
+        now = self._now(request)
+        nonce = request.cookies.get(LOGIN_CSRF_COOKIE) or new_login_nonce()
+        token = login_csrf_token(self.key, nonce, now)
+        next_path = safe_next(request.query.get("next")) or ""
+        days_left = (peer.not_after - now).days
+        return self._page(
+            "login.html",
+            cookies=(set_cookie_header(LOGIN_CSRF_COOKIE, nonce),),
+            csrf=token,
+            next=next_path,
+            cert_subject=peer.common_name,
+            cert_issuer=peer.issuer_cn,
+            cert_expiry=_jst(peer.not_after),
+            expiry_soon=days_left < self.config.login.expiry_notice_days,
+            days_left=days_left,
+        )
+
+    async def login_post(self, request: web.Request) -> web.StreamResponse:
+        rt = request.app[RUNTIME]
+        peer: PeerCertificate = request[PEER]
+        now = self._now(request)
+        if (request.content_length or 0) > MAX_FORM_BYTES:
+            return rt.refuse(request, Verdict.deny(Reason.PAYLOAD_TOO_LARGE), peer=peer)
+        form = await request.post()
+        user_id = _text(form.get("user_id"))
+        password = _text(form.get("password"))
+        csrf_ok = check_login_csrf(
+            self.key, _text(form.get("csrf")), request.cookies.get(LOGIN_CSRF_COOKIE), now, LOGIN_FORM_MAX_AGE
+        )
+        ip = request.remote or ""
+        state = await self._run(self.users.login_state, user_id, ip, now, self.settings.failure_window)
+        user = state.user
+        if user is not None and user.enabled and csrf_ok:
+            password_ok = await self._run(verify_password, user.password_hash, password)
+        else:
+            await self._run(dummy_verify, password)
+            password_ok = False
+        attempt = LoginAttempt(
+            certificate=Verdict.allow(),  # the certificate middleware already passed it
+            cert_subject=peer.common_name,
+            user_id=user_id,
+            csrf_ok=csrf_ok,
+            ip_failures=state.ip_failures,
+            locked_until=state.locked_until,
+            password_ok=password_ok,
+            must_change_password=bool(user and user.must_change_password),
+        )
+        outcome = decide_login(attempt, now, self.settings)
+        metrics.LOGINS.labels(str(outcome.verdict.reason)).inc()
+        if not outcome.verdict.allowed:
+            await self._count_failure(request, user_id, ip, now, outcome.counts_for_user, outcome.counts_for_ip)
+            return rt.refuse(request, outcome.verdict, peer=peer, kind=EventKind.LOGIN_REFUSED, user_id=user_id,
+                             links=LOGIN_LINK)
+        assert user is not None
+        await self._run(self.users.clear_failures, user_id)
+        session_id, _csrf = await self._run(
+            self.sessions.create, user_id, peer.fingerprint, user.systems, outcome.must_change_password, now
+        )
+        self._record(request, EventKind.LOGIN, Reason.OK, user_id=user_id, detail=outcome.verdict.detail)
+        target = "/password" if outcome.must_change_password else self._landing_target(request, user.systems, form)
+        if not outcome.must_change_password and (peer.not_after - now).days < self.config.login.expiry_notice_days:
+            target = "/notice?next=" + quote(target, safe="/")
+        response = see_other(target, headers=NO_STORE)
+        response.headers.add("Set-Cookie", set_cookie_header(SESSION_COOKIE, sign(session_id, self.key)))
+        response.headers.add("Set-Cookie", clear_cookie_header(LOGIN_CSRF_COOKIE))
+        return response
+
+    async def _count_failure(self, request: web.Request, user_id: str, ip: str, now: dt.datetime,
+                             for_user: bool, for_ip: bool) -> None:
+        if for_user:
+            result = await self._run(self.users.record_failure, user_id, ip, now, self.settings)
+            if result.locked_until is not None:
+                self._record(request, EventKind.ACCOUNT_LOCKED, Reason.ACCOUNT_LOCKED, user_id=user_id,
+                             detail=f"locked until {result.locked_until.isoformat()}")
+        elif for_ip and ip:
+            await self._run(self.users.record_ip_failure, ip, now, self.settings)
+
+    def _landing_target(self, request: web.Request, systems: frozenset[str], form: Any) -> str:
+        wanted = safe_next(_text(form.get("next")) or None)
+        if wanted:
+            return wanted
+        router = request.app[RUNTIME].router
+        for system in SYSTEMS:
+            backend = router.for_system(system, request.host) if system in systems else None
+            if backend is not None:
+                return backend.prefix
+        return "/"
+
+    async def landing(self, request: web.Request) -> web.StreamResponse:
+        session = self._session(request)
+        peer: PeerCertificate = request[PEER]
+        if session is None or session.cert_fingerprint != peer.fingerprint:
+            return see_other("/login", headers=NO_STORE)
+        if session.must_change_password:
+            return see_other("/password", headers=NO_STORE)
+        return see_other(self._landing_target(request, session.systems, {}), headers=NO_STORE)
+
+    async def notice_page(self, request: web.Request) -> web.Response:
+        peer: PeerCertificate = request[PEER]
+        now = self._now(request)
+        return self._page(
+            "notice.html",
+            next=safe_next(request.query.get("next")) or "/",
+            cert_expiry=_jst(peer.not_after),
+            days_left=max((peer.not_after - now).days, 0),
+        )
+
+    async def logout_page(self, request: web.Request) -> web.StreamResponse:
+        session = self._session(request)
+        if session is None:
+            return see_other("/login", headers=NO_STORE)
+        return self._page("logout.html", csrf=session.csrf_token, user_id=session.user_id)
+
+    async def logout(self, request: web.Request) -> web.StreamResponse:
+        rt = request.app[RUNTIME]
+        session = self._session(request)
+        form = await request.post() if (request.content_length or 0) <= MAX_FORM_BYTES else {}
+        if session is None or not check_session_csrf(session, _text(form.get("csrf"))):
+            return rt.refuse(request, Verdict.deny(Reason.CSRF_FAILED, "logout without a valid session token"),
+                             peer=request[PEER], links=LOGIN_LINK)
+        await self._run(self.sessions.delete, session.session_id)
+        self._record(request, EventKind.LOGOUT, Reason.OK, user_id=session.user_id)
+        response = self._page("loggedout.html")
+        response.headers.add("Set-Cookie", clear_cookie_header(SESSION_COOKIE))
+        response.headers["Clear-Site-Data"] = '"cache"'
+        return response
+
+    async def password_page(self, request: web.Request, *, error: tuple[str, str] | None = None,
+                            status: int = 200) -> web.Response:
+        session = self._session(request)
+        peer: PeerCertificate = request[PEER]
+        if session is None or session.cert_fingerprint != peer.fingerprint:
+            return see_other("/login?next=/password", headers=NO_STORE)
+        return self._page("password.html", status=status, csrf=session.csrf_token, user_id=session.user_id,
+                          forced=session.must_change_password, error=error,
+                          min_length=self.config.login.password_min_length)
+
+    async def password_post(self, request: web.Request) -> web.StreamResponse:
+        rt = request.app[RUNTIME]
+        peer: PeerCertificate = request[PEER]
+        now = self._now(request)
+        session = self._session(request)
+        if session is None or session.cert_fingerprint != peer.fingerprint:
+            return see_other("/login?next=/password", headers=NO_STORE)
+        form = await request.post() if (request.content_length or 0) <= MAX_FORM_BYTES else {}
+        if not check_session_csrf(session, _text(form.get("csrf"))):
+            return rt.refuse(request, Verdict.deny(Reason.CSRF_FAILED), peer=peer, user_id=session.user_id)
+        old, new, again = (_text(form.get(k)) for k in ("old_password", "new_password", "new_password_again"))
+        policy = check_password_policy(session.user_id, old, new, again, self.config.login.password_min_length)
+        user = await self._run(self.users.get_user, session.user_id)
+        old_ok = user is not None and await self._run(verify_password, user.password_hash, old)
+        if not old_ok:
+            policy = Verdict.deny(Reason.BAD_CREDENTIALS, "current password wrong")
+        if not policy.allowed:
+            self._record(request, EventKind.LOGIN_REFUSED, policy.reason, user_id=session.user_id, detail=policy.detail)
+            message = policy_message(policy.detail, self.config.login.password_min_length)
+            text = (message.ja, message.en) if old_ok else ("現在のパスワードが正しくありません。", "The current password is wrong.")
+            return await self.password_page(request, error=text, status=400)
+        assert user is not None
+        new_hash = await self._run(hash_password, new)
+        await self._run(lambda: self.users.set_password(session.user_id, new_hash, temporary=False, now=now))
+        await self._run(self.sessions.delete_for_user, session.user_id)
+        session_id, _ = await self._run(self.sessions.create, user.user_id, peer.fingerprint, user.systems, False, now)
+        self._record(request, EventKind.PASSWORD_CHANGED, Reason.OK, user_id=user.user_id)
+        response = see_other(self._landing_target(request, user.systems, {}), headers=NO_STORE)
+        response.headers.add("Set-Cookie", set_cookie_header(SESSION_COOKIE, sign(session_id, self.key)))
+        return response
+
+
+def see_other(location: str, headers: dict[str, str] | None = None) -> web.Response:
+    """A 303 redirect returned (not raised), so cookies can be added to it."""
+    return web.Response(status=303, headers={**(headers or {}), "Location": location})
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
+
+
+__all__ = ["USER", "LoginAccess"]

@@ -1,0 +1,323 @@
+"""Login over real TLS: user ID + password + certificate, sessions pinned to the certificate."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from gateway.login import LoginAccess
+from gateway.passwords import hash_password
+from gateway.pkifiles import ThrowawayPki
+from gateway.users import UserStore
+from tests.harness import Harness, start_harness
+
+PASSWORD = "correct horse battery"  # noqa: S105 - test fixture
+
+
+class Clock:
+    """A movable clock shared by the gateway and the test."""
+
+    def __init__(self) -> None:
+        self.offset = dt.timedelta()
+
+    def __call__(self) -> dt.datetime:
+        return dt.datetime.now(dt.UTC) + self.offset
+
+
+def add_user(h: Harness, user_id: str, systems: tuple[str, ...] = ("tdnet", "j-iriss", "clearing"), *,
+             password: str = PASSWORD, must_change: bool = False) -> None:
+    with UserStore(h.config.users.database) as store:
+        store.add_user(user_id, hash_password(password), systems, now=dt.datetime.now(dt.UTC),
+                       must_change_password=must_change)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def gw(tmp_path: Path, pki: ThrowawayPki, clock: Clock) -> Harness:  # type: ignore[misc]
+    h = await start_harness(tmp_path, pki, login_mode="gateway", access_factory=LoginAccess, clock=clock)
+    add_user(h, "LC000001")
+    add_user(h, "LC000002", ("tdnet",))
+    yield h
+    await h.close()
+
+
+async def login(h: Harness, s: aiohttp.ClientSession, user_id: str = "LC000001", password: str = PASSWORD,
+                next_path: str = "", csrf: str | None = None) -> aiohttp.ClientResponse:
+    async with s.get(h.url("/login")) as r:
+        assert r.status == 200
+        page = await r.text()
+    token = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert token
+    form = {"user_id": user_id, "password": password, "csrf": token.group(1) if csrf is None else csrf, "next": next_path}
+    async with s.post(h.url("/login"), data=form, allow_redirects=False, headers={"Accept": "text/html"}) as r:
+        await r.read()
+        return r
+
+
+async def fetch_json(h: Harness, s: aiohttp.ClientSession, path: str) -> tuple[int, Any]:
+    async with s.get(h.url(path), headers={"Accept": "application/json"}, allow_redirects=False) as r:
+        return r.status, await r.json()
+
+
+def reasons(h: Harness) -> list[str]:
+    return [e.reason for e in h.audit.events]
+
+
+async def test_full_login_reaches_backend_as_the_user(gw: Harness) -> None:
+    async with gw.session() as s:
+        async with s.get(gw.url("/onre/top?a=1"), allow_redirects=False, headers={"Accept": "text/html"}) as r:
+            assert r.status == 303
+            assert r.headers["Location"] == "/login?next=/onre/top%3Fa%3D1"
+        r = await login(gw, s, next_path="/onre/top?a=1")
+        assert r.status == 303 and r.headers["Location"] == "/onre/top?a=1"
+        cookie = next(v for v in r.headers.getall("Set-Cookie") if v.startswith("__Host-gw_session="))
+        for attribute in ("Secure", "HttpOnly", "SameSite=Lax", "Path=/"):
+            assert attribute in cookie
+        assert "Domain" not in cookie
+        status, body = await fetch_json(gw, s, "/onre/top")
+    assert status == 200
+    assert body["identity"]["X-Authenticated-User"] == "LC000001"
+    assert "__Host-gw" not in body["headers"].get("Cookie", "")  # the backend never sees our session
+    assert any(e.event == "login" and e.user_id == "LC000001" for e in gw.audit.events)
+
+
+async def test_login_page_shows_the_presented_certificate(gw: Harness) -> None:
+    async with gw.session() as s, s.get(gw.url("/login")) as r:
+        page = await r.text()
+    assert "ユーザID" in page and "パスワード" in page and "ログイン" in page
+    assert 'id="cert-subject">LC000001<' in page
+
+
+async def test_request_without_session_is_401_for_api_clients(gw: Harness) -> None:
+    async with gw.session() as s:
+        status, body = await fetch_json(gw, s, "/onre/x")
+    assert (status, body["error"]) == (401, "login_required")
+
+
+@pytest.mark.parametrize("typed", ["lc000001", "LC000001 ", " LC000001", "LC000002", "ＬＣ000001"])
+async def test_user_id_must_equal_certificate_subject_exactly(gw: Harness, typed: str) -> None:
+    async with gw.session("LC000001") as s:
+        r = await login(gw, s, user_id=typed)
+        assert r.status == 403
+        status, _ = await fetch_json(gw, s, "/onre/x")
+    assert status == 401
+    assert reasons(gw).count("subject_mismatch") == 1
+
+
+async def test_subject_mismatch_page_says_the_certificate_is_not_this_users(gw: Harness) -> None:
+    async with gw.session("LC000001") as s:
+        await s.get(gw.url("/login"))
+        async with s.get(gw.url("/login")) as r:
+            token = re.search(r'name="csrf" value="([^"]+)"', await r.text()).group(1)  # type: ignore[union-attr]
+        async with s.post(gw.url("/login"), data={"user_id": "LC000002", "password": PASSWORD, "csrf": token}) as r:
+            page = await r.text()
+    assert "選択された証明書はこのユーザIDのものではありません" in page
+    assert "subject_mismatch" in page
+
+
+async def test_wrong_password_and_unknown_user_look_the_same(gw: Harness, pki: ThrowawayPki, tmp_path: Path) -> None:
+    cert, key, _ = gw.issue("LC999999", name="ghost")
+    async with gw.session("LC000001") as s:
+        wrong = await login(gw, s, password="nope")
+    async with gw.session(cert=cert, key=key) as s:
+        unknown = await login(gw, s, user_id="LC999999")
+    assert wrong.status == unknown.status == 401
+    assert reasons(gw).count("bad_credentials") == 2
+
+
+async def test_lockout_after_five_failures_and_its_expiry(gw: Harness, clock: Clock) -> None:
+    async with gw.session() as s:
+        for _ in range(5):
+            assert (await login(gw, s, password="wrong")).status == 401
+        locked = await login(gw, s)  # the right password no longer helps
+        assert locked.status == 403
+        assert "account_locked" in reasons(gw)
+        assert any(e.event == "account_locked" for e in gw.audit.events)
+        clock.offset = dt.timedelta(minutes=31)
+        ok = await login(gw, s)
+        assert ok.status == 303
+
+
+async def test_lockout_of_unknown_user_is_indistinguishable(gw: Harness) -> None:
+    cert, key, _ = gw.issue("LC777777", name="nobody")
+    async with gw.session(cert=cert, key=key) as s:
+        statuses = [(await login(gw, s, user_id="LC777777", password="x")).status for _ in range(6)]
+    assert statuses == [401] * 5 + [403]
+    assert reasons(gw)[-1] == "account_locked"
+
+
+async def test_session_replayed_with_another_valid_certificate_is_refused(gw: Harness) -> None:
+    async with gw.session("LC000001") as s:
+        await login(gw, s)
+        cookies = s.cookie_jar.filter_cookies(URL(gw.url("/")))
+        stolen = cookies["__Host-gw_session"].value
+    async with gw.session("LC000002") as thief:
+        thief.cookie_jar.update_cookies({"__Host-gw_session": stolen}, URL(gw.url("/")))
+        status, body = await fetch_json(gw, thief, "/onre/x")
+    assert (status, body["error"]) == (403, "session_certificate_mismatch")
+    # The session is ended for its owner too (the cookie leaked).
+    async with gw.session("LC000001") as s:
+        s.cookie_jar.update_cookies({"__Host-gw_session": stolen}, URL(gw.url("/")))
+        status, body = await fetch_json(gw, s, "/onre/x")
+    assert (status, body["error"]) == (401, "login_required")
+
+
+async def test_revocation_during_a_session_ends_it(gw: Harness) -> None:
+    async with gw.session("LC000001") as s:
+        await login(gw, s)
+        assert (await fetch_json(gw, s, "/onre/x"))[0] == 200
+        await gw.publish_crl([gw.pki.clients["LC000001"].certificate.serial_number])
+        status, body = await fetch_json(gw, s, "/onre/x")
+    assert (status, body["error"]) == (403, "certificate_revoked")
+    ended = [e for e in gw.audit.events if e.event == "session_ended"]
+    assert ended and ended[0].reason == "certificate_revoked" and ended[0].user_id == "LC000001"
+
+
+async def test_session_expires_when_idle(gw: Harness, clock: Clock) -> None:
+    async with gw.session() as s:
+        await login(gw, s)
+        clock.offset = dt.timedelta(minutes=31)
+        status, body = await fetch_json(gw, s, "/onre/x")
+    assert (status, body["error"]) == (401, "session_expired")
+
+
+async def test_per_system_authorisation(gw: Harness) -> None:
+    async with gw.session("LC000002") as s:
+        await login(gw, s, user_id="LC000002")
+        assert (await fetch_json(gw, s, "/onre/x"))[0] == 200
+        status, body = await fetch_json(gw, s, "/nt/x")
+    assert (status, body["error"]) == (403, "not_authorized")
+
+
+@pytest.mark.parametrize("evil", ["//evil.example/", "https://evil.example/", "/\\evil.example", "javascript:alert(1)"])
+async def test_open_redirects_in_next_are_ignored(gw: Harness, evil: str) -> None:
+    async with gw.session() as s:
+        r = await login(gw, s, next_path=evil)
+    assert r.status == 303 and r.headers["Location"] == "/onre/"
+
+
+async def test_csrf_missing_or_wrong_is_refused(gw: Harness) -> None:
+    async with gw.session() as s:
+        assert (await login(gw, s, csrf="")).status == 403
+        assert (await login(gw, s, csrf="123.forged")).status == 403
+        assert (await login(gw, s)).status == 303
+    assert reasons(gw).count("csrf_failed") == 2
+
+
+async def test_forced_password_change_after_reset(gw: Harness) -> None:
+    add_user(gw, "LC000003", password="temporary-1234", must_change=True)
+    cert, key, _ = gw.issue("LC000003", name="lc3")
+    async with gw.session(cert=cert, key=key) as s:
+        r = await login(gw, s, user_id="LC000003", password="temporary-1234")
+        assert r.headers["Location"] == "/password"
+        status, body = await fetch_json(gw, s, "/onre/x")
+        assert (status, body["error"]) == (403, "password_change_required")
+        async with s.get(gw.url("/password")) as page:
+            token = re.search(r'name="csrf" value="([^"]+)"', await page.text()).group(1)  # type: ignore[union-attr]
+        short = {"csrf": token, "old_password": "temporary-1234", "new_password": "short", "new_password_again": "short"}
+        async with s.post(gw.url("/password"), data=short, allow_redirects=False) as r:
+            assert r.status == 400
+            assert "12文字以上" in await r.text()
+        good = {"csrf": token, "old_password": "temporary-1234", "new_password": "a much better one", "new_password_again": "a much better one"}
+        async with s.post(gw.url("/password"), data=good, allow_redirects=False) as r:
+            assert r.status == 303
+        assert (await fetch_json(gw, s, "/onre/x"))[0] == 200
+    async with gw.session(cert=cert, key=key) as s:
+        assert (await login(gw, s, user_id="LC000003", password="a much better one")).status == 303
+
+
+async def test_logout_is_seen_by_another_worker(gw: Harness, tmp_path: Path) -> None:
+    from gateway.server import GatewayWorker
+
+    other = GatewayWorker(gw.config, gw.audit, worker=1, serve_admin=False, access_factory=LoginAccess)
+    await other.start()
+    try:
+        async with gw.session() as s:
+            await login(gw, s)
+            other_url = gw.url("/onre/x").replace(str(gw.worker.port), str(other.port))
+            async with s.get(other_url, headers={"Accept": "application/json"}) as r:
+                assert r.status == 200  # the session is valid in the other worker
+            async with s.get(gw.url("/logout")) as r:
+                token = re.search(r'name="csrf" value="([^"]+)"', await r.text()).group(1)  # type: ignore[union-attr]
+            async with s.post(gw.url("/logout"), data={"csrf": token}) as r:
+                assert r.status == 200
+                assert "ログアウトしました" in await r.text()
+            s.cookie_jar.clear()
+        async with gw.session() as s:
+            # Replay the old cookie on the other worker: gone there too.
+            s.cookie_jar.update_cookies({"__Host-gw_session": "x"}, URL(other_url))
+            async with s.get(other_url, headers={"Accept": "application/json"}) as r:
+                assert r.status == 401
+    finally:
+        await other.stop()
+    assert any(e.event == "logout" for e in gw.audit.events)
+
+
+async def test_logout_cookie_replay_after_logout_fails(gw: Harness) -> None:
+    async with gw.session() as s:
+        await login(gw, s)
+        cookie = s.cookie_jar.filter_cookies(URL(gw.url("/")))["__Host-gw_session"].value
+        async with s.get(gw.url("/logout")) as r:
+            token = re.search(r'name="csrf" value="([^"]+)"', await r.text()).group(1)  # type: ignore[union-attr]
+        async with s.post(gw.url("/logout"), data={"csrf": token}) as r:
+            assert r.status == 200
+    async with gw.session() as s:
+        s.cookie_jar.update_cookies({"__Host-gw_session": cookie}, URL(gw.url("/")))
+        status, body = await fetch_json(gw, s, "/onre/x")
+    assert (status, body["error"]) == (401, "login_required")
+
+
+async def test_logout_without_token_is_csrf_failed(gw: Harness) -> None:
+    async with gw.session() as s:
+        await login(gw, s)
+        async with s.post(gw.url("/logout"), data={}, headers={"Accept": "application/json"}) as r:
+            assert r.status == 403
+            assert (await r.json())["error"] == "csrf_failed"
+        assert (await fetch_json(gw, s, "/onre/x"))[0] == 200
+
+
+async def test_expiry_soon_notice_after_login(tmp_path: Path, pki: ThrowawayPki) -> None:
+    h = await start_harness(tmp_path, pki, login_mode="gateway", access_factory=LoginAccess)
+    try:
+        add_user(h, "LC000001")
+        cert, key, _ = h.issue("LC000001", not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=355), name="soon")
+        async with h.session(cert=cert, key=key) as s:
+            r = await login(h, s, next_path="/onre/x")
+            assert r.headers["Location"] == "/notice?next=/onre/x"
+            async with s.get(h.url("/notice?next=/onre/x")) as page:
+                assert "証明書の有効期限が近づいています" in await page.text()
+    finally:
+        await h.close()
+
+
+# --- passthrough -----------------------------------------------------------------
+
+
+async def test_passthrough_login_forwards_only_for_the_certificate_user(tmp_path: Path, pki: ThrowawayPki) -> None:
+    h = await start_harness(tmp_path, pki, login_mode="passthrough", access_factory=LoginAccess)
+    try:
+        async with h.session("LC000001") as s:
+            async with s.post(h.url("/onre/login"), data={"userId": "LC000001", "pw": "x"},
+                              headers={"Accept": "application/json"}) as r:
+                assert r.status == 200
+                body = await r.json()
+                assert body["body_bytes"] > 0
+                assert body["identity"]["X-Client-Cert-Serial"]
+            async with s.post(h.url("/onre/login"), data={"userId": "LC000002", "pw": "x"},
+                              headers={"Accept": "application/json"}) as r:
+                assert r.status == 403
+                assert (await r.json())["error"] == "subject_mismatch"
+            async with s.get(h.url("/onre/other"), headers={"Accept": "application/json"}) as r:
+                assert r.status == 200  # other pages pass with the certificate identity
+    finally:
+        await h.close()
