@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -62,8 +63,16 @@ def _names(name: x509.Name, oid: x509.ObjectIdentifier) -> tuple[str, ...]:
 
 def parse_peer(der: bytes) -> PeerCertificate | None:
     """Parse a leaf; None when cryptography cannot read it (treated as malformed)."""
+    with warnings.catch_warnings():
+        # cryptography warns (not fails) on over-long names; we judge them ourselves.
+        warnings.simplefilter("ignore", UserWarning)
+        return _parse_peer(der)
+
+
+def _parse_peer(der: bytes) -> PeerCertificate | None:
     try:
         cert = x509.load_der_x509_certificate(der)
+        common_names = _names(cert.subject, NameOID.COMMON_NAME)
         eku: tuple[str, ...] | None
         try:
             eku = tuple(o.dotted_string for o in cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
@@ -85,7 +94,7 @@ def parse_peer(der: bytes) -> PeerCertificate | None:
             fingerprint=cert.fingerprint(hashes.SHA256()).hex(),
             serial=cert.serial_number,
             subject=cert.subject.rfc4514_string(),
-            common_names=_names(cert.subject, NameOID.COMMON_NAME),
+            common_names=common_names,
             issuer=cert.issuer.public_bytes(),
             issuer_text=cert.issuer.rfc4514_string(),
             issuer_cn=issuer_cns[0] if len(issuer_cns) == 1 else "",

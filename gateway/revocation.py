@@ -52,14 +52,21 @@ class CrlError(Exception):
 
 
 def serial_key(serial: int) -> int:
-    """64-bit non-zero digest of a serial (zero marks an empty slot)."""
-    folded = 0
+    """64-bit non-zero digest of a serial (zero marks an empty slot).
+
+    Each 64-bit limb is mixed in with a multiply, seeded with the limb count,
+    so serials that differ only above bit 64 (or in sign) get other keys.
+    """
     value = serial if serial >= 0 else -serial * 2 + 1
+    limbs = [value & _MASK64]
+    value >>= 64
     while value:
-        folded ^= value & _MASK64
+        limbs.append(value & _MASK64)
         value >>= 64
-    mixed = (folded * _GOLDEN) & _MASK64
-    mixed ^= mixed >> 29
+    mixed = len(limbs)
+    for limb in limbs:
+        mixed = ((mixed ^ limb) * _GOLDEN) & _MASK64
+        mixed ^= mixed >> 29
     return mixed or 1
 
 

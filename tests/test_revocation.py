@@ -1,0 +1,87 @@
+"""CRL parsing, the serial index and the freshness rule (pure parts of gateway.revocation)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import pickle
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from gateway import pki
+from gateway.revocation import CrlError, RevocationState, SerialIndex, parse_crl, serial_key
+
+NOW = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
+
+
+@pytest.fixture(scope="module")
+def ca() -> tuple[pki.PrivateKey, object]:
+    key = pki.generate_key()
+    return key, pki.build_ca(key, now=NOW - dt.timedelta(days=1))
+
+
+def crl_bytes(ca: tuple, serials: list[int], *, this_update: dt.datetime = NOW, hours: int = 24, number: int = 1,
+              encoding: Encoding = Encoding.DER) -> bytes:
+    key, cert = ca
+    crl = pki.build_crl(cert, key, [pki.RevokedEntry(s, this_update) for s in serials],
+                        this_update=this_update, next_update=this_update + dt.timedelta(hours=hours), number=number)
+    return crl.public_bytes(encoding)
+
+
+def ca_der(ca: tuple) -> list[bytes]:
+    return [ca[1].public_bytes(Encoding.DER)]
+
+
+def test_index_contains_exactly_the_revoked_serials() -> None:
+    revoked = [pki.random_serial() for _ in range(5000)] + [1, 2, 3]
+    index = SerialIndex.build(revoked)
+    assert len(index) == len(set(revoked))
+    assert all(s in index for s in revoked)
+    assert sum(pki.random_serial() in index for _ in range(5000)) == 0
+    assert 4 not in index and "1" not in index
+
+
+def test_empty_index_and_pickling() -> None:
+    assert 1 not in SerialIndex.build([])
+    index = SerialIndex.build([10, 20])
+    clone = pickle.loads(pickle.dumps(index))
+    assert 10 in clone and 30 not in clone
+
+
+def test_serial_key_is_never_zero_and_folds_long_serials() -> None:
+    assert serial_key(0) != 0
+    assert serial_key(1 << 64) != serial_key(1)
+
+
+@pytest.mark.parametrize("encoding", [Encoding.DER, Encoding.PEM])
+def test_parse_accepts_pem_and_der(ca: tuple, encoding: Encoding) -> None:
+    snap = parse_crl(crl_bytes(ca, [7, 8], number=5, encoding=encoding), ca_der(ca), NOW)
+    assert snap.entries == 2 and snap.number == 5 and 7 in snap.index
+
+
+def test_parse_refuses_other_signer_garbage_and_future(ca: tuple) -> None:
+    other_key = pki.generate_key()
+    other = (other_key, pki.build_ca(other_key, now=NOW))
+    with pytest.raises(CrlError, match="does not verify"):
+        parse_crl(crl_bytes(other, [1]), ca_der(ca), NOW)
+    with pytest.raises(CrlError, match="not a CRL"):
+        parse_crl(b"\x30\x03garbage", ca_der(ca), NOW)
+    good = crl_bytes(ca, [1])
+    with pytest.raises(CrlError):
+        parse_crl(good[: len(good) // 2], ca_der(ca), NOW)
+    with pytest.raises(CrlError, match="in the future"):
+        parse_crl(crl_bytes(ca, [1], this_update=NOW + dt.timedelta(hours=1)), ca_der(ca), NOW)
+
+
+def test_state_checks_revocation_and_freshness(ca: tuple) -> None:
+    snap = parse_crl(crl_bytes(ca, [42]), ca_der(ca), NOW)
+    state = RevocationState(grace=dt.timedelta(hours=1)).with_snapshot(snap)
+    issuer = ca[1].subject.public_bytes()
+    assert state.check(43, issuer, NOW).allowed
+    assert state.check(42, issuer, NOW).reason == "certificate_revoked"
+    assert state.check(43, b"other issuer", NOW).reason == "revocation_unavailable"
+    just_in_grace = NOW + dt.timedelta(hours=24, minutes=59)
+    assert state.check(43, issuer, just_in_grace).allowed
+    assert state.check(43, issuer, NOW + dt.timedelta(hours=25, seconds=1)).reason == "revocation_unavailable"
+    assert state.fresh(NOW) and not state.fresh(NOW + dt.timedelta(hours=26))
+    assert not RevocationState().fresh(NOW)
