@@ -164,10 +164,16 @@ class LoginAccess:
         if reason is Reason.PASSWORD_CHANGE_REQUIRED and navigation:
             return see_other("/password", headers=NO_STORE)
         user = session.user_id if session else ""
-        extra = {"Set-Cookie": clear_cookie_header(SESSION_COOKIE)} if reason is Reason.SESSION_CERTIFICATE_MISMATCH else None
+        extra = (
+            {"Set-Cookie": clear_cookie_header(SESSION_COOKIE)}
+            if reason is Reason.SESSION_CERTIFICATE_MISMATCH
+            else None
+        )
         return rt.refuse(request, verdict, peer=peer, user_id=user, links=LOGIN_LINK, headers=extra)
 
-    async def _passthrough(self, request: web.Request, backend: Backend, peer: PeerCertificate) -> web.StreamResponse | None:
+    async def _passthrough(
+        self, request: web.Request, backend: Backend, peer: PeerCertificate
+    ) -> web.StreamResponse | None:
         """Forward the backend's own login POST only for the certificate's user."""
         if request.method != "POST" or request.path != backend.login.path:
             return None
@@ -192,7 +198,9 @@ class LoginAccess:
         session = self._session(request)
         if session is not None:
             await self._run(self.sessions.delete, session.session_id)
-            self._record(request, EventKind.SESSION_ENDED, verdict.reason, user_id=session.user_id, detail=verdict.detail)
+            self._record(
+                request, EventKind.SESSION_ENDED, verdict.reason, user_id=session.user_id, detail=verdict.detail
+            )
 
     # -- pages ---------------------------------------------------------------------
 
@@ -257,8 +265,9 @@ class LoginAccess:
         metrics.LOGINS.labels(str(outcome.verdict.reason)).inc()
         if not outcome.verdict.allowed:
             await self._count_failure(request, user_id, ip, now, outcome.counts_for_user, outcome.counts_for_ip)
-            return rt.refuse(request, outcome.verdict, peer=peer, kind=EventKind.LOGIN_REFUSED, user_id=user_id,
-                             links=LOGIN_LINK)
+            return rt.refuse(
+                request, outcome.verdict, peer=peer, kind=EventKind.LOGIN_REFUSED, user_id=user_id, links=LOGIN_LINK
+            )
         assert user is not None
         await self._run(self.users.clear_failures, user_id)
         session_id, _csrf = await self._run(
@@ -273,13 +282,19 @@ class LoginAccess:
         response.headers.add("Set-Cookie", clear_cookie_header(LOGIN_CSRF_COOKIE))
         return response
 
-    async def _count_failure(self, request: web.Request, user_id: str, ip: str, now: dt.datetime,
-                             for_user: bool, for_ip: bool) -> None:
+    async def _count_failure(
+        self, request: web.Request, user_id: str, ip: str, now: dt.datetime, for_user: bool, for_ip: bool
+    ) -> None:
         if for_user:
             result = await self._run(self.users.record_failure, user_id, ip, now, self.settings)
             if result.locked_until is not None:
-                self._record(request, EventKind.ACCOUNT_LOCKED, Reason.ACCOUNT_LOCKED, user_id=user_id,
-                             detail=f"locked until {result.locked_until.isoformat()}")
+                self._record(
+                    request,
+                    EventKind.ACCOUNT_LOCKED,
+                    Reason.ACCOUNT_LOCKED,
+                    user_id=user_id,
+                    detail=f"locked until {result.locked_until.isoformat()}",
+                )
         elif for_ip and ip:
             await self._run(self.users.record_ip_failure, ip, now, self.settings)
 
@@ -324,8 +339,12 @@ class LoginAccess:
         session = self._session(request)
         form = await request.post() if (request.content_length or 0) <= MAX_FORM_BYTES else {}
         if session is None or not check_session_csrf(session, _text(form.get("csrf"))):
-            return rt.refuse(request, Verdict.deny(Reason.CSRF_FAILED, "logout without a valid session token"),
-                             peer=request[PEER], links=LOGIN_LINK)
+            return rt.refuse(
+                request,
+                Verdict.deny(Reason.CSRF_FAILED, "logout without a valid session token"),
+                peer=request[PEER],
+                links=LOGIN_LINK,
+            )
         await self._run(self.sessions.delete, session.session_id)
         self._record(request, EventKind.LOGOUT, Reason.OK, user_id=session.user_id)
         response = self._page("loggedout.html")
@@ -333,15 +352,22 @@ class LoginAccess:
         response.headers["Clear-Site-Data"] = '"cache"'
         return response
 
-    async def password_page(self, request: web.Request, *, error: tuple[str, str] | None = None,
-                            status: int = 200) -> web.Response:
+    async def password_page(
+        self, request: web.Request, *, error: tuple[str, str] | None = None, status: int = 200
+    ) -> web.Response:
         session = self._session(request)
         peer: PeerCertificate = request[PEER]
         if session is None or session.cert_fingerprint != peer.fingerprint:
             return see_other("/login?next=/password", headers=NO_STORE)
-        return self._page("password.html", status=status, csrf=session.csrf_token, user_id=session.user_id,
-                          forced=session.must_change_password, error=error,
-                          min_length=self.config.login.password_min_length)
+        return self._page(
+            "password.html",
+            status=status,
+            csrf=session.csrf_token,
+            user_id=session.user_id,
+            forced=session.must_change_password,
+            error=error,
+            min_length=self.config.login.password_min_length,
+        )
 
     async def password_post(self, request: web.Request) -> web.StreamResponse:
         rt = request.app[RUNTIME]
@@ -362,7 +388,11 @@ class LoginAccess:
         if not policy.allowed:
             self._record(request, EventKind.LOGIN_REFUSED, policy.reason, user_id=session.user_id, detail=policy.detail)
             message = policy_message(policy.detail, self.config.login.password_min_length)
-            text = (message.ja, message.en) if old_ok else ("現在のパスワードが正しくありません。", "The current password is wrong.")
+            text = (
+                (message.ja, message.en)
+                if old_ok
+                else ("現在のパスワードが正しくありません。", "The current password is wrong.")
+            )
             return await self.password_page(request, error=text, status=400)
         assert user is not None
         new_hash = await self._run(hash_password, new)

@@ -6,6 +6,7 @@ audit record holds, and nothing else about the request.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -13,6 +14,11 @@ from aiohttp import web
 from gateway.messages import message_for
 from gateway.pages import render
 from gateway.verdict import Reason
+
+
+def _dumps(data: object) -> str:
+    return json.dumps(data, ensure_ascii=False)
+
 
 NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
 
@@ -38,6 +44,6 @@ def refusal(
     all_headers = {**NO_STORE, **(headers or {})}
     if wants_json(request):
         body = {"error": str(reason), "message": f"{msg.title_ja} / {msg.title_en}", "support_id": support_id}
-        return web.json_response(body, status=code, headers=all_headers)
+        return web.json_response(body, status=code, headers=all_headers, dumps=_dumps)
     html = render("refusal.html", msg=msg, reason=str(reason), support_id=support_id, links=links)
     return web.Response(text=html, status=code, content_type="text/html", charset="utf-8", headers=all_headers)

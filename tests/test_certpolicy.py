@@ -21,8 +21,14 @@ ANCHORS = TrustAnchors.of([CA], "Tokyo Stock Exchange SSO CA")
 
 
 def state(revoked: tuple[int, ...] = ()) -> RevocationState:
-    crl = pki.build_crl(CA, KEY, [pki.RevokedEntry(s, NOW) for s in revoked], this_update=NOW,
-                        next_update=NOW + dt.timedelta(days=1), number=1)
+    crl = pki.build_crl(
+        CA,
+        KEY,
+        [pki.RevokedEntry(s, NOW) for s in revoked],
+        this_update=NOW,
+        next_update=NOW + dt.timedelta(days=1),
+        number=1,
+    )
     snap = parse_crl(crl.public_bytes(Encoding.DER), [CA.public_bytes(Encoding.DER)], NOW)
     return RevocationState().with_snapshot(snap)
 

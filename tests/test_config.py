@@ -57,8 +57,16 @@ def test_every_problem_names_file_and_key(tmp_path: Path) -> None:
     lines = problems(path)
     joined = "\n".join(lines)
     assert all(line.startswith(f"{path.resolve()}: ") for line in lines)
-    for key in ("listen.port", "workers", "backends[0].prefix", "backends[0].upstream",
-                "revocation.refresh_seconds", "tls.key", "tls.client_ca", "unknown"):
+    for key in (
+        "listen.port",
+        "workers",
+        "backends[0].prefix",
+        "backends[0].upstream",
+        "revocation.refresh_seconds",
+        "tls.key",
+        "tls.client_ca",
+        "unknown",
+    ):
         assert f": {key}: " in joined, key
     assert "a port number" in joined and "must start and end with '/'" in joined
 
@@ -70,20 +78,30 @@ def test_yaml_syntax_error_names_line(tmp_path: Path) -> None:
 
 
 def test_duplicate_backends_and_unknown_system(tmp_path: Path) -> None:
-    path = write(tmp_path, {"backends": [
-        {"name": "tdnet", "prefix": "/a/", "upstream": "http://h"},
-        {"name": "tdnet", "prefix": "/a/", "upstream": "http://h"},
-        {"name": "other", "prefix": "/b/", "upstream": "http://h"},
-    ]})
+    path = write(
+        tmp_path,
+        {
+            "backends": [
+                {"name": "tdnet", "prefix": "/a/", "upstream": "http://h"},
+                {"name": "tdnet", "prefix": "/a/", "upstream": "http://h"},
+                {"name": "other", "prefix": "/b/", "upstream": "http://h"},
+            ]
+        },
+    )
     joined = "\n".join(problems(path))
     assert "duplicate backend name" in joined and "duplicate route" in joined
     assert "backends[2].system: missing" in joined
 
 
 def test_gateway_requires_files_to_exist(tmp_path: Path) -> None:
-    path = write(tmp_path, {"tls": {"cert": "c.pem", "key": "k.pem", "client_ca": "ca.pem"},
-                            "revocation": {"crl": "ca.crl"},
-                            "backends": [{"name": "tdnet", "prefix": "/onre/", "upstream": "http://h"}]})
+    path = write(
+        tmp_path,
+        {
+            "tls": {"cert": "c.pem", "key": "k.pem", "client_ca": "ca.pem"},
+            "revocation": {"crl": "ca.crl"},
+            "backends": [{"name": "tdnet", "prefix": "/onre/", "upstream": "http://h"}],
+        },
+    )
     with pytest.raises(ConfigError) as info:
         require_gateway(load_config(path))
     joined = "\n".join(info.value.problems)

@@ -17,7 +17,7 @@ from gateway.pkifiles import ThrowawayPki
 from gateway.users import UserStore
 from tests.harness import Harness, start_harness
 
-PASSWORD = "correct horse battery"  # noqa: S105 - test fixture
+PASSWORD = "correct horse battery"
 
 
 class Clock:
@@ -30,11 +30,18 @@ class Clock:
         return dt.datetime.now(dt.UTC) + self.offset
 
 
-def add_user(h: Harness, user_id: str, systems: tuple[str, ...] = ("tdnet", "j-iriss", "clearing"), *,
-             password: str = PASSWORD, must_change: bool = False) -> None:
+def add_user(
+    h: Harness,
+    user_id: str,
+    systems: tuple[str, ...] = ("tdnet", "j-iriss", "clearing"),
+    *,
+    password: str = PASSWORD,
+    must_change: bool = False,
+) -> None:
     with UserStore(h.config.users.database) as store:
-        store.add_user(user_id, hash_password(password), systems, now=dt.datetime.now(dt.UTC),
-                       must_change_password=must_change)
+        store.add_user(
+            user_id, hash_password(password), systems, now=dt.datetime.now(dt.UTC), must_change_password=must_change
+        )
 
 
 @pytest.fixture
@@ -51,14 +58,25 @@ async def gw(tmp_path: Path, pki: ThrowawayPki, clock: Clock) -> Harness:  # typ
     await h.close()
 
 
-async def login(h: Harness, s: aiohttp.ClientSession, user_id: str = "LC000001", password: str = PASSWORD,
-                next_path: str = "", csrf: str | None = None) -> aiohttp.ClientResponse:
+async def login(
+    h: Harness,
+    s: aiohttp.ClientSession,
+    user_id: str = "LC000001",
+    password: str = PASSWORD,
+    next_path: str = "",
+    csrf: str | None = None,
+) -> aiohttp.ClientResponse:
     async with s.get(h.url("/login")) as r:
         assert r.status == 200
         page = await r.text()
     token = re.search(r'name="csrf" value="([^"]+)"', page)
     assert token
-    form = {"user_id": user_id, "password": password, "csrf": token.group(1) if csrf is None else csrf, "next": next_path}
+    form = {
+        "user_id": user_id,
+        "password": password,
+        "csrf": token.group(1) if csrf is None else csrf,
+        "next": next_path,
+    }
     async with s.post(h.url("/login"), data=form, allow_redirects=False, headers={"Accept": "text/html"}) as r:
         await r.read()
         return r
@@ -224,11 +242,21 @@ async def test_forced_password_change_after_reset(gw: Harness) -> None:
         assert (status, body["error"]) == (403, "password_change_required")
         async with s.get(gw.url("/password")) as page:
             token = re.search(r'name="csrf" value="([^"]+)"', await page.text()).group(1)  # type: ignore[union-attr]
-        short = {"csrf": token, "old_password": "temporary-1234", "new_password": "short", "new_password_again": "short"}
+        short = {
+            "csrf": token,
+            "old_password": "temporary-1234",
+            "new_password": "short",
+            "new_password_again": "short",
+        }
         async with s.post(gw.url("/password"), data=short, allow_redirects=False) as r:
             assert r.status == 400
             assert "12文字以上" in await r.text()
-        good = {"csrf": token, "old_password": "temporary-1234", "new_password": "a much better one", "new_password_again": "a much better one"}
+        good = {
+            "csrf": token,
+            "old_password": "temporary-1234",
+            "new_password": "a much better one",
+            "new_password_again": "a much better one",
+        }
         async with s.post(gw.url("/password"), data=good, allow_redirects=False) as r:
             assert r.status == 303
         assert (await fetch_json(gw, s, "/onre/x"))[0] == 200
@@ -307,14 +335,16 @@ async def test_passthrough_login_forwards_only_for_the_certificate_user(tmp_path
     h = await start_harness(tmp_path, pki, login_mode="passthrough", access_factory=LoginAccess)
     try:
         async with h.session("LC000001") as s:
-            async with s.post(h.url("/onre/login"), data={"userId": "LC000001", "pw": "x"},
-                              headers={"Accept": "application/json"}) as r:
+            async with s.post(
+                h.url("/onre/login"), data={"userId": "LC000001", "pw": "x"}, headers={"Accept": "application/json"}
+            ) as r:
                 assert r.status == 200
                 body = await r.json()
                 assert body["body_bytes"] > 0
                 assert body["identity"]["X-Client-Cert-Serial"]
-            async with s.post(h.url("/onre/login"), data={"userId": "LC000002", "pw": "x"},
-                              headers={"Accept": "application/json"}) as r:
+            async with s.post(
+                h.url("/onre/login"), data={"userId": "LC000002", "pw": "x"}, headers={"Accept": "application/json"}
+            ) as r:
                 assert r.status == 403
                 assert (await r.json())["error"] == "subject_mismatch"
             async with s.get(h.url("/onre/other"), headers={"Accept": "application/json"}) as r:

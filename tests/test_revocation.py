@@ -20,11 +20,24 @@ def ca() -> tuple[pki.PrivateKey, object]:
     return key, pki.build_ca(key, now=NOW - dt.timedelta(days=1))
 
 
-def crl_bytes(ca: tuple, serials: list[int], *, this_update: dt.datetime = NOW, hours: int = 24, number: int = 1,
-              encoding: Encoding = Encoding.DER) -> bytes:
+def crl_bytes(
+    ca: tuple,
+    serials: list[int],
+    *,
+    this_update: dt.datetime = NOW,
+    hours: int = 24,
+    number: int = 1,
+    encoding: Encoding = Encoding.DER,
+) -> bytes:
     key, cert = ca
-    crl = pki.build_crl(cert, key, [pki.RevokedEntry(s, this_update) for s in serials],
-                        this_update=this_update, next_update=this_update + dt.timedelta(hours=hours), number=number)
+    crl = pki.build_crl(
+        cert,
+        key,
+        [pki.RevokedEntry(s, this_update) for s in serials],
+        this_update=this_update,
+        next_update=this_update + dt.timedelta(hours=hours),
+        number=number,
+    )
     return crl.public_bytes(encoding)
 
 
