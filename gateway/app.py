@@ -177,6 +177,7 @@ async def certificate_middleware(request: web.Request, handler: Handler) -> web.
         if hook is not None:
             await hook(request, verdict)
         return rt.refuse(request, verdict, peer=peer)
+    assert peer is not None  # an allowed verdict always has a certificate
     request[PEER] = peer
     return await handler(request)
 

@@ -185,17 +185,16 @@ def check_certificate(
     """
     if peer is None:
         return Verdict.deny(Reason.NO_CERTIFICATE)
-    for step in (
-        lambda: issuer_verdict or issued_by_trusted_ca(peer, anchors),
-        lambda: _check_time(peer, now),
-        lambda: check_usage(peer),
-        lambda: check_subject(peer),
-        lambda: revocation.check(peer.serial, peer.issuer, now),
-    ):
-        verdict = step()
-        if not verdict.allowed:
-            return verdict
-    return Verdict.allow()
+    verdict = issuer_verdict or issued_by_trusted_ca(peer, anchors)
+    if verdict.allowed:
+        verdict = _check_time(peer, now)
+    if verdict.allowed:
+        verdict = check_usage(peer)
+    if verdict.allowed:
+        verdict = check_subject(peer)
+    if verdict.allowed:
+        verdict = revocation.check(peer.serial, peer.issuer, now)
+    return verdict
 
 
 def _check_time(peer: PeerCertificate, now: dt.datetime) -> Verdict:

@@ -363,7 +363,7 @@ def _backend_login(r: _Reader, data: Mapping[str, Any] | None, path: str) -> Bac
     if not data:
         return BackendLogin()
     r.unknown_keys(data, {"mode", "path", "user_field"}, path)
-    mode = r.get(data, "mode", f"{path}.mode", _login_mode, "'gateway' or 'passthrough'", "gateway")
+    mode = r.get(data, "mode", f"{path}.mode", _login_mode, "'gateway' or 'passthrough'")
     login_path = r.get(data, "path", f"{path}.path", _string, "a URL path like /onre/login")
     field_name = r.get(data, "user_field", f"{path}.user_field", _string, "a form field name", "userId")
     if mode == "passthrough" and not login_path:
@@ -533,7 +533,7 @@ def _ca(r: _Reader, data: Mapping[str, Any]) -> CaConfig:
         data, "crl_next_update_hours", "ca.crl_next_update_hours", _positive_number, "a positive number of hours", 24.0
     )
     url = r.get(data, "crl_url", "ca.crl_url", _http_url, "an http(s) URL")
-    key_type = r.get(data, "key_type", "ca.key_type", _key_type, f"one of {', '.join(KEY_TYPES)}", "ec-p256")
+    key_type = r.get(data, "key_type", "ca.key_type", _key_type, f"one of {', '.join(KEY_TYPES)}")
     drop = r.get(
         data, "crl_drop_expired_after_days", "ca.crl_drop_expired_after_days", _non_negative, "a number of days", 90.0
     )
