@@ -2,12 +2,16 @@
 
 Order of the layers, outermost first (each one can refuse):
 
+0. ``deadline_middleware`` (:mod:`gateway.deadlines`) — refuses nothing; tells
+   the connection when a request head arrived and when it was answered, for
+   the slowloris timeouts.
 1. ``certificate_middleware`` — every request, every time: the client
    certificate is re-judged per request (time, revocation), so a revocation
    or expiry takes effect on open keep-alive connections too.
 2. the access layer (:mod:`gateway.login`) — session, login pages, per-system
    authorisation; passthrough backends get the certificate identity only.
-3. ``proxy_handler`` — path safety, routing, forwarding with identity headers.
+3. ``proxy_handler`` — path safety, Host against SNI, routing, forwarding
+   with identity headers.
 
 Refusals all go through :meth:`GatewayRuntime.refuse`: one audit event, one
 metric, one page or JSON body with the same support ID.
@@ -29,14 +33,16 @@ from gateway import metrics
 from gateway.audit import AuditEvent, EventKind, new_support_id
 from gateway.certpolicy import PeerCertificate, TrustAnchors, check_certificate, issued_by_trusted_ca, parse_peer
 from gateway.config import Backend, Config
+from gateway.deadlines import deadline_middleware
 from gateway.keys import BACKEND, PEER, USER
 from gateway.proxy import BodyTooLarge, UpstreamError, forward, identity_headers, make_client_session
 from gateway.responses import refusal
+from gateway.revocation import CrlRefresher
+from gateway.routing import Router, check_host, check_path
+from gateway.tls import server_name_of
+from gateway.verdict import Reason, Verdict
 
 NO_CACHE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
-from gateway.revocation import CrlRefresher
-from gateway.routing import Router, check_path
-from gateway.verdict import Reason, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +222,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     path_verdict = check_path(request.raw_path)
     if not path_verdict.allowed:
         return rt.refuse(request, path_verdict, peer=peer)
+    host_verdict = check_host(request.headers.get("Host"), _server_name(request), http11=request.version >= (1, 1))
+    if not host_verdict.allowed:
+        return rt.refuse(request, host_verdict, peer=peer)
     backend = rt.router.match(request.host, request.path)
     if backend is None:
         return rt.refuse(request, Verdict.deny(Reason.NO_ROUTE), peer=peer)
@@ -224,6 +233,11 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     if isinstance(decision, web.StreamResponse):
         return decision
     return await forward_to(request, backend, peer, decision)
+
+
+def _server_name(request: web.Request) -> str | None:
+    transport = request.transport
+    return server_name_of(transport.get_extra_info("ssl_object")) if transport is not None else None
 
 
 async def forward_to(
@@ -236,7 +250,11 @@ async def forward_to(
         request[USER] = user_id
     try:
         response = await forward(
-            request, backend, rt.client, identity_headers(peer, user_id), body=body,
+            request,
+            backend,
+            rt.client,
+            identity_headers(peer, user_id),
+            body=body,
             # Pages behind a login must not come back from a cache after logout.
             response_extra=NO_CACHE if backend.login.mode == "gateway" else None,
         )
@@ -265,7 +283,7 @@ async def _client_ctx(app: web.Application) -> Any:
 
 def build_app(runtime: GatewayRuntime, access: AccessLayer | None = None) -> web.Application:
     """The gateway application for one worker (no listening sockets here)."""
-    app = web.Application(middlewares=[certificate_middleware], client_max_size=1024**2)
+    app = web.Application(middlewares=[deadline_middleware, certificate_middleware], client_max_size=1024**2)
     app[RUNTIME] = runtime
     app[ACCESS] = access or CertificateOnlyAccess()
     app.cleanup_ctx.append(_client_ctx)

@@ -41,9 +41,8 @@ class JsonFormatter(logging.Formatter):
         for name, value in vars(record).items():
             if name in _STANDARD or name.startswith("_"):
                 continue
-            if any(word in name.lower() for word in _SECRET_WORDS):
-                value = "[redacted]"
-            entry[name] = value
+            secret = any(word in name.lower() for word in _SECRET_WORDS)
+            entry[name] = "[redacted]" if secret else value
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False, default=str)

@@ -339,11 +339,9 @@ def pkcs12_bundle(
     ``pk12util -W ''`` both read it (cryptography refuses an empty password
     for its encryption builder).
     """
-    encryption: serialization.KeySerializationEncryption
-    if password:
-        encryption = serialization.BestAvailableEncryption(password)
-    else:
-        encryption = serialization.NoEncryption()
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
+    )
     return pkcs12.serialize_key_and_certificates(friendly_name.encode("utf-8"), key, cert, list(ca_certs), encryption)
 
 

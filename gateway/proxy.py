@@ -104,9 +104,10 @@ def outbound_headers(
         if lower == "host":
             continue
         if lower == "cookie":
-            value = strip_gateway_cookies(value)
-            if not value:
-                continue
+            kept = strip_gateway_cookies(value)
+            if kept:
+                out.add(name, kept)
+            continue
         out.add(name, value)
     out["X-Forwarded-For"] = client_ip
     out["X-Forwarded-Proto"] = "https"

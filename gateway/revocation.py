@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from concurrent.futures.process import BrokenProcessPool
 import datetime as dt
 import hashlib
 import logging
@@ -27,6 +26,7 @@ import os
 import time
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any

@@ -35,8 +35,15 @@ async def gw(tmp_path: Path, pki: ThrowawayPki) -> Harness:  # type: ignore[misc
     await harness.close()
 
 
-async def get(h: Harness, path: str, user: str | None = "LC000001", *, headers: dict[str, str] | None = None,
-              cert: Path | None = None, key: Path | None = None) -> tuple[int, str, dict[str, str]]:
+async def get(
+    h: Harness,
+    path: str,
+    user: str | None = "LC000001",
+    *,
+    headers: dict[str, str] | None = None,
+    cert: Path | None = None,
+    key: Path | None = None,
+) -> tuple[int, str, dict[str, str]]:
     async with h.session(user, cert=cert, key=key) as s, s.get(h.url(path), headers=headers or {}) as r:
         return r.status, await r.text(), dict(r.headers)
 
@@ -123,10 +130,16 @@ async def test_second_trusted_ca_with_another_cn_is_refused_by_name(tmp_path: Pa
     other_ca = pki_mod().build_ca(other_key, now=NOW, common_name="Some Other CA")
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(pki.ca_cert.read_bytes() + pki_mod().cert_pem(other_ca))
-    h = await start_harness(tmp_path, pki, extra={"tls": {"cert": str(pki.server_cert), "key": str(pki.server_key), "client_ca": str(bundle)}})
+    h = await start_harness(
+        tmp_path,
+        pki,
+        extra={"tls": {"cert": str(pki.server_cert), "key": str(pki.server_key), "client_ca": str(bundle)}},
+    )
     try:
         leaf_key = pki_mod_key()
-        leaf = pki_mod().build_client_cert(other_ca, other_key, leaf_key.public_key(), "LC000001", not_before=NOW - dt.timedelta(minutes=1))
+        leaf = pki_mod().build_client_cert(
+            other_ca, other_key, leaf_key.public_key(), "LC000001", not_before=NOW - dt.timedelta(minutes=1)
+        )
         cert_path, key_path = tmp_path / "o.crt", tmp_path / "o.key"
         cert_path.write_bytes(pki_mod().cert_pem(leaf))
         key_path.write_bytes(pki_mod().key_pem(leaf_key))
@@ -138,7 +151,7 @@ async def test_second_trusted_ca_with_another_cn_is_refused_by_name(tmp_path: Pa
     del pki_key
 
 
-def pki_mod():  # noqa: ANN201 - tiny alias to keep the test readable
+def pki_mod():
     return pki
 
 
@@ -156,7 +169,9 @@ def pki_mod_key() -> pki.PrivateKey:
         (NOW + dt.timedelta(days=1), 365, "certificate_not_yet_valid"),
     ],
 )
-async def test_time_checks_refuse_with_a_page_not_an_alert(gw: Harness, not_before: dt.datetime, days: int, reason: str) -> None:
+async def test_time_checks_refuse_with_a_page_not_an_alert(
+    gw: Harness, not_before: dt.datetime, days: int, reason: str
+) -> None:
     cert, key, _ = gw.issue("LC000001", not_before=not_before, days=days)
     status, body = await get_json(gw, "/onre/x", cert=cert, key=key)
     assert (status, body["error"]) == (403, reason)
@@ -198,10 +213,17 @@ async def test_background_refresh_picks_up_a_new_crl(tmp_path: Path, pki: Throwa
     try:
         assert (await get(h, "/onre/a"))[0] == 200
         serial = pki.clients["LC000001"].certificate.serial_number
-        crl = pki_mod().build_crl(pki.ca_certificate, pki.ca_private_key, [pki_mod().RevokedEntry(serial, NOW)],
-                                  this_update=NOW, next_update=NOW + dt.timedelta(days=1), number=7)
-        from gateway.pkifiles import write_atomic
+        crl = pki_mod().build_crl(
+            pki.ca_certificate,
+            pki.ca_private_key,
+            [pki_mod().RevokedEntry(serial, NOW)],
+            this_update=NOW,
+            next_update=NOW + dt.timedelta(days=1),
+            number=7,
+        )
         from cryptography.hazmat.primitives.serialization import Encoding
+
+        from gateway.pkifiles import write_atomic
 
         write_atomic(pki.crl, crl.public_bytes(Encoding.PEM))
         for _ in range(50):
@@ -277,7 +299,9 @@ async def test_ca_certificate_presented_as_client_certificate(gw: Harness) -> No
 @pytest.mark.parametrize(
     "subject",
     [
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "LC000001"), x509.NameAttribute(NameOID.COMMON_NAME, "LC000002")]),
+        x509.Name(
+            [x509.NameAttribute(NameOID.COMMON_NAME, "LC000001"), x509.NameAttribute(NameOID.COMMON_NAME, "LC000002")]
+        ),
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "LC 000001")]),
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "LC000001\n")]),
         x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "no CN")]),
@@ -297,7 +321,7 @@ async def test_malformed_subjects_are_refused(gw: Harness, subject: x509.Name) -
 async def test_client_cannot_inject_identity_headers(gw: Harness) -> None:
     forged = {
         "X-Authenticated-User": "ADMIN",
-        "X-Forwarded-Client-Cert": "Hash=00;Subject=\"CN=ADMIN\"",
+        "X-Forwarded-Client-Cert": 'Hash=00;Subject="CN=ADMIN"',
         "X-Client-Cert-Serial": "01",
         "X-Forwarded-For": "10.0.0.1",
         "Connection": "keep-alive, X-Custom-Hop",
@@ -318,7 +342,9 @@ async def test_unknown_path_is_404_page(gw: Harness) -> None:
     assert (status, body["error"]) == (404, "no_route")
 
 
-@pytest.mark.parametrize("path", ["/onre/../admin", "/onre/%2e%2e/admin", "/onre/a%2Fb", "/onre/%252e%252e/x", "/onre/a\\b"])
+@pytest.mark.parametrize(
+    "path", ["/onre/../admin", "/onre/%2e%2e/admin", "/onre/a%2Fb", "/onre/%252e%252e/x", "/onre/a\\b"]
+)
 async def test_path_tricks_are_refused(gw: Harness, path: str) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.worker.port, ssl=gw.client_context())
     try:
@@ -333,7 +359,7 @@ async def test_streaming_upload_and_download(gw: Harness) -> None:
     size = 40 * 1024 * 1024
     block = bytes(range(256)) * 4096
 
-    async def body():  # noqa: ANN202
+    async def body():
         for _ in range(size // len(block)):
             yield block
 
@@ -390,8 +416,17 @@ async def test_websocket_upgrade_is_relayed_with_identity(gw: Harness) -> None:
 async def test_certificate_request_names_the_sso_ca(gw: Harness) -> None:
     files = gw.pki.clients["LC000001"]
     proc = await asyncio.create_subprocess_exec(
-        "openssl", "s_client", "-connect", f"127.0.0.1:{gw.worker.port}", "-cert", str(files.cert), "-key", str(files.key),
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        "openssl",
+        "s_client",
+        "-connect",
+        f"127.0.0.1:{gw.worker.port}",
+        "-cert",
+        str(files.cert),
+        "-key",
+        str(files.key),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     out = (await asyncio.wait_for(proc.communicate(), 20))[0].decode()
     assert "Acceptable client certificate CA names" in out
