@@ -35,7 +35,8 @@ from gateway.pkifiles import write_atomic, write_private_key
 from gateway.sessions import create_session_key
 from gateway.users import UserStore
 
-DEMO_USERS = {"LC000001": ("tdnet", "j-iriss", "clearing"), "LC000002": ("tdnet",)}
+DEMO_USERS = {"LC000001": ("tdnet", "j-iriss", "clearing"), "LC000002": ("tdnet",), "LC000003": ("tdnet", "j-iriss")}
+NO_CERTIFICATE_YET = "LC000003"  # gets one in the portal
 DEMO_PASSWORD = "demo-password-1"  # noqa: S105 - printed for the person running the demo
 SYSTEMS = (("tdnet", "/onre/", "TDnet"), ("j-iriss", "/nt/", "J-IRISS"), ("clearing", "/jpxcube/", "Clearing"))
 
@@ -59,8 +60,8 @@ def prepare(directory: Path, backend_ports: dict[str, int], port: int, portal_po
     with UserStore(directory / "gateway.db") as users:
         for user_id, systems in DEMO_USERS.items():
             users.add_user(user_id, hash_password(DEMO_PASSWORD), systems, now=now)
-            issued = ca.issue_client(user_id, now, "demo")
-            clients[user_id] = _write_client(directory, user_id, issued)
+            if user_id != NO_CERTIFICATE_YET:
+                clients[user_id] = _write_client(directory, user_id, ca.issue_client(user_id, now, "demo"))
     create_session_key(directory / "session.key")
     config = {
         "listen": {"host": "127.0.0.1", "port": port},
@@ -130,7 +131,8 @@ def instructions(files: DemoFiles, gateway_port: int, admin_port: int, portal_po
         f"  gateway: {base}/  (admin: http://127.0.0.1:{admin_port}/healthz, /metrics, /audit)",
     ]
     if portal_port:
-        lines.append(f"  portal:  https://localhost:{portal_port}/  (TSE-CA 証明書発行サービス)")
+        lines.append(f"  portal:  https://localhost:{portal_port}/  (TSE-CA 証明書発行サービス;")
+        lines.append(f"           {NO_CERTIFICATE_YET} has no certificate yet: log in there, 申請, 証明書ダウンロード)")
     lines += [
         f"  users:   {', '.join(DEMO_USERS)}  password: {DEMO_PASSWORD}",
         "",
@@ -151,8 +153,8 @@ def instructions(files: DemoFiles, gateway_port: int, admin_port: int, portal_po
     return "\n".join(lines)
 
 
-async def _self_check(files: DemoFiles, gateway_port: int) -> dict[str, int]:
-    """Fetch TDnet with and without the certificate; the demo's own smoke test."""
+async def _self_check(files: DemoFiles, gateway_port: int, portal_port: int | None) -> dict[str, int]:
+    """Fetch TDnet with and without the certificate, and the portal's login; the demo's smoke test."""
     cert, key, _ = files.client_pem["LC000001"]
     results = {}
     for label, with_cert in (("with_certificate", True), ("without_certificate", False)):
@@ -164,6 +166,13 @@ async def _self_check(files: DemoFiles, gateway_port: int) -> dict[str, int]:
             s.get(f"https://localhost:{gateway_port}/onre/") as r,
         ):
             results[label] = r.status
+    if portal_port:
+        ctx = ssl.create_default_context(cafile=str(files.ca.cert_path))
+        async with (
+            aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx)) as s,
+            s.get(f"https://localhost:{portal_port}/login") as r,
+        ):
+            results["portal_login_page"] = r.status
     return results
 
 
@@ -183,9 +192,12 @@ async def _run(directory: Path, port: int, once: bool) -> int:
         await worker.start()
         print(instructions(files, worker.port, worker.admin_port, portal_port), flush=True)
         if once:
-            results = await _self_check(files, worker.port)
+            results = await _self_check(files, worker.port, portal_port)
             print(json.dumps({"self_check": results}), flush=True)
-            return 0 if results == {"with_certificate": 200, "without_certificate": 403} else 1
+            expected = {"with_certificate": 200, "without_certificate": 403}
+            if portal_port:
+                expected["portal_login_page"] = 200
+            return 0 if results == expected else 1
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
