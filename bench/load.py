@@ -1,0 +1,152 @@
+"""The load tools: ``openssl s_time`` for handshakes, wrk behind stunnel for keep-alive, curl for streams.
+
+Each returns what it measured plus the CPU the load tool itself burned, so a
+reader can see when the load generator, not the server, is the limit.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import resource
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.fixtures import BenchPki
+
+WRK_LUA = """\
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) ok = 0; bad = 0 end
+function response(status, headers, body)
+  if status == 200 then ok = ok + 1 else bad = bad + 1 end
+end
+function done(summary, latency, requests)
+  local o, b = 0, 0
+  for _, t in ipairs(threads) do o = o + t:get("ok"); b = b + t:get("bad") end
+  io.write(string.format("STATUS ok=%d bad=%d\\n", o, b))
+  io.write(string.format("LAT p50=%d p90=%d p99=%d max=%d\\n",
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+@dataclass
+class HandshakeResult:
+    connections: int
+    seconds: float
+    resumed: int
+    bytes_per_conn: float
+    client_cpu: float
+
+    @property
+    def per_second(self) -> float:
+        return self.connections / self.seconds if self.seconds else 0.0
+
+
+def s_time(port: int, pki: BenchPki, cookie: str, seconds: float, *, reuse: bool) -> HandshakeResult:
+    """``openssl s_time -new|-reuse -www`` with the session cookie smuggled into the request line.
+
+    s_time sends ``GET <path> HTTP/1.0``; a path of ``/onre/tiny HTTP/1.0\\r\\nCookie: ...\\r\\nX-Bench:``
+    turns that into a logged-in request, so every connection is handshake + one proxied GET on both systems.
+    """
+    path = f"/onre/tiny HTTP/1.0\r\nCookie: {cookie}\r\nX-Bench:"
+    argv = [
+        "openssl", "s_time", "-connect", f"127.0.0.1:{port}", "-www", path,
+        "-cert", str(pki.client_cert), "-key", str(pki.client_key), "-CAfile", str(pki.ca_cert),
+        "-time", str(int(seconds)), "-reuse" if reuse else "-new",
+    ]  # fmt: skip
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False).stdout
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    match = re.search(r"(\d+) connections in [\d.]+s", out)
+    conns = int(match.group(1)) if match else 0
+    per = re.search(r"(\d+) bytes read per connection", out)
+    # s_time prints one mark per connection: 'r' when the session was resumed, '*' for a full handshake.
+    marks = re.search(r"seconds\n([r*t3]+)", out) if reuse else None
+    resumed = marks.group(1).count("r") if marks else 0
+    return HandshakeResult(conns, wall, resumed, float(per.group(1)) if per else 0.0, cpu)
+
+
+@dataclass
+class WrkResult:
+    requests_per_second: float
+    ok: int
+    bad: int
+    errors: str
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    seconds: float
+    client_cpu: float
+    raw: str
+
+
+def wrk(url: str, connections: int, seconds: float, headers: dict[str, str], workdir: Path) -> WrkResult:
+    """wrk with 2 threads, counting non-200 answers in Lua (wrk's own count lets 3xx pass)."""
+    script = workdir / "status.lua"
+    script.write_text(WRK_LUA)
+    argv = ["wrk", "-t2", f"-c{connections}", f"-d{max(1, int(seconds))}s", "--timeout", "10s", "-s", str(script)]
+    for name, value in headers.items():
+        argv += ["-H", f"{name}: {value}"]
+    argv.append(url)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False).stdout
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    status = re.search(r"STATUS ok=(\d+) bad=(\d+)", out)
+    lat = re.search(r"LAT p50=(\d+) p90=(\d+) p99=(\d+) max=(\d+)", out)
+    errors = re.search(r"Socket errors:.*", out)
+    us = [int(x) / 1000 for x in lat.groups()] if lat else [0.0] * 4
+    return WrkResult(
+        requests_per_second=float(rps.group(1)) if rps else 0.0,
+        ok=int(status.group(1)) if status else 0,
+        bad=int(status.group(2)) if status else 0,
+        errors=errors.group(0) if errors else "",
+        p50_ms=us[0],
+        p90_ms=us[1],
+        p99_ms=us[2],
+        max_ms=us[3],
+        seconds=wall,
+        client_cpu=cpu,
+        raw=out,
+    )
+
+
+@dataclass
+class TransferResult:
+    status: str
+    bytes: int
+    seconds: float
+    mib_per_second: float
+
+
+def curl_transfer(url: str, pki: BenchPki, cookie: str, *, upload: Path | None) -> TransferResult:
+    """Stream a body up (``-T``, no Expect: 100-continue) or down (to /dev/null) with the client certificate."""
+    argv = [
+        "curl", "-sS", "-o", os.devnull, "--cacert", str(pki.ca_cert), "--cert", str(pki.client_cert),
+        "--key", str(pki.client_key), "-H", f"Cookie: {cookie}", "-H", "Expect:",
+        "-w", "%{http_code} %{size_upload} %{size_download} %{time_total}",
+    ]  # fmt: skip
+    if upload is not None:
+        argv += ["-X", "POST", "-T", str(upload)]
+    argv.append(url)
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=900, check=False)
+    fields = (out.stdout.strip() or "000 0 0 0").split()
+    status, up, down, total = fields[0], float(fields[1]), float(fields[2]), float(fields[3])
+    moved = int(up if upload is not None else down)
+    return TransferResult(
+        status=status if not out.stderr else f"{status} ({out.stderr.strip()[:80]})",
+        bytes=moved,
+        seconds=total,
+        mib_per_second=moved / 2**20 / total if total else 0.0,
+    )

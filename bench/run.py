@@ -1,0 +1,283 @@
+"""One benchmark invocation: every figure, the gateway and nginx one after the other.
+
+Results go into one dict (saved as JSON under bench/out/) that :mod:`bench.report`
+turns into the markdown table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import load, procs
+from bench.fixtures import BenchPki, ensure_crl, upload_file
+from bench.servers import Backend, Gateway, Nginx, Server, Stunnel
+
+
+@dataclass(frozen=True)
+class Plan:
+    workers: tuple[int, ...]
+    crl_sizes: tuple[int, ...]
+    handshake_seconds: float
+    keepalive_seconds: float
+    connections: tuple[int, ...]
+    stream_bytes: int
+    reload_entries: int
+    reload_seconds: float
+    loop: str
+    quick: bool
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+class Runner:
+    def __init__(self, plan: Plan, pki: BenchPki, workdir: Path) -> None:
+        self.plan = plan
+        self.pki = pki
+        self.workdir = workdir
+        self.backend: Backend | None = None
+        self.results: dict[str, Any] = {"plan": asdict(plan), "figures": {}}
+
+    # -- plumbing -------------------------------------------------------------
+
+    def make(self, system: str, workers: int, crl: Path, refresh: float = 3600.0) -> Server:
+        assert self.backend is not None
+        if system == "gateway":
+            return Gateway(self.workdir, self.pki, self.backend.port, workers, crl, refresh_seconds=refresh)
+        return Nginx(self.workdir, self.pki, self.backend.port, workers, crl)
+
+    @contextlib.contextmanager
+    def running(self, system: str, workers: int, crl: Path, refresh: float = 3600.0) -> Iterator[Server]:
+        server = self.make(system, workers, crl, refresh)
+        try:
+            server.start()  # type: ignore[attr-defined]
+            yield server
+        finally:
+            server.stop()
+
+    def cookie(self, server: Server) -> str:
+        # nginx ignores the cookie; it gets the same request bytes as the gateway.
+        return server.cookie or self.results.get("cookie", "__Host-gw_session=none")
+
+    def measure_handshakes(self, server: Server, *, reuse: bool, seconds: float) -> dict[str, Any]:
+        meter = procs.CpuMeter(server.all_pids()).start()
+        res = load.s_time(server.port, self.pki, self.cookie(server), seconds, reuse=reuse)
+        meter.stop()
+        return {
+            "per_second": res.per_second,
+            "connections": res.connections,
+            "resumed": res.resumed,
+            "bytes_per_conn": res.bytes_per_conn,
+            "server_cpu_ms": 1000 * meter.cpu / max(1, res.connections),
+            "server_cpu_share": meter.cpu / meter.wall,
+            "client_cpu_share": res.client_cpu / res.seconds if res.seconds else 0.0,
+        }
+
+    def measure_keepalive(self, server: Server, connections: int, seconds: float) -> dict[str, Any]:
+        stunnel = Stunnel(self.workdir, self.pki, server.port).start()
+        try:
+            url = f"http://127.0.0.1:{stunnel.port}/onre/tiny"
+            load.wrk(url, connections, 1, {"Cookie": self.cookie(server)}, self.workdir)  # warm-up
+            assert stunnel.proc is not None and self.backend is not None and self.backend.proc is not None
+            meters = {
+                "server": procs.CpuMeter(server.all_pids()),
+                "backend": procs.CpuMeter([self.backend.proc.pid]),
+                "stunnel": procs.CpuMeter([stunnel.proc.pid]),
+            }
+            for meter in meters.values():
+                meter.start()
+            res = load.wrk(url, connections, seconds, {"Cookie": self.cookie(server)}, self.workdir)
+            for meter in meters.values():
+                meter.stop()
+        finally:
+            stunnel.stop()
+        total = max(1, res.ok + res.bad)
+        return {
+            "rps": res.requests_per_second,
+            "p50_ms": res.p50_ms,
+            "p99_ms": res.p99_ms,
+            "max_ms": res.max_ms,
+            "ok": res.ok,
+            "non_200": res.bad,
+            "socket_errors": res.errors,
+            "server_cpu_us": 1e6 * meters["server"].cpu / total,
+            "backend_cpu_us": 1e6 * meters["backend"].cpu / total,
+            "loadgen_cpu_us": 1e6 * (meters["stunnel"].cpu + res.client_cpu) / total,
+            "server_cpu_share": meters["server"].cpu / meters["server"].wall,
+        }
+
+    def memory(self, server: Server) -> dict[str, Any]:
+        workers = server.worker_pids()
+        everything = server.all_pids()
+        return {
+            "worker_rss_mib": max((procs.rss_mib(p) for p in workers), default=0.0),
+            "worker_pss_mib": max((procs.pss_mib(p) for p in workers), default=0.0),
+            "total_rss_mib": sum(procs.rss_mib(p) for p in everything),
+            "processes": len(everything),
+        }
+
+    # -- figures ----------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        self.backend = Backend(self.workdir).start()
+        try:
+            self.load_generator_check()
+            for workers in self.plan.workers:
+                self.base_figures(workers)
+                self.crl_figures(workers)
+            self.streaming()
+            self.reload_under_load()
+        finally:
+            self.backend.stop()
+        return self.results
+
+    def load_generator_check(self) -> None:
+        """Is wrk + stunnel fast enough? Against the bare backend (plain) and nginx answering itself."""
+        log("load generator check")
+        assert self.backend is not None
+        plain = load.wrk(
+            f"http://127.0.0.1:{self.backend.port}/onre/tiny", 50, self.plan.keepalive_seconds, {}, self.workdir
+        )
+        out: dict[str, Any] = {"bare_backend_rps": plain.requests_per_second, "bare_backend_p99_ms": plain.p99_ms}
+        with self.running("nginx", 1, self.pki.empty_crl) as nginx:
+            stunnel = Stunnel(self.workdir, self.pki, nginx.port).start()
+            try:
+                direct = load.wrk(
+                    f"http://127.0.0.1:{stunnel.port}/bench-direct", 50, self.plan.keepalive_seconds, {}, self.workdir
+                )
+            finally:
+                stunnel.stop()
+        out["nginx_direct_rps"] = direct.requests_per_second
+        out["nginx_direct_p99_ms"] = direct.p99_ms
+        self.results["figures"]["loadgen"] = out
+        log(
+            f"  bare backend {plain.requests_per_second:.0f} req/s; stunnel+nginx return 200: {direct.requests_per_second:.0f} req/s"  # noqa: E501 - one markdown/log line
+        )
+
+    def base_figures(self, workers: int) -> None:
+        for system in ("gateway", "nginx"):
+            crl = ensure_crl(self.pki, 0, log=log)
+            log(f"{system} workers={workers}: handshakes and keep-alive (CRL 0)")
+            with self.running(system, workers, crl) as server:
+                if server.cookie:
+                    self.results["cookie"] = server.cookie
+                row: dict[str, Any] = {"ready_seconds": server.ready_seconds}  # type: ignore[attr-defined]
+                row["full"] = self.measure_handshakes(server, reuse=False, seconds=self.plan.handshake_seconds)
+                row["resumed"] = self.measure_handshakes(server, reuse=True, seconds=self.plan.handshake_seconds)
+                for conns in self.plan.connections:
+                    row[f"keepalive_{conns}"] = self.measure_keepalive(server, conns, self.plan.keepalive_seconds)
+                    k = row[f"keepalive_{conns}"]
+                    log(
+                        f"  c={conns}: {k['rps']:.0f} req/s p50 {k['p50_ms']:.1f} ms p99 {k['p99_ms']:.1f} ms non-200 {k['non_200']}"  # noqa: E501 - one markdown/log line
+                    )
+                row["memory"] = self.memory(server)
+                log(
+                    f"  full {row['full']['per_second']:.0f}/s, resumed {row['resumed']['per_second']:.0f}/s "
+                    f"({row['resumed']['resumed']}/{row['resumed']['connections']} resumed)"
+                )
+            self.results["figures"].setdefault("base", {}).setdefault(str(workers), {})[system] = row
+
+    def crl_figures(self, workers: int) -> None:
+        for entries in self.plan.crl_sizes:
+            crl = ensure_crl(self.pki, entries, log=log)
+            for system in ("gateway", "nginx"):
+                log(f"{system} workers={workers}: CRL {entries:,}")
+                started = time.perf_counter()
+                with self.running(system, workers, crl) as server:
+                    row: dict[str, Any] = {"ready_seconds": time.perf_counter() - started}
+                    if isinstance(server, Gateway):
+                        row["load_seconds"] = server.metric("gateway_crl_load_seconds")
+                    elif isinstance(server, Nginx):
+                        row["load_seconds"] = server.config_test_seconds()
+                    row["full"] = self.measure_handshakes(server, reuse=False, seconds=self.plan.handshake_seconds)
+                    row["memory"] = self.memory(server)
+                    log(
+                        f"  {row['full']['per_second']:.0f} full handshakes/s; worker RSS {row['memory']['worker_rss_mib']:.0f} MiB; load {row['load_seconds'] or 0:.2f} s"  # noqa: E501 - one markdown/log line
+                    )
+                self.results["figures"].setdefault("crl", {}).setdefault(str(workers), {}).setdefault(str(entries), {})[
+                    system
+                ] = row
+
+    def streaming(self) -> None:
+        size = self.plan.stream_bytes
+        body = upload_file(size)
+        crl = ensure_crl(self.pki, 0, log=log)
+        for system in ("gateway", "nginx"):
+            log(f"{system} workers=1: streaming {size / 2**20:.0f} MiB up and down")
+            with self.running(system, 1, crl) as server:
+                row: dict[str, Any] = {}
+                base = f"https://127.0.0.1:{server.port}/onre/"
+                for name, url, upload in (
+                    ("upload", base + "upload", body),
+                    ("download", base + f"download?size={size}", None),
+                ):
+                    pids = server.worker_pids()
+                    before = max(procs.rss_mib(p) for p in pids)
+                    procs.reset_peak(pids)
+                    meter = procs.CpuMeter(server.all_pids()).start()
+                    res = load.curl_transfer(url, self.pki, self.cookie(server), upload=upload)
+                    meter.stop()
+                    peak = max(procs.hwm_mib(p) for p in pids)
+                    row[name] = {
+                        "status": res.status,
+                        "bytes": res.bytes,
+                        "mib_per_second": res.mib_per_second,
+                        "rss_before_mib": before,
+                        "peak_rss_mib": peak,
+                        "growth_mib": peak - before,
+                        "server_cpu_s_per_gib": meter.cpu / (max(1, res.bytes) / 2**30),
+                    }
+                    log(
+                        f"  {name}: HTTP {res.status} {res.bytes / 2**20:.0f} MiB at {res.mib_per_second:.0f} MiB/s, peak RSS +{peak - before:.1f} MiB"  # noqa: E501 - one markdown/log line
+                    )
+            self.results["figures"].setdefault("streaming", {})[system] = row
+
+    def reload_under_load(self) -> None:
+        """p99 at 50 connections with and without a CRL swap of ``reload_entries`` during the run."""
+        entries = self.plan.reload_entries
+        first = ensure_crl(self.pki, entries, 10, log=log)
+        second = ensure_crl(self.pki, entries, 11, log=log)
+        live = self.workdir / "live-crl.pem"
+        for system in ("gateway", "nginx"):
+            shutil.copyfile(first, live)
+            log(f"{system} workers=1: p99 with and without a {entries:,}-entry CRL reload")
+            with self.running(system, 1, live, refresh=1.0) as server:
+                row: dict[str, Any] = {"baseline": self.measure_keepalive(server, 50, self.plan.reload_seconds)}
+                # +1: the warm-up second of measure_keepalive
+                thread = threading.Thread(target=_swap, args=(server, second, live, self.plan.reload_seconds / 4 + 1))
+                before_loads = server.metric("gateway_crl_refreshes_total") if isinstance(server, Gateway) else None
+                thread.start()
+                row["during_reload"] = self.measure_keepalive(server, 50, self.plan.reload_seconds)
+                thread.join()
+                if isinstance(server, Gateway):
+                    row["reloads_seen"] = (server.metric("gateway_crl_refreshes_total") or 0) - (before_loads or 0)
+                    row["load_seconds"] = server.metric("gateway_crl_load_seconds")
+                row["memory_after"] = self.memory(server)
+                b, d = row["baseline"], row["during_reload"]
+                log(f"  p99 {b['p99_ms']:.1f} ms -> {d['p99_ms']:.1f} ms during reload (max {d['max_ms']:.0f} ms)")
+            self.results["figures"].setdefault("reload", {})[system] = row
+
+
+def _swap(server: Server, new: Path, live: Path, after: float) -> None:
+    """Replace the live CRL file with ``new`` after ``after`` seconds; nginx also gets SIGHUP."""
+    time.sleep(after)
+    tmp = live.with_suffix(".tmp")
+    shutil.copyfile(new, tmp)
+    os.replace(tmp, live)
+    if isinstance(server, Nginx) and server.proc is not None:
+        os.kill(server.proc.pid, signal.SIGHUP)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
