@@ -10,6 +10,7 @@ sends is dropped before ours are added.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import AsyncIterator, Mapping
 
@@ -76,12 +77,17 @@ def xfcc_value(peer: PeerCertificate) -> str:
     return f'Hash={peer.fingerprint};Subject="{subject}"'
 
 
+_CERT_HEADERS: dict[str, tuple[str, str]] = {}
+
+
 def identity_headers(peer: PeerCertificate, user_id: str | None) -> dict[str, str]:
-    """The verified identity, as the backends receive it."""
-    headers = {
-        "X-Forwarded-Client-Cert": xfcc_value(peer),
-        "X-Client-Cert-Serial": peer.serial_hex,
-    }
+    """The verified identity, as the backends receive it (formatted once per certificate)."""
+    cached = _CERT_HEADERS.get(peer.fingerprint)
+    if cached is None:
+        if len(_CERT_HEADERS) > 20_000:
+            _CERT_HEADERS.clear()
+        cached = _CERT_HEADERS[peer.fingerprint] = (xfcc_value(peer), peer.serial_hex)
+    headers = {"X-Forwarded-Client-Cert": cached[0], "X-Client-Cert-Serial": cached[1]}
     if user_id is not None:
         headers["X-Authenticated-User"] = user_id
     return headers
@@ -188,7 +194,7 @@ async def forward(
         data = _limited(request.content, backend.max_body_bytes)
     else:
         data = None
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=backend.connect_timeout, sock_read=backend.timeout)
+    timeout = _timeout(backend.connect_timeout, backend.timeout)
     started = time.perf_counter()
     try:
         async with session.request(
@@ -212,26 +218,43 @@ async def forward(
         raise UpstreamError(False, f"backend {backend.name} unreachable: {type(exc).__name__}: {exc}") from exc
 
 
+@functools.cache
+def _timeout(connect: float, read: float) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read)
+
+
+# Bodies up to this size are read whole and sent with the headers in one
+# write (one TLS record instead of three); larger or unsized ones stream.
+SMALL_BODY = 64 * 1024
+# Writing to a client that went away: not the backend's fault, not a refusal.
+CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
+
+
 async def _relay(
     request: web.Request, upstream: aiohttp.ClientResponse, extra: Mapping[str, str] | None
 ) -> web.StreamResponse:
     headers = response_headers(upstream.headers)
     if extra:
         headers.update(extra)
+    length = upstream.content_length
+    if length is not None and length <= SMALL_BODY and request.method != "HEAD":
+        body = await upstream.read()
+        return web.Response(status=upstream.status, reason=upstream.reason, headers=headers, body=body)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
-    if upstream.content_length is not None:
-        response.content_length = upstream.content_length
-    await response.prepare(request)
+    if length is not None:
+        response.content_length = length
     try:
+        await response.prepare(request)
         async for chunk in upstream.content.iter_chunked(CHUNK):
             await response.write(chunk)
+        await response.write_eof()
+    except CLIENT_GONE:
+        return response
     except (TimeoutError, aiohttp.ClientError):
         # The status line is gone already: cut the client off so it sees a
         # truncated body instead of a silently short one.
         if request.transport is not None:
             request.transport.abort()
-        return response
-    await response.write_eof()
     return response
 
 
