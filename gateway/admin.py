@@ -1,15 +1,22 @@
-"""The admin listener (plain HTTP, bind it to loopback): /healthz, /metrics, /audit.
+"""The admin listener (plain HTTP, bind it to loopback): /healthz, /metrics, /audit, /reload.
 
 Health means "would a valid user get through": a fresh CRL is loaded and
 backends are configured. With several workers the supervisor serves this
 listener and judges CRL freshness from the workers' metrics, so nothing is
 parsed twice.
+
+``POST /reload`` runs the same reload as SIGHUP and answers
+``{"ok": bool, "message": str}`` with 200 or 500 (``gateway reload`` turns
+that into its exit status). The listener has no login of its own, so a
+request carrying ``Origin`` or ``Sec-Fetch-Site`` (a browser, possibly
+driven by another site) is refused: only tools like ``gateway reload`` and
+curl may trigger it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -17,7 +24,9 @@ from aiohttp import web
 from gateway import metrics
 
 HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
+ReloadHook = Callable[[], Awaitable[tuple[bool, str]]]
 HEALTH = web.AppKey("gateway_health", object)
+RELOAD = web.AppKey("gateway_reload", object)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -31,13 +40,26 @@ async def metrics_page(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
+async def reload_page(request: web.Request) -> web.Response:
+    if "Origin" in request.headers or "Sec-Fetch-Site" in request.headers:
+        return web.json_response({"ok": False, "message": "reload is not accepted from a browser"}, status=403)
+    reload: ReloadHook = request.app[RELOAD]  # type: ignore[assignment]
+    ok, message = await reload()
+    return web.json_response({"ok": ok, "message": message}, status=200 if ok else 500)
+
+
 def build_admin_app(
-    health: HealthCheck, extra_routes: Callable[[web.Application], None] | None = None
+    health: HealthCheck,
+    extra_routes: Callable[[web.Application], None] | None = None,
+    reload: ReloadHook | None = None,
 ) -> web.Application:
     app = web.Application()
     app[HEALTH] = health
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_page)
+    if reload is not None:
+        app[RELOAD] = reload
+        app.router.add_post("/reload", reload_page)
     if extra_routes is not None:
         extra_routes(app)
     return app

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
+from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway.revocation import RevocationState
@@ -25,6 +26,11 @@ from gateway.verdict import Reason, Verdict
 
 # A plain user ID: what the CA puts in a CN and what users type at login.
 USER_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+# RFC 5280 4.1.2.6: new certificates use UTF8String or PrintableString; a CN in
+# BMPString, TeletexString etc. is not one our CA wrote.
+CN_STRING_TYPES = frozenset({_ASN1Type.UTF8String.name, _ASN1Type.PrintableString.name})
+# RFC 5280 4.1.2.2: a positive integer of at most 20 octets.
+MAX_SERIAL = (1 << 159) - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +51,8 @@ class PeerCertificate:
     digital_signature: bool | None  # keyUsage bit, None when keyUsage is absent
     is_ca: bool
     certificate: x509.Certificate
+    common_name_types: tuple[str, ...] = ()  # ASN.1 string type of each CN
+    issuer_key_id: bytes = b""  # authorityKeyIdentifier keyid, empty when absent
 
     @property
     def serial_hex(self) -> str:
@@ -59,6 +67,13 @@ def _names(name: x509.Name, oid: x509.ObjectIdentifier) -> tuple[str, ...]:
     return tuple(
         a.value if isinstance(a.value, str) else a.value.decode("latin-1") for a in name.get_attributes_for_oid(oid)
     )
+
+
+def _authority_key_id(cert: x509.Certificate) -> bytes:
+    try:
+        return cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value.key_identifier or b""
+    except x509.ExtensionNotFound:
+        return b""
 
 
 def parse_peer(der: bytes) -> PeerCertificate | None:
@@ -104,6 +119,8 @@ def _parse_peer(der: bytes) -> PeerCertificate | None:
             digital_signature=digital_signature,
             is_ca=is_ca,
             certificate=cert,
+            common_name_types=tuple(a._type.name for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)),
+            issuer_key_id=_authority_key_id(cert),
         )
     except (ValueError, TypeError, UnicodeDecodeError):
         return None
@@ -144,18 +161,23 @@ def issued_by_trusted_ca(peer: PeerCertificate, anchors: TrustAnchors) -> Verdic
 
 
 def check_subject(peer: PeerCertificate) -> Verdict:
-    """Exactly one CN, and it is a plain user ID (no controls, spaces or look-alikes)."""
+    """Exactly one CN, as UTF8String or PrintableString, and a plain user ID (no controls, spaces or look-alikes)."""
     if len(peer.common_names) != 1:
         return Verdict.deny(Reason.MALFORMED_SUBJECT, f"{len(peer.common_names)} CNs in the subject")
+    if peer.common_name_types and peer.common_name_types[0] not in CN_STRING_TYPES:
+        return Verdict.deny(Reason.MALFORMED_SUBJECT, f"CN encoded as {peer.common_name_types[0]}")
     if not USER_ID_PATTERN.fullmatch(peer.common_names[0]):
         return Verdict.deny(Reason.MALFORMED_SUBJECT, f"CN {peer.common_names[0]!r} is not a plain user ID")
     return Verdict.allow()
 
 
 def check_usage(peer: PeerCertificate) -> Verdict:
-    """Meant for TLS client authentication: not a CA, clientAuth EKU if EKU is present."""
+    """Meant for TLS client authentication: not a CA, clientAuth EKU if EKU is present, a sane serial."""
     if peer.is_ca:
         return Verdict.deny(Reason.WRONG_KEY_USAGE, "a CA certificate was presented as a client certificate")
+    if not 0 < peer.serial <= MAX_SERIAL:
+        # Our CA never writes one; cryptography only warns when parsing it.
+        return Verdict.deny(Reason.UNTRUSTED_CERTIFICATE, f"serial {peer.serial_hex} is not positive or over 20 octets")
     if (
         peer.extended_key_usage is not None
         and ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string not in peer.extended_key_usage
@@ -179,7 +201,7 @@ def check_certificate(
     1. A certificate was presented and parses.
     2. Issued by a trusted CA named ``tls.issuer`` (``issuer_verdict`` may be a cached step 1).
     3. Inside its validity period (the handshake skipped time checks on purpose).
-    4. Usable for client authentication.
+    4. Usable for client authentication (and a serial RFC 5280 4.1.2.2 allows).
     5. The subject is exactly one plain user ID.
     6. Not revoked, according to a fresh CRL (no fresh CRL: refuse).
     """
@@ -193,7 +215,7 @@ def check_certificate(
     if verdict.allowed:
         verdict = check_subject(peer)
     if verdict.allowed:
-        verdict = revocation.check(peer.serial, peer.issuer, now)
+        verdict = revocation.check(peer.serial, peer.issuer, now, peer.issuer_key_id)
     return verdict
 
 

@@ -80,6 +80,8 @@ class Backend:
 class Limits:
     max_connections: int = 10_000
     header_timeout: float = 15.0
+    body_timeout: float = 30.0  # longest silence while a request body is still arriving
+    drain_timeout: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
     keepalive_timeout: float = 75.0
     max_header_bytes: int = 16_384
     max_line_bytes: int = 8_190
@@ -467,6 +469,8 @@ def _limits(r: _Reader, data: Mapping[str, Any] | None) -> Limits:
         {
             "max_connections",
             "header_timeout_seconds",
+            "body_timeout_seconds",
+            "drain_timeout_seconds",
             "keepalive_timeout_seconds",
             "max_header_bytes",
             "max_line_bytes",
@@ -484,6 +488,14 @@ def _limits(r: _Reader, data: Mapping[str, Any] | None) -> Limits:
             data, "header_timeout_seconds", "limits.header_timeout_seconds", _positive_number, secs, d.header_timeout
         )
         or d.header_timeout,
+        body_timeout=r.get(
+            data, "body_timeout_seconds", "limits.body_timeout_seconds", _positive_number, secs, d.body_timeout
+        )
+        or d.body_timeout,
+        drain_timeout=r.get(
+            data, "drain_timeout_seconds", "limits.drain_timeout_seconds", _positive_number, secs, d.drain_timeout
+        )
+        or d.drain_timeout,
         keepalive_timeout=r.get(
             data,
             "keepalive_timeout_seconds",

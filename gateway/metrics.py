@@ -63,6 +63,11 @@ AUDIT_OVERFLOW = Counter(
     "Audit events that could not be queued or stored and went to stderr instead",
     ["cause"],
 )
+CLIENT_TIMEOUTS = Counter(
+    "gateway_client_timeouts_total",
+    "Connections closed because a request head or body stalled (slowloris)",
+    ["phase"],
+)
 RELOADS = Counter("gateway_reloads_total", "Configuration reloads, by result", ["result"])
 OPEN_CONNECTIONS = Gauge("gateway_open_connections", "Client connections open", multiprocess_mode="livesum")
 

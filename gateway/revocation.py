@@ -134,6 +134,7 @@ class CrlSnapshot:
     number: int | None
     index: SerialIndex = field(repr=False)
     digest: str = ""
+    key_id: bytes = b""  # the signing CA's key identifier: tells apart CAs that share a name
     loaded_at: float = 0.0
     load_seconds: float = 0.0
 
@@ -182,6 +183,7 @@ def parse_crl(data: bytes, ca_ders: Sequence[bytes], now: dt.datetime, source: s
         number = None
     index = SerialIndex.build(entry.serial_number for entry in crl)
     return CrlSnapshot(
+        key_id=ca_key_id(signer),
         source=source,
         issuer=crl.issuer.public_bytes(),
         issuer_text=crl.issuer.rfc4514_string(),
@@ -194,19 +196,45 @@ def parse_crl(data: bytes, ca_ders: Sequence[bytes], now: dt.datetime, source: s
     )
 
 
+def ca_key_id(ca: x509.Certificate) -> bytes:
+    """A CA's key identifier: its SKI (what its certificates carry as AKI), else RFC 5280's SHA-1 of the key."""
+    try:
+        return ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return x509.SubjectKeyIdentifier.from_public_key(ca.public_key()).digest
+
+
 @dataclass(frozen=True)
 class RevocationState:
-    """The CRLs in force, by issuer. Immutable: a refresh builds a new one and swaps it."""
+    """The CRLs in force, by issuer. Immutable: a refresh builds a new one and swaps it.
+
+    Keyed by issuer name *and* the signing CA's key identifier: during a CA
+    rollover the old and the new CA usually share a name, and a certificate
+    from one must never be judged by the other's CRL.
+    """
 
     by_issuer: Mapping[bytes, CrlSnapshot] = field(default_factory=dict)
     grace: dt.timedelta = dt.timedelta(hours=1)
 
     def with_snapshot(self, snapshot: CrlSnapshot) -> RevocationState:
-        return replace(self, by_issuer={**self.by_issuer, snapshot.issuer: snapshot})
+        return replace(self, by_issuer={**self.by_issuer, snapshot.issuer + snapshot.key_id: snapshot})
 
-    def check(self, serial: int, issuer: bytes, now: dt.datetime) -> Verdict:
+    def find(self, issuer: bytes, key_id: bytes | None = None) -> CrlSnapshot | None:
+        """The CRL for an issuer name and (when the certificate names it) the issuing key.
+
+        Without a key identifier the name must be unambiguous; a snapshot
+        without one (built by hand) matches any key of its name.
+        """
+        if key_id:
+            exact = self.by_issuer.get(issuer + key_id)  # a Name's DER is self-delimiting
+            if exact is not None:
+                return exact
+        matches = [s for s in self.by_issuer.values() if s.issuer == issuer and not (key_id and s.key_id)]
+        return matches[0] if len(matches) == 1 else None
+
+    def check(self, serial: int, issuer: bytes, now: dt.datetime, key_id: bytes | None = None) -> Verdict:
         """Is this serial from this issuer revoked? Refuses when the answer is not fresh."""
-        snapshot = self.by_issuer.get(issuer)
+        snapshot = self.find(issuer, key_id)
         if snapshot is None:
             return Verdict.deny(Reason.REVOCATION_UNAVAILABLE, "no CRL loaded for the issuer")
         if now > snapshot.next_update + self.grace:

@@ -2,9 +2,26 @@
 
 A worker owns its TLS listener (``SO_REUSEPORT`` when there are several), its
 aiohttp runner, the CRL refresher and the audit writer, and stops in order:
-stop accepting, let in-flight requests finish (up to a deadline), flush the
-audit queue. SIGHUP reloads certificates, CAs, routes and CRL sources,
-validated first and swapped only when all of it loaded.
+stop accepting, close idle keep-alive connections, let in-flight requests
+finish (up to ``limits.drain_timeout_seconds``), flush the audit queue, exit
+0. SIGHUP reloads certificates, CAs, routes and CRL sources, validated first
+and swapped only when all of it loaded.
+
+Reload, step by step (:meth:`GatewayWorker.reload`): read the config, load
+the server certificate and key, the client CA bundles and *every* CRL source
+into new objects; if anything fails, count ``gateway_reloads_total{result=
+"failed"}``, log it and keep serving with the old objects. Otherwise swap
+them in with plain assignments and no ``await`` in between, so no request
+ever sees a half-swapped state or an empty CRL state; then stop the old CRL
+refresher. Open connections keep the TLS session they have (and are judged
+per request against the new CAs and CRLs); new handshakes use the new
+certificate. Sections that need a restart (listen, workers, admin, audit,
+users, session, login) are named in the reload message.
+
+With several workers the supervisor validates the same files first (so a
+broken file is reported before any worker is touched), then sends SIGHUP to
+each worker and collects every worker's result over a queue: ``gateway
+reload`` succeeds only when all workers reloaded.
 """
 
 from __future__ import annotations
@@ -14,13 +31,14 @@ import contextlib
 import logging
 import multiprocessing
 import os
+import queue
 import shutil
 import signal
 import ssl
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -32,6 +50,8 @@ from gateway.app import AccessLayer, AuditSink, GatewayRuntime, build_app, utcno
 from gateway.audit import AuditEvent, EventKind
 from gateway.certpolicy import TrustAnchors, parse_peer
 from gateway.config import Config, load_config, require_gateway
+from gateway.deadlines import ClientDeadlines
+from gateway.errors import GatewayError
 from gateway.logs import JsonAccessLogger, setup_logging
 from gateway.revocation import CrlRefresher
 from gateway.routing import Router
@@ -69,6 +89,38 @@ def load_tls_state(config: Config) -> TlsState:
     )
 
 
+CrlFailureHook = Callable[[str, str], None]
+# Config sections a running worker cannot take over; changing them needs a restart.
+RESTART_SECTIONS = ("listen", "workers", "admin", "audit", "users", "session", "login")
+
+
+async def load_everything(
+    path: Path, on_crl_failure: CrlFailureHook | None = None
+) -> tuple[Config, TlsState, CrlRefresher]:
+    """Read a config and every file it names, as a reload would; raise on any problem.
+
+    The returned refresher holds the loaded CRLs (the caller owns it: swap it
+    in or ``aclose`` it). Every configured CRL source must load: a reload
+    that would silently drop a source's CRL is refused as a whole.
+    """
+    config = load_config(path)
+    require_gateway(config)
+    assert config.revocation is not None
+    tls = load_tls_state(config)
+    refresher = CrlRefresher(config.revocation, tls.ca_ders, on_failure=on_crl_failure)
+    await refresher.refresh_all()
+    if refresher.last_error:
+        await refresher.aclose()
+        problems = "; ".join(f"{source}: {why}" for source, why in refresher.last_error.items())
+        raise GatewayError(f"CRL source not loaded: {problems}")
+    return config, tls, refresher
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """The changed sections a reload cannot apply."""
+    return [name for name in RESTART_SECTIONS if getattr(old, name) != getattr(new, name)]
+
+
 class _Refuse(asyncio.Protocol):
     """Answers a connection over the limit by closing it at once."""
 
@@ -99,6 +151,7 @@ class GatewayWorker:
     _server: asyncio.AbstractServer | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _pending_handshakes: int = 0
+    _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def start(self) -> None:
         config = self.config
@@ -126,7 +179,7 @@ class GatewayWorker:
             keepalive_timeout=config.limits.keepalive_timeout,
             max_line_size=config.limits.max_line_bytes,
             max_field_size=config.limits.max_header_bytes,
-            shutdown_timeout=30.0,
+            shutdown_timeout=config.limits.drain_timeout,
         )
         await self._runner.setup()
         loop = asyncio.get_running_loop()
@@ -156,12 +209,16 @@ class GatewayWorker:
         if open_now >= self.config.limits.max_connections:
             return _Refuse()
         assert self.config.tls is not None
-        return TlsAcceptor(
-            lambda: self._context(),
-            self._runner.server,
-            self._handshake_failed,
-            self.config.tls.handshake_timeout,
-        )
+        server, limits = self._runner.server, self.config.limits
+
+        def application() -> asyncio.Protocol:
+            return ClientDeadlines(server(), limits.header_timeout, limits.body_timeout, self._client_timeout)
+
+        return TlsAcceptor(self._context, application, self._handshake_failed, self.config.tls.handshake_timeout)
+
+    def _client_timeout(self, why: str, peer: tuple[str, int] | None) -> None:
+        metrics.CLIENT_TIMEOUTS.labels(why).inc()
+        log.info("closed a stalled client connection", extra={"reason": why, "client_ip": peer[0] if peer else ""})
 
     def _context(self) -> ssl.SSLContext:
         assert self._tls is not None
@@ -200,7 +257,7 @@ class GatewayWorker:
 
     async def _start_admin(self) -> None:
         assert self.config.admin is not None
-        app = build_admin_app(self.health)
+        app = build_admin_app(self.health, audit_routes(self.config), reload=self.reload)
         self._admin_runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._admin_runner.setup()
         site = web.TCPSite(self._admin_runner, self.config.admin.host, self.config.admin.port)
@@ -224,38 +281,39 @@ class GatewayWorker:
 
     async def reload(self) -> tuple[bool, str]:
         """Re-read the config and every file it names; swap only if all of it is good."""
-        try:
-            config = load_config(self.config.path)
-            require_gateway(config)
-            tls = load_tls_state(config)
-            assert config.revocation is not None
-            refresher = CrlRefresher(config.revocation, tls.ca_ders, on_failure=self._crl_failed)
-            await refresher.refresh_all()
-            if not refresher.state.by_issuer:
-                await refresher.aclose()
-                raise ValueError(
-                    "no CRL could be loaded from the new configuration: " + "; ".join(refresher.last_error.values())
-                )
-        except Exception as exc:
-            metrics.RELOADS.labels("failed").inc()
-            log.error("reload failed; keeping the running configuration", extra={"error": str(exc)})
-            return False, str(exc)
-        assert self.runtime is not None
-        old = self.runtime.refresher
-        self._tls = tls
-        self.runtime.config = config
-        self.runtime.anchors = tls.anchors
-        self.runtime.router = Router(config.backends)
-        self.runtime.refresher = refresher
-        self.runtime._issuer_verdicts.clear()
-        self.config = config
-        for task in self._tasks:
-            task.cancel()
-        self._tasks = [asyncio.get_running_loop().create_task(refresher.run())]
-        await old.aclose()
+        async with self._reload_lock:  # SIGHUP and POST /reload may overlap
+            if self.runtime is None:
+                return False, "the gateway has not started yet"
+            try:
+                config, tls, refresher = await load_everything(self.config.path, self._crl_failed)
+            except Exception as exc:
+                metrics.RELOADS.labels("failed").inc()
+                log.error("reload failed; keeping the running configuration", extra={"error": str(exc)})
+                return False, f"reload failed, still serving the previous configuration: {exc}"
+            restart = restart_needed(self.config, config)
+            await self._swap(config, tls, refresher)
         metrics.RELOADS.labels("ok").inc()
-        log.info("reloaded", extra={"config": str(config.path)})
-        return True, "reloaded"
+        message = "reloaded" + (f"; restart needed for: {', '.join(restart)}" if restart else "")
+        log.info(message, extra={"config": str(config.path)})
+        return True, message
+
+    async def _swap(self, config: Config, tls: TlsState, refresher: CrlRefresher) -> None:
+        """Assign everything without yielding to the loop, then stop the old refresher."""
+        runtime = self.runtime
+        assert runtime is not None
+        old_refresher, old_tasks = runtime.refresher, self._tasks
+        self._tls = tls
+        runtime.config = config
+        runtime.anchors = tls.anchors
+        runtime.router = Router(config.backends)
+        runtime.refresher = refresher
+        runtime._issuer_verdicts.clear()
+        self.config = config
+        self._tasks = [asyncio.get_running_loop().create_task(refresher.run())]
+        for task in old_tasks:
+            task.cancel()
+        await asyncio.gather(*old_tasks, return_exceptions=True)
+        await old_refresher.aclose()
 
     async def stop(self) -> None:
         """Stop accepting, drain in-flight requests, stop background tasks."""
@@ -276,11 +334,21 @@ class GatewayWorker:
 # Process entry points.
 
 
-def make_audit(config: Config) -> Any:
+def make_audit(config: Config, worker: int | None = None) -> Any:
     """The audit writer for a process (see gateway.auditlog)."""
     from gateway.auditlog import AuditLog
 
-    return AuditLog(config.audit)
+    return AuditLog(config.audit, worker=worker)
+
+
+def audit_routes(config: Config) -> Callable[[web.Application], None]:
+    """Adds the read-only /audit report to an admin app."""
+    from gateway.auditreport import audit_handler
+
+    def add(app: web.Application) -> None:
+        app.router.add_get("/audit", audit_handler(config.audit.database))
+
+    return add
 
 
 def default_access_factory(config: Config, audit: AuditSink) -> AccessLayer | None:
@@ -289,9 +357,14 @@ def default_access_factory(config: Config, audit: AuditSink) -> AccessLayer | No
     return LoginAccess(config, audit)
 
 
-async def serve_worker(config: Config, worker: int, *, reuse_port: bool, serve_admin: bool) -> int:
-    """Run one worker until SIGTERM/SIGINT; SIGHUP reloads."""
-    audit = make_audit(config)
+async def serve_worker(config: Config, worker: int, *, reuse_port: bool, serve_admin: bool, results: Any = None) -> int:
+    """Run one worker until SIGTERM/SIGINT; SIGHUP reloads.
+
+    ``results`` (a multiprocessing queue from the supervisor) receives
+    ``(pid, ok, message)`` after each reload, so ``gateway reload`` can say
+    whether every worker took the new configuration.
+    """
+    audit = make_audit(config, worker)
     await audit.start()
     gw = GatewayWorker(
         config,
@@ -303,25 +376,39 @@ async def serve_worker(config: Config, worker: int, *, reuse_port: bool, serve_a
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        ok, message = await gw.reload()
+        if results is not None:
+            results.put((os.getpid(), ok, message))
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(gw.reload()))
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         await gw.start()
         await stop.wait()
-        log.info("stopping: draining connections")
+        log.info("stopping: draining connections", extra={"deadline_seconds": gw.config.limits.drain_timeout})
     finally:
         await gw.stop()
         await audit.aclose()
+        log.info("stopped")
     return 0
 
 
-def _worker_main(config_path: str, worker: int, log_level: str) -> None:
+def _worker_main(config_path: str, worker: int, log_level: str, results: Any) -> None:
     setup_logging(log_level, worker)
     install_uvloop()
     config = load_config(config_path)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM stops us
-    raise SystemExit(asyncio.run(serve_worker(config, worker, reuse_port=True, serve_admin=False)))
+    coro = serve_worker(config, worker, reuse_port=True, serve_admin=False, results=results)
+    raise SystemExit(asyncio.run(coro))
 
 
 def run(config: Config) -> int:
@@ -331,53 +418,149 @@ def run(config: Config) -> int:
     if config.workers <= 1:
         log.info("starting", extra={"workers": 1, "uvloop": install_uvloop()})
         return asyncio.run(serve_worker(config, 0, reuse_port=False, serve_admin=True))
-    return asyncio.run(_supervise(config))
+    return asyncio.run(Supervisor(config).run())
 
 
-async def _supervise(config: Config) -> int:
-    """Start N spawned workers sharing the port; restart crashes; forward signals."""
-    metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-    ctx = multiprocessing.get_context("spawn")
-    procs: dict[int, Any] = {}
+RELOAD_WAIT_SECONDS = 60.0
 
-    def spawn(i: int) -> None:
-        proc = ctx.Process(
-            target=_worker_main, args=(str(config.path), i, config.log_level), name=f"gateway-worker-{i}"
+
+def _multiprocess_child(counter: Any, *labels: str) -> Any:
+    """A labelled child of ``counter`` written to the multiprocess folder, so /metrics shows it.
+
+    The supervisor imported the metrics before ``PROMETHEUS_MULTIPROC_DIR``
+    was set, so its samples are process-local by default. Only this one
+    child is switched: the supervisor's CRL gauges (set while validating a
+    reload) must stay out of the workers' aggregated freshness.
+    """
+    from prometheus_client import values
+
+    saved = values.ValueClass
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+    try:
+        return counter.labels(*labels)
+    finally:
+        values.ValueClass = saved
+
+
+class Supervisor:
+    """Starts N spawned workers sharing the port; restarts crashes; forwards signals.
+
+    Serves the admin listener itself (health from the workers' metrics) and
+    coordinates reloads: validate, SIGHUP every worker, wait for each
+    worker's answer on ``results``.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.ctx = multiprocessing.get_context("spawn")
+        self.procs: dict[int, Any] = {}
+        self.results: Any = self.ctx.Queue()
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[tuple[bool, str]]] = set()
+        self._refused: Any = None  # set in run(), once the metrics folder exists
+
+    def spawn(self, i: int) -> None:
+        proc = self.ctx.Process(
+            target=_worker_main,
+            args=(str(self.config.path), i, self.config.log_level, self.results),
+            name=f"gateway-worker-{i}",
         )
         proc.start()
-        procs[i] = proc
+        self.procs[i] = proc
 
-    for i in range(config.workers):
-        spawn(i)
-    log.info("supervisor started", extra={"workers": config.workers, "pids": [p.pid for p in procs.values()]})
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: [os.kill(p.pid, signal.SIGHUP) for p in procs.values() if p.pid])
-    admin_runner = None
-    if config.admin is not None:
-        grace = config.revocation.grace_seconds if config.revocation else 0.0
-        admin_runner = web.AppRunner(build_admin_app(health_from_metrics(len(config.backends), grace)), access_log=None)
-        await admin_runner.setup()
-        await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
-    try:
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 1.0)
-            for i, proc in list(procs.items()):
-                if not proc.is_alive() and not stop.is_set():
-                    log.error("worker exited; restarting", extra={"worker": i, "exitcode": proc.exitcode})
-                    time.sleep(0.5)
-                    spawn(i)
-    finally:
-        for proc in procs.values():
+    async def reload(self) -> tuple[bool, str]:
+        """Validate the new files here, then reload every worker and gather their answers."""
+        async with self._reload_lock:
+            try:
+                config, _tls, refresher = await load_everything(self.config.path)
+                await refresher.aclose()
+            except Exception as exc:
+                if self._refused is not None:
+                    self._refused.inc()  # workers were not asked, so they do not count this one
+                log.error("reload refused; workers keep the running configuration", extra={"error": str(exc)})
+                return False, f"reload failed, still serving the previous configuration: {exc}"
+            self._drain_results()
+            pids = {p.pid for p in self.procs.values() if p.is_alive() and p.pid}
+            for pid in pids:
+                os.kill(pid, signal.SIGHUP)
+            answers = await self._collect(pids)
+        self.config = config
+        failed = [f"worker {pid}: {msg}" for pid, (ok, msg) in answers.items() if not ok]
+        missing = sorted(pids - set(answers))
+        if missing:
+            failed.append(f"no answer from worker(s) {missing} within {RELOAD_WAIT_SECONDS:.0f} s")
+        ok = not failed  # each worker counted its own result in gateway_reloads_total
+        messages = {msg for good, msg in answers.values() if good}
+        message = "; ".join(failed) if failed else f"{len(answers)} workers " + "; ".join(sorted(messages))
+        (log.info if ok else log.error)("reload finished", extra={"ok": ok, "detail": message})
+        return ok, message
+
+    def _drain_results(self) -> None:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self.results.get_nowait()
+
+    async def _collect(self, pids: set[int]) -> dict[int, tuple[bool, str]]:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + RELOAD_WAIT_SECONDS
+        answers: dict[int, tuple[bool, str]] = {}
+        while not pids <= set(answers) and (left := deadline - loop.time()) > 0:
+            try:
+                pid, ok, message = await loop.run_in_executor(None, self.results.get, True, min(left, 1.0))
+            except queue.Empty:
+                continue
+            answers[pid] = (ok, message)
+        return answers
+
+    def _on_hup(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())  # logs its own outcome
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
+    async def run(self) -> int:
+        metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        self._refused = _multiprocess_child(metrics.RELOADS, "failed")
+        config = self.config
+        for i in range(config.workers):
+            self.spawn(i)
+        log.info("supervisor started", extra={"workers": config.workers, "pids": [p.pid for p in self.procs.values()]})
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        admin_runner = None
+        if config.admin is not None:
+            grace = config.revocation.grace_seconds if config.revocation else 0.0
+            health = health_from_metrics(len(config.backends), grace)
+            admin_runner = web.AppRunner(
+                build_admin_app(health, audit_routes(config), reload=self.reload), access_log=None
+            )
+            await admin_runner.setup()
+            await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 1.0)
+                for i, proc in list(self.procs.items()):
+                    if not proc.is_alive() and not stop.is_set():
+                        log.error("worker exited; restarting", extra={"worker": i, "exitcode": proc.exitcode})
+                        await asyncio.sleep(0.5)
+                        self.spawn(i)
+        finally:
+            await self._shutdown(loop)
+            if admin_runner is not None:
+                await admin_runner.cleanup()
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+        return 0
+
+    async def _shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
+        """SIGTERM every worker (each drains on its own) and wait for them."""
+        for proc in self.procs.values():
             if proc.is_alive() and proc.pid:
                 os.kill(proc.pid, signal.SIGTERM)
-        for proc in procs.values():
-            await loop.run_in_executor(None, proc.join, 40)
-        if admin_runner is not None:
-            await admin_runner.cleanup()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
-    return 0
+        wait = self.config.limits.drain_timeout + 15
+        for proc in self.procs.values():
+            await loop.run_in_executor(None, proc.join, wait)
+        self.results.close()

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -56,6 +56,7 @@ class HandshakeSlot:
 
     client_der: bytes | None = None
     sslobj: ssl.SSLObject | None = None
+    server_name: str | None = None  # SNI as the client sent it (None: no SNI)
 
 
 _current_slot: ContextVar[HandshakeSlot | None] = ContextVar("gateway_tls_slot", default=None)
@@ -72,7 +73,7 @@ class _TrackedSSLObject(ssl.SSLObject):
     _gateway_slot: HandshakeSlot | None
 
     @classmethod
-    def _create(cls, *args: Any, **kwargs: Any) -> _TrackedSSLObject:  # type: ignore[override]
+    def _create(cls, *args: Any, **kwargs: Any) -> _TrackedSSLObject:
         obj: _TrackedSSLObject = super()._create(*args, **kwargs)  # type: ignore[misc]
         slot = _current_slot.get()
         obj._gateway_slot = slot
@@ -107,6 +108,19 @@ def _on_tls_message(conn: Any, direction: str, version: int, content_type: int, 
         slot.client_der = None
 
 
+def _on_server_name(sslobj: Any, server_name: str | None, ctx: ssl.SSLContext) -> None:
+    """Keep the client's SNI so the HTTP layer can compare it with ``Host``."""
+    slot = getattr(sslobj, "_gateway_slot", None)
+    if slot is not None:
+        slot.server_name = server_name.lower() if server_name else None
+
+
+def server_name_of(ssl_object: Any) -> str | None:
+    """The SNI server name a connection's client sent (lower case), or None."""
+    slot = getattr(ssl_object, "_gateway_slot", None)
+    return slot.server_name if slot is not None else None
+
+
 def load_client_cas(paths: Sequence[Path]) -> list[x509.Certificate]:
     """All CA certificates of the configured bundles (each must be a CA)."""
     certs: list[x509.Certificate] = []
@@ -136,6 +150,7 @@ def build_server_context(tls: TlsConfig, client_cas: Sequence[x509.Certificate])
     ctx.verify_mode = ssl.CERT_OPTIONAL
     ctx.verify_flags |= X509_V_FLAG_NO_CHECK_TIME
     ctx.sslobject_class = _TrackedSSLObject
+    ctx.sni_callback = _on_server_name
     # The base setter takes raw integers; ssl.SSLContext's wrapper converts
     # every argument to an enum on every record, which costs ~100 µs a handshake.
     _ssl._SSLContext._msg_callback.__set__(ctx, _on_tls_message)  # type: ignore[attr-defined]
@@ -240,6 +255,18 @@ ProtocolFactory = Callable[[], asyncio.Protocol]
 FailureHook = Callable[[HandshakeFailure], None]
 
 
+def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any:
+    """The SSL protocol ``loop.start_tls`` would use: uvloop's own, or asyncio's."""
+    module = type(loop).__module__
+    if module.startswith("uvloop"):
+        import uvloop.loop
+
+        return uvloop.loop.SSLProtocol  # type: ignore[attr-defined]
+    import asyncio.sslproto
+
+    return asyncio.sslproto.SSLProtocol
+
+
 class TlsAcceptor(asyncio.Protocol):
     """Accepts TCP, runs the TLS handshake, then hands the stream to the HTTP protocol.
 
@@ -247,6 +274,13 @@ class TlsAcceptor(asyncio.Protocol):
     client's certificate when one was sent; nothing reaches the HTTP layer.
     ``context_getter`` is read per connection so a reload can swap the
     certificate for new handshakes without touching open connections.
+
+    The SSL protocol is installed *synchronously* in ``connection_made``
+    (what ``loop.start_tls`` does inside, minus its await): uvloop starts
+    reading a new connection right after ``connection_made`` returns, so a
+    ``pause_reading`` there does not hold, and a ClientHello arriving before
+    a ``start_tls`` task ran would be lost and the handshake would hang until
+    its timeout (seen as ~1 in 2 connections under ``gateway serve``).
     """
 
     def __init__(
@@ -260,41 +294,52 @@ class TlsAcceptor(asyncio.Protocol):
         self._app_factory = app_factory
         self._on_failure = on_failure
         self._timeout = handshake_timeout
-        self._transport: asyncio.Transport | None = None
         self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        transport.pause_reading()
-        self._task = asyncio.get_running_loop().create_task(self._handshake(transport))
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._transport = None
-
-    async def _handshake(self, transport: asyncio.Transport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
+        tcp = cast(asyncio.Transport, transport)
         loop = asyncio.get_running_loop()
         slot = HandshakeSlot()
-        _current_slot.set(slot)
+        waiter: asyncio.Future[None] = loop.create_future()
         app = self._app_factory()
-        peer = transport.get_extra_info("peername")
+        token = _current_slot.set(slot)  # read by _TrackedSSLObject when the protocol wraps its BIOs
         try:
-            tls_transport = await loop.start_tls(
-                transport,
+            tls = _ssl_protocol_class(loop)(
+                loop,
                 app,
                 self._context_getter(),
+                waiter,
                 server_side=True,
+                call_connection_made=False,
                 ssl_handshake_timeout=self._timeout,
             )
+        finally:
+            _current_slot.reset(token)
+        tcp.set_protocol(tls)
+        tls.connection_made(tcp)
+        self._task = loop.create_task(self._handshake(tcp, tls, waiter, app, slot))
+
+    async def _handshake(
+        self,
+        transport: asyncio.Transport,
+        tls: Any,
+        waiter: asyncio.Future[None],
+        app: asyncio.Protocol,
+        slot: HandshakeSlot,
+    ) -> None:
+        peer = transport.get_extra_info("peername")
+        try:
+            await waiter
         except (TimeoutError, OSError, ConnectionError) as exc:
             transport.abort()
             reason, message = describe_ssl_error(exc)
             self._on_failure(HandshakeFailure(_peer(peer), reason, message, slot.client_der))
             return
-        if tls_transport is None:  # the peer went away as the handshake ended
+        if transport.is_closing():  # the peer went away as the handshake ended
             transport.abort()
             return
-        app.connection_made(tls_transport)
+        app.connection_made(tls._get_app_transport())
 
 
 def _peer(peer: Any) -> tuple[str, int] | None:
