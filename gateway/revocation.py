@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import ctypes
 import datetime as dt
 import hashlib
 import logging
@@ -204,6 +206,21 @@ def ca_key_id(ca: x509.Certificate) -> bytes:
         return x509.SubjectKeyIdentifier.from_public_key(ca.public_key()).digest
 
 
+def parse_crl_file(path: str, ca_ders: Sequence[bytes], now: dt.datetime, source: str = "") -> CrlSnapshot:
+    """:func:`parse_crl` on a file, read in the parser process (the worker never holds the bytes)."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CrlError(f"cannot read CRL file: {exc.strerror}") from exc
+    return parse_crl(data, ca_ders, now, source)
+
+
+def _release_memory() -> None:
+    """Hand freed heap back to the OS after a swap (glibc keeps big frees otherwise)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 @dataclass(frozen=True)
 class RevocationState:
     """The CRLs in force, by issuer. Immutable: a refresh builds a new one and swaps it.
@@ -300,7 +317,10 @@ class CrlRefresher:
             if data is None:
                 return False
             snapshot = await self._parse(data, source)
+            if snapshot.digest == self._sources[source].digest:
+                return False  # touched, not changed
             self._accept(source, snapshot)
+            _release_memory()
         except CrlError as exc:
             self._fail(source, str(exc))
             return False
@@ -342,12 +362,13 @@ class CrlRefresher:
         if self._on_failure is not None:
             self._on_failure(source, why)
 
-    async def _read(self, source: str) -> bytes | None:
+    async def _read(self, source: str) -> bytes | Path | None:
         if source.startswith(("http://", "https://")):
             return await self._fetch(source)
         return await asyncio.get_running_loop().run_in_executor(None, self._read_file, source)
 
-    def _read_file(self, source: str) -> bytes | None:
+    def _read_file(self, source: str) -> bytes | Path | None:
+        """The file's bytes, or its path when big (the parser process reads it), or None if unchanged."""
         seen = self._sources[source]
         try:
             st = os.stat(source)
@@ -356,6 +377,9 @@ class CrlRefresher:
                 return None
             if st.st_size > self.config.max_bytes:
                 raise CrlError(f"CRL file is {st.st_size} bytes, over revocation.max_bytes")
+            if st.st_size > PROCESS_PARSE_BYTES:
+                seen.stat = key
+                return Path(source)
             data = Path(source).read_bytes()
         except OSError as exc:
             raise CrlError(f"cannot read CRL file: {exc.strerror}") from exc
@@ -392,11 +416,11 @@ class CrlRefresher:
             raise CrlError(f"cannot fetch CRL: {type(exc).__name__}: {exc}") from exc
         return bytes(data)
 
-    async def _parse(self, data: bytes, source: str) -> CrlSnapshot:
+    async def _parse(self, data: bytes | Path, source: str) -> CrlSnapshot:
         loop = asyncio.get_running_loop()
         now = dt.datetime.now(dt.UTC)
         executor: concurrent.futures.Executor | None = None
-        if len(data) > PROCESS_PARSE_BYTES:
+        if isinstance(data, Path) or len(data) > PROCESS_PARSE_BYTES:
             if self._pool is None:
                 self._pool = concurrent.futures.ProcessPoolExecutor(
                     max_workers=1,
@@ -405,6 +429,8 @@ class CrlRefresher:
                 )
             executor = self._pool
         try:
+            if isinstance(data, Path):
+                return await loop.run_in_executor(executor, parse_crl_file, str(data), self.ca_ders, now, source)
             return await loop.run_in_executor(executor, parse_crl, data, self.ca_ders, now, source)
         except BrokenProcessPool as exc:
             self._pool = None

@@ -98,3 +98,25 @@ def test_state_checks_revocation_and_freshness(ca: tuple) -> None:
     assert state.check(43, issuer, NOW + dt.timedelta(hours=25, seconds=1)).reason == "revocation_unavailable"
     assert state.fresh(NOW) and not state.fresh(NOW + dt.timedelta(hours=26))
     assert not RevocationState().fresh(NOW)
+
+
+async def test_big_crl_file_is_parsed_in_a_child_process(ca: tuple, tmp_path) -> None:
+    import os
+
+    from gateway.config import RevocationConfig
+    from gateway.revocation import PROCESS_PARSE_BYTES, CrlRefresher
+
+    serials = [pki.random_serial() for _ in range(30_000)]
+    path = tmp_path / "big.crl"
+    path.write_bytes(crl_bytes(ca, serials, this_update=dt.datetime.now(dt.UTC)))
+    assert path.stat().st_size > PROCESS_PARSE_BYTES
+    refresher = CrlRefresher(RevocationConfig(sources=(str(path),)), ca_der(ca))
+    try:
+        assert await refresher.refresh(str(path)) is True
+        [snapshot] = refresher.state.by_issuer.values()
+        assert snapshot.entries == 30_000 and serials[123] in snapshot.index
+        os.utime(path)  # touched, same bytes: no new swap
+        assert await refresher.refresh(str(path)) is False
+        assert refresher.last_error == {}
+    finally:
+        await refresher.aclose()
