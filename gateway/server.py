@@ -32,6 +32,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import secrets
 import shutil
 import signal
 import ssl
@@ -55,7 +56,7 @@ from gateway.errors import GatewayError
 from gateway.logs import JsonAccessLogger, setup_logging
 from gateway.revocation import CrlRefresher
 from gateway.routing import Router
-from gateway.tls import HandshakeFailure, TlsAcceptor, build_server_context, load_client_cas
+from gateway.tls import TICKET_KEYS_BYTES, HandshakeFailure, TlsAcceptor, build_server_context, load_client_cas
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +80,19 @@ class TlsState:
     ca_ders: list[bytes]
 
 
+# The supervisor hands its workers one set of session-ticket keys through the
+# environment (inherited by the spawned workers, readable only by the same
+# user): a ticket from one worker then resumes at any other. A restart of
+# the supervisor makes new keys, which is also the key rotation.
+TICKET_KEYS_ENV = "GATEWAY_TLS_TICKET_KEYS"
+
+
 def load_tls_state(config: Config) -> TlsState:
     assert config.tls is not None
     cas = load_client_cas(config.tls.client_ca)
+    keys = os.environ.get(TICKET_KEYS_ENV)
     return TlsState(
-        context=build_server_context(config.tls, cas),
+        context=build_server_context(config.tls, cas, bytes.fromhex(keys) if keys else None),
         anchors=TrustAnchors.of(cas, config.tls.issuer),
         ca_ders=[ca.public_bytes(Encoding.DER) for ca in cas],
     )
@@ -520,6 +529,7 @@ class Supervisor:
     async def run(self) -> int:
         metrics_dir = tempfile.mkdtemp(prefix="gateway-metrics-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        os.environ.setdefault(TICKET_KEYS_ENV, secrets.token_hex(TICKET_KEYS_BYTES))
         self._refused = _multiprocess_child(metrics.RELOADS, "failed")
         config = self.config
         for i in range(config.workers):

@@ -136,8 +136,15 @@ def load_client_cas(paths: Sequence[Path]) -> list[x509.Certificate]:
     return certs
 
 
-def build_server_context(tls: TlsConfig, client_cas: Sequence[x509.Certificate]) -> ssl.SSLContext:
-    """The server SSLContext: TLS 1.2+, client certificate requested and chain-verified."""
+def build_server_context(
+    tls: TlsConfig, client_cas: Sequence[x509.Certificate], ticket_keys: bytes | None = None
+) -> ssl.SSLContext:
+    """The server SSLContext: TLS 1.2+, client certificate requested and chain-verified.
+
+    ``ticket_keys`` (80 bytes) makes every worker encrypt session tickets with
+    the same keys, so a ticket issued by one worker resumes at another (the
+    port is shared by SO_REUSEPORT, so the next connection may land anywhere).
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
@@ -159,7 +166,24 @@ def build_server_context(tls: TlsConfig, client_cas: Sequence[x509.Certificate])
         _purpose_any(lib, pointer)
         if tls.send_ca_names:
             set_client_ca_names(ctx, client_cas, lib, pointer)
+        if ticket_keys is not None:
+            set_ticket_keys(lib, pointer, ticket_keys)
     return ctx
+
+
+TICKET_KEYS_BYTES = 80  # key name 16 + HMAC secret 32 + AES key 32 (OpenSSL 3)
+_SSL_CTRL_SET_TLSEXT_TICKET_KEYS = 59
+
+
+def set_ticket_keys(lib: ctypes.CDLL, pointer: int, keys: bytes) -> None:
+    """``SSL_CTX_set_tlsext_ticket_keys``: the session-ticket keys shared by all workers."""
+    if len(keys) != TICKET_KEYS_BYTES:
+        raise ValueError(f"ticket keys must be {TICKET_KEYS_BYTES} bytes")
+    lib.SSL_CTX_ctrl.restype = ctypes.c_long
+    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    buffer = ctypes.create_string_buffer(keys, len(keys))
+    if lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(keys), buffer) != 1:
+        log.warning("tls: OpenSSL refused the shared session-ticket keys; each worker keeps its own")
 
 
 def _openssl_ctx(ctx: ssl.SSLContext) -> tuple[ctypes.CDLL | None, int | None]:
