@@ -374,8 +374,7 @@ def loop_shim(mode: str, out: Path) -> Path | None:
     """A PYTHONPATH entry choosing the gateway's event loop for this run.
 
     ``uvloop`` is what ``gateway serve`` does by itself; ``asyncio`` hides uvloop
-    (an ``import uvloop`` that fails), because under uvloop gateway.tls.TlsAcceptor
-    refuses every connection (see bench/RESULTS.md).
+    (an ``import uvloop`` that fails) to compare the two loops.
     """
     if mode == "uvloop":
         return None
