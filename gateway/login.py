@@ -54,6 +54,7 @@ from gateway.responses import NO_STORE, wants_json
 from gateway.sessions import (
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
+    TOUCH_INTERVAL,
     SessionRecord,
     SessionStore,
     check_login_csrf,
@@ -94,6 +95,11 @@ class LoginAccess:
         self.settings = LoginSettings.from_config(config.login)
         self.limits = SessionLimits.from_config(config.session)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="login")
+        # last_seen updates must not queue behind argon2 under login load.
+        self.toucher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="session-touch")
+        # Logins for one user ID run one at a time in a worker, so parallel
+        # guesses each see the failures (and the lock) of the ones before.
+        self._user_locks: dict[str, asyncio.Lock] = {}
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -110,18 +116,46 @@ class LoginAccess:
         app.router.add_get("/notice", self.notice_page)
         app.router.add_get("/", self.landing)
         app.on_startup.append(self._warm)
+        app.cleanup_ctx.append(self._housekeeping)
         app.on_cleanup.append(self._close)
 
     async def _warm(self, app: web.Application) -> None:
         await self._run(dummy_verify, "warm-up")  # the first unknown-user login is not slower
 
+    async def _housekeeping(self, app: web.Application) -> Any:
+        """Purge expired sessions and old failure/lock rows every ten minutes."""
+
+        async def loop() -> None:
+            while True:
+                await asyncio.sleep(600)
+                now = dt.datetime.now(dt.UTC)
+                try:
+                    await self._run(self.sessions.purge_expired, now, self.limits)
+                    await self._run(self.users.purge, now, self.settings.failure_window)
+                except Exception:  # housekeeping must not take the worker down
+                    log.exception("session housekeeping failed")
+
+        task = asyncio.get_running_loop().create_task(loop())
+        yield
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
     async def _close(self, app: web.Application) -> None:
-        self.pool.shutdown(wait=True)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.toucher.shutdown, True)
+        await loop.run_in_executor(None, self.pool.shutdown, True)
         for store in (self.users, self.sessions, self.reader):
             store.close()
 
     def _now(self, request: web.Request) -> dt.datetime:
         return request.app[RUNTIME].clock()
+
+    def _live_session(self, request: web.Request) -> SessionRecord | None:
+        """The session if it is unexpired and pinned to this certificate (for the gateway's own pages)."""
+        session = self._session(request)
+        verdict = decide_session(session, request[PEER].fingerprint, "", self._now(request), self.limits)
+        ok = verdict.allowed or verdict.reason in (Reason.PASSWORD_CHANGE_REQUIRED, Reason.NOT_AUTHORIZED)
+        return session if ok else None
 
     def _session(self, request: web.Request) -> SessionRecord | None:
         cookie = request.cookies.get(SESSION_COOKIE)
@@ -145,8 +179,11 @@ class LoginAccess:
         if not verdict.allowed:
             return await self._session_refused(request, verdict, session, peer)
         assert session is not None
-        if now - session.last_seen >= dt.timedelta(seconds=30):
-            asyncio.get_running_loop().run_in_executor(self.pool, self.sessions.touch, session.session_id, now)
+        if now - session.last_seen >= TOUCH_INTERVAL:
+            touch = asyncio.get_running_loop().run_in_executor(
+                self.toucher, self.sessions.touch, session.session_id, now
+            )
+            touch.add_done_callback(_log_touch_failure)
         return session.user_id
 
     async def _session_refused(
@@ -174,15 +211,26 @@ class LoginAccess:
     async def _passthrough(
         self, request: web.Request, backend: Backend, peer: PeerCertificate
     ) -> web.StreamResponse | None:
-        """Forward the backend's own login POST only for the certificate's user."""
-        if request.method != "POST" or request.path != backend.login.path:
-            return None
-        if (request.content_length or 0) > MAX_FORM_BYTES:
-            return request.app[RUNTIME].refuse(request, Verdict.deny(Reason.PAYLOAD_TOO_LARGE), peer=peer)
-        body = await request.read()
-        form = await request.post()
-        typed = form.get(backend.login.user_field)
-        typed_text = typed if isinstance(typed, str) else ""
+        """The backend keeps its own login: its user field must be the certificate's CN.
+
+        The field is looked for in the query string of every request and in
+        the form body of any non-GET request to the login path (compared
+        without ``;parameters``, trailing slash or case, the ways servlet
+        containers and case-insensitive servers see the same path). It must
+        appear exactly once: containers read the query first, PHP the last
+        duplicate, so two values could bind one user and log in another.
+        """
+        field = backend.login.user_field
+        values: list[object] = list(request.query.getall(field, []))
+        body: bytes | None = None
+        if request.method not in ("GET", "HEAD") and same_path(request.path, backend.login.path or ""):
+            if (request.content_length or 0) > MAX_FORM_BYTES:
+                return request.app[RUNTIME].refuse(request, Verdict.deny(Reason.PAYLOAD_TOO_LARGE), peer=peer)
+            body = await request.read()
+            values += (await request.post()).getall(field, [])
+        if body is None and not values:
+            return None  # not a login: forward with the certificate identity
+        typed_text = values[0] if len(values) == 1 and isinstance(values[0], str) else ""
         attempt = LoginAttempt(Verdict.allow(), peer.common_name, typed_text, True, 0, None, True)
         outcome = decide_login(attempt, self._now(request), self.settings)
         if not outcome.verdict.allowed:
@@ -190,11 +238,19 @@ class LoginAccess:
             return request.app[RUNTIME].refuse(
                 request, outcome.verdict, peer=peer, kind=EventKind.LOGIN_REFUSED, user_id=typed_text
             )
+        if body is None:
+            return None
         metrics.LOGINS.labels("passthrough").inc()
         return await forward_to(request, backend, peer, None, body=body)
 
     async def on_certificate_refused(self, request: web.Request, verdict: Verdict) -> None:
-        """A refused certificate ends the session it carried (revocation, expiry)."""
+        """A refused certificate ends the session it carried (revocation, expiry, a bad certificate).
+
+        Not for ``revocation_unavailable`` (the operator's CRL outage should not
+        log everyone out) nor ``no_certificate`` (nothing was presented to end it for).
+        """
+        if verdict.reason in (Reason.REVOCATION_UNAVAILABLE, Reason.NO_CERTIFICATE):
+            return
         session = self._session(request)
         if session is not None:
             await self._run(self.sessions.delete, session.session_id)
@@ -243,6 +299,25 @@ class LoginAccess:
         csrf_ok = check_login_csrf(
             self.key, _text(form.get("csrf")), request.cookies.get(LOGIN_CSRF_COOKIE), now, LOGIN_FORM_MAX_AGE
         )
+        lock = self._user_locks.setdefault(user_id, asyncio.Lock())
+        async with lock:
+            response = await self._login_locked(request, peer, now, user_id, password, csrf_ok, form)
+        if not lock.locked():
+            self._user_locks.pop(user_id, None)
+        return response
+
+    async def _login_locked(
+        self,
+        request: web.Request,
+        peer: PeerCertificate,
+        now: dt.datetime,
+        user_id: str,
+        password: str,
+        csrf_ok: bool,
+        form: Any,
+    ) -> web.StreamResponse:
+        """The login decision for one user ID (callers hold that ID's lock)."""
+        rt = request.app[RUNTIME]
         ip = request.remote or ""
         state = await self._run(self.users.login_state, user_id, ip, now, self.settings.failure_window)
         user = state.user
@@ -269,6 +344,12 @@ class LoginAccess:
                 request, outcome.verdict, peer=peer, kind=EventKind.LOGIN_REFUSED, user_id=user_id, links=LOGIN_LINK
             )
         assert user is not None
+        if await self._run(self.users.locked_until, user_id, now) is not None:
+            # Another worker locked the ID while this password was being checked.
+            locked = Verdict.deny(Reason.ACCOUNT_LOCKED, "locked during the password check")
+            return rt.refuse(
+                request, locked, peer=peer, kind=EventKind.LOGIN_REFUSED, user_id=user_id, links=LOGIN_LINK
+            )
         await self._run(self.users.clear_failures, user_id)
         session_id, _csrf = await self._run(
             self.sessions.create, user_id, peer.fingerprint, user.systems, outcome.must_change_password, now
@@ -310,9 +391,8 @@ class LoginAccess:
         return "/"
 
     async def landing(self, request: web.Request) -> web.StreamResponse:
-        session = self._session(request)
-        peer: PeerCertificate = request[PEER]
-        if session is None or session.cert_fingerprint != peer.fingerprint:
+        session = self._live_session(request)
+        if session is None:
             return see_other("/login", headers=NO_STORE)
         if session.must_change_password:
             return see_other("/password", headers=NO_STORE)
@@ -329,14 +409,14 @@ class LoginAccess:
         )
 
     async def logout_page(self, request: web.Request) -> web.StreamResponse:
-        session = self._session(request)
+        session = self._live_session(request)
         if session is None:
             return see_other("/login", headers=NO_STORE)
         return self._page("logout.html", csrf=session.csrf_token, user_id=session.user_id)
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
         rt = request.app[RUNTIME]
-        session = self._session(request)
+        session = self._live_session(request)
         form = await request.post() if (request.content_length or 0) <= MAX_FORM_BYTES else {}
         if session is None or not check_session_csrf(session, _text(form.get("csrf"))):
             return rt.refuse(
@@ -355,9 +435,8 @@ class LoginAccess:
     async def password_page(
         self, request: web.Request, *, error: tuple[str, str] | None = None, status: int = 200
     ) -> web.Response:
-        session = self._session(request)
-        peer: PeerCertificate = request[PEER]
-        if session is None or session.cert_fingerprint != peer.fingerprint:
+        session = self._live_session(request)
+        if session is None:
             return see_other("/login?next=/password", headers=NO_STORE)
         return self._page(
             "password.html",
@@ -373,8 +452,8 @@ class LoginAccess:
         rt = request.app[RUNTIME]
         peer: PeerCertificate = request[PEER]
         now = self._now(request)
-        session = self._session(request)
-        if session is None or session.cert_fingerprint != peer.fingerprint:
+        session = self._live_session(request)
+        if session is None:
             return see_other("/login?next=/password", headers=NO_STORE)
         form = await request.post() if (request.content_length or 0) <= MAX_FORM_BYTES else {}
         if not check_session_csrf(session, _text(form.get("csrf"))):
@@ -405,9 +484,23 @@ class LoginAccess:
         return response
 
 
+def same_path(a: str, b: str) -> bool:
+    """Equal as a backend may read them: ``;params`` dropped, no trailing slash, any case."""
+
+    def norm(path: str) -> str:
+        return "/".join(segment.split(";", 1)[0] for segment in path.split("/")).rstrip("/").casefold()
+
+    return bool(b) and norm(a) == norm(b)
+
+
 def see_other(location: str, headers: dict[str, str] | None = None) -> web.Response:
     """A 303 redirect returned (not raised), so cookies can be added to it."""
     return web.Response(status=303, headers={**(headers or {}), "Location": location})
+
+
+def _log_touch_failure(future: asyncio.Future[bool]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.error("session last_seen update failed", extra={"error": str(future.exception())})
 
 
 def _text(value: object) -> str:

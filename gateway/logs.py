@@ -55,9 +55,9 @@ def setup_logging(level: str = "info", worker: int | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aiohttp logs every handshake reset at error level with a traceback; we
-    # audit those ourselves, so keep its server logger to warnings.
-    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
+    # Handshake failures never reach aiohttp (gateway.tls audits them), so its
+    # server logger only reports real handler errors: keep them.
+    logging.getLogger("aiohttp.server").setLevel(logging.WARNING)
     logging.getLogger("asyncio").setLevel(logging.WARNING)
 
 

@@ -44,7 +44,7 @@ CRL_NEXT_UPDATE = Gauge(
     "gateway_crl_next_update_timestamp_seconds",
     "nextUpdate of the loaded CRL",
     ["source"],
-    multiprocess_mode="min",
+    multiprocess_mode="livemin",
 )
 CRL_LOAD_SECONDS = Gauge(
     "gateway_crl_load_seconds",
@@ -69,7 +69,6 @@ CLIENT_TIMEOUTS = Counter(
     ["phase"],
 )
 RELOADS = Counter("gateway_reloads_total", "Configuration reloads, by result", ["result"])
-OPEN_CONNECTIONS = Gauge("gateway_open_connections", "Client connections open", multiprocess_mode="livesum")
 
 
 def render() -> tuple[bytes, str]:

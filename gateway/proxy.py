@@ -107,6 +107,11 @@ def outbound_headers(
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in IDENTITY_HEADERS or lower in connection_listed:
             continue
+        if "_" in name:
+            # Many backend stacks (CGI, WSGI, PHP) read X_Authenticated_User and
+            # X-Authenticated-User as the same variable: drop every underscore
+            # header, as nginx does by default (underscores_in_headers off).
+            continue
         if lower == "host":
             continue
         if lower == "cookie":
@@ -139,6 +144,8 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in connection_listed or lower == "content-length":
             continue
+        if lower == "set-cookie" and value.lstrip().startswith(GATEWAY_COOKIE_PREFIX):
+            continue  # a backend must not set (or clear) the gateway's own cookies
         out.add(name, value)
     return out
 

@@ -301,6 +301,7 @@ class CrlRefresher:
         self.ca_ders = list(ca_ders)
         self.state = RevocationState(grace=dt.timedelta(seconds=config.grace_seconds))
         self._sources = {source: _SourceState() for source in config.sources}
+        self._validators: dict[str, tuple[str | None, str | None]] = {}
         self._on_failure = on_failure
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -318,19 +319,39 @@ class CrlRefresher:
                 return False
             snapshot = await self._parse(data, source)
             if snapshot.digest == self._sources[source].digest:
+                self._keep_validators(source)
                 return False  # touched, not changed
             self._accept(source, snapshot)
+            self._keep_validators(source)
             _release_memory()
         except CrlError as exc:
+            self._validators.pop(source, None)
             self._fail(source, str(exc))
+            return False
+        except Exception as exc:
+            self._validators.pop(source, None)
+            self._fail(source, f"unexpected {type(exc).__name__}: {exc}")
             return False
         self.last_error.pop(source, None)
         return True
+
+    def _keep_validators(self, source: str) -> None:
+        """Remember an HTTP source's ETag/Last-Modified only once its CRL was taken."""
+        etag, last_modified = self._validators.pop(source, (None, None))
+        seen = self._sources[source]
+        seen.etag, seen.last_modified = etag, last_modified
 
     def _accept(self, source: str, snapshot: CrlSnapshot) -> None:
         seen = self._sources[source]
         if seen.number is not None and snapshot.number is not None and snapshot.number < seen.number:
             raise CrlError(f"CRL number {snapshot.number} is older than the loaded {seen.number}")
+        # Two sources for one CA (a file and a lagging mirror): never step back.
+        current = self.state.find(snapshot.issuer, snapshot.key_id)
+        if current is not None and current.source != source:
+            if current.number is not None and snapshot.number is not None and snapshot.number < current.number:
+                raise CrlError(f"CRL number {snapshot.number} is older than {current.number} from {current.source}")
+            if snapshot.this_update < current.this_update:
+                raise CrlError(f"CRL thisUpdate is older than the one from {current.source}")
         seen.digest, seen.number = snapshot.digest, snapshot.number
         snapshot = replace(snapshot, loaded_at=time.time())
         self.state = self.state.with_snapshot(snapshot)
@@ -410,8 +431,7 @@ class CrlRefresher:
                     data += chunk
                     if len(data) > self.config.max_bytes:
                         raise CrlError("CRL response larger than revocation.max_bytes")
-                seen.etag = resp.headers.get("ETag")
-                seen.last_modified = resp.headers.get("Last-Modified")
+                self._validators[url] = (resp.headers.get("ETag"), resp.headers.get("Last-Modified"))
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise CrlError(f"cannot fetch CRL: {type(exc).__name__}: {exc}") from exc
         return bytes(data)

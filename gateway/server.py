@@ -44,6 +44,7 @@ from typing import Any
 
 from aiohttp import web
 from cryptography.hazmat.primitives.serialization import Encoding
+from prometheus_client.multiprocess import mark_process_dead
 
 from gateway import metrics
 from gateway.admin import build_admin_app, health_from_metrics
@@ -223,7 +224,13 @@ class GatewayWorker:
         def application() -> asyncio.Protocol:
             return ClientDeadlines(server(), limits.header_timeout, limits.body_timeout, self._client_timeout)
 
-        return TlsAcceptor(self._context, application, self._handshake_failed, self.config.tls.handshake_timeout)
+        self._pending_handshakes += 1
+        return TlsAcceptor(
+            self._context, application, self._handshake_failed, self.config.tls.handshake_timeout, self._settled
+        )
+
+    def _settled(self) -> None:
+        self._pending_handshakes -= 1
 
     def _client_timeout(self, why: str, peer: tuple[str, int] | None) -> None:
         metrics.CLIENT_TIMEOUTS.labels(why).inc()
@@ -556,6 +563,8 @@ class Supervisor:
                 for i, proc in list(self.procs.items()):
                     if not proc.is_alive() and not stop.is_set():
                         log.error("worker exited; restarting", extra={"worker": i, "exitcode": proc.exitcode})
+                        if proc.pid:  # its CRL gauges must not hold /healthz down
+                            mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
                         await asyncio.sleep(0.5)
                         self.spawn(i)
         finally:

@@ -38,6 +38,7 @@ from typing import Any, cast
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from gateway import metrics
 from gateway.config import TlsConfig
 from gateway.errors import PkiError
 from gateway.pkifiles import read_pem_certs
@@ -313,10 +314,12 @@ class TlsAcceptor(asyncio.Protocol):
         app_factory: ProtocolFactory,
         on_failure: FailureHook,
         handshake_timeout: float,
+        on_settled: Callable[[], None] | None = None,
     ) -> None:
         self._context_getter = context_getter
         self._app_factory = app_factory
         self._on_failure = on_failure
+        self._on_settled = on_settled
         self._timeout = handshake_timeout
         self._task: asyncio.Task[None] | None = None
 
@@ -360,9 +363,13 @@ class TlsAcceptor(asyncio.Protocol):
             reason, message = describe_ssl_error(exc)
             self._on_failure(HandshakeFailure(_peer(peer), reason, message, slot.client_der))
             return
+        finally:
+            if self._on_settled is not None:
+                self._on_settled()
         if transport.is_closing():  # the peer went away as the handshake ended
             transport.abort()
             return
+        metrics.HANDSHAKES.inc()
         app.connection_made(tls._get_app_transport())
 
 

@@ -456,3 +456,22 @@ async def test_healthz_and_metrics(gw: Harness) -> None:
             text = await r.text()
     assert 'gateway_refusals_total{reason="no_certificate"}' in text
     assert "gateway_crl_entries" in text
+
+
+async def test_underscore_spellings_of_identity_headers_are_dropped(gw: Harness) -> None:
+    forged = {"X_Authenticated_User": "ADMIN", "X_Forwarded_Client_Cert": "Hash=00", "X-Custom": "kept"}
+    status, body = await get_json(gw, "/onre/a", headers=forged)
+    assert status == 200
+    assert not any("_" in name for name in body["headers"])
+    assert body["headers"]["X-Custom"] == "kept"
+
+
+def test_backends_cannot_set_the_gateways_cookies() -> None:
+    from multidict import CIMultiDict, CIMultiDictProxy
+
+    from gateway.proxy import response_headers
+
+    upstream = CIMultiDict(
+        [("Set-Cookie", "__Host-gw_session=evil; Path=/"), ("Set-Cookie", "JSESSIONID=1; Path=/onre/")]
+    )
+    assert response_headers(CIMultiDictProxy(upstream)).getall("Set-Cookie") == ["JSESSIONID=1; Path=/onre/"]

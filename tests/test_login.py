@@ -351,3 +351,32 @@ async def test_passthrough_login_forwards_only_for_the_certificate_user(tmp_path
                 assert r.status == 200  # other pages pass with the certificate identity
     finally:
         await h.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "form"),
+    [
+        ("POST", "/onre/login;jsessionid=x", {"userId": "LC000002"}),
+        ("POST", "/onre/login/", {"userId": "LC000002"}),
+        ("POST", "/onre/LOGIN", {"userId": "LC000002"}),
+        ("POST", "/onre/login?userId=LC000002", {"userId": "LC000001"}),
+        ("POST", "/onre/login", [("userId", "LC000001"), ("userId", "LC000002")]),
+        ("POST", "/onre/login", {"password": "no user field"}),
+        ("GET", "/onre/login?userId=LC000002", None),
+        ("GET", "/onre/other?userId=LC000002", None),
+    ],
+    ids=["path-params", "trailing-slash", "case", "query-first", "duplicate", "missing", "get-login", "get-other"],
+)
+async def test_passthrough_binding_cannot_be_sidestepped(
+    tmp_path: Path, pki: ThrowawayPki, method: str, path: str, form: Any
+) -> None:
+    h = await start_harness(tmp_path, pki, login_mode="passthrough", access_factory=LoginAccess)
+    try:
+        async with h.session("LC000001") as s:
+            async with s.request(method, h.url(path), data=form, headers={"Accept": "application/json"}) as r:
+                assert r.status == 403, await r.text()
+                assert (await r.json())["error"] == "subject_mismatch"
+            async with s.get(h.url("/onre/other?userId=LC000001"), headers={"Accept": "application/json"}) as r:
+                assert r.status == 200  # the accept twin: the certificate's own user ID passes
+    finally:
+        await h.close()

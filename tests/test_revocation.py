@@ -120,3 +120,21 @@ async def test_big_crl_file_is_parsed_in_a_child_process(ca: tuple, tmp_path) ->
         assert refresher.last_error == {}
     finally:
         await refresher.aclose()
+
+
+async def test_an_older_crl_from_a_second_source_never_replaces_a_newer_one(ca: tuple, tmp_path) -> None:
+    from gateway.config import RevocationConfig
+    from gateway.revocation import CrlRefresher
+
+    now = dt.datetime.now(dt.UTC)
+    fresh, mirror = tmp_path / "fresh.crl", tmp_path / "mirror.crl"
+    fresh.write_bytes(crl_bytes(ca, [1, 2], this_update=now, number=9))
+    mirror.write_bytes(crl_bytes(ca, [1], this_update=now - dt.timedelta(hours=1), number=8))
+    refresher = CrlRefresher(RevocationConfig(sources=(str(fresh), str(mirror))), ca_der(ca))
+    try:
+        await refresher.refresh_all()
+        [snapshot] = refresher.state.by_issuer.values()
+        assert snapshot.number == 9 and 2 in snapshot.index
+        assert "older than 9" in refresher.last_error[str(mirror)]
+    finally:
+        await refresher.aclose()
