@@ -29,6 +29,7 @@ from urllib.parse import quote
 from aiohttp import web
 
 from gateway import metrics
+from gateway.accounts import LOGIN_FORM_MAX_AGE, MAX_FORM_BYTES, Accounts, form_text, see_other
 from gateway.app import RUNTIME, forward_to
 from gateway.audit import EventKind
 from gateway.certpolicy import PeerCertificate
@@ -44,11 +45,7 @@ from gateway.loginpolicy import (
 )
 from gateway.pages import render
 from gateway.passwords import (
-    check_password_policy,
     dummy_verify,
-    hash_password,
-    policy_message,
-    verify_password,
 )
 from gateway.responses import NO_STORE, wants_json
 from gateway.sessions import (
@@ -72,8 +69,6 @@ from gateway.verdict import Reason, Verdict
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-LOGIN_FORM_MAX_AGE = dt.timedelta(hours=1)
-MAX_FORM_BYTES = 16 * 1024
 SYSTEM_LABELS = {"tdnet": "TDnet", "j-iriss": "J-IRISS", "clearing": "清算受渡 / Clearing"}
 LOGIN_LINK = (("/login", "ログイン画面へ", "Back to login"),)
 
@@ -97,9 +92,7 @@ class LoginAccess:
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="login")
         # last_seen updates must not queue behind argon2 under login load.
         self.toucher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="session-touch")
-        # Logins for one user ID run one at a time in a worker, so parallel
-        # guesses each see the failures (and the lock) of the ones before.
-        self._user_locks: dict[str, asyncio.Lock] = {}
+        self.accounts = Accounts(self.users, self.settings, self._run)
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -294,63 +287,29 @@ class LoginAccess:
         if (request.content_length or 0) > MAX_FORM_BYTES:
             return rt.refuse(request, Verdict.deny(Reason.PAYLOAD_TOO_LARGE), peer=peer)
         form = await request.post()
-        user_id = _text(form.get("user_id"))
-        password = _text(form.get("password"))
+        user_id = form_text(form.get("user_id"))
         csrf_ok = check_login_csrf(
-            self.key, _text(form.get("csrf")), request.cookies.get(LOGIN_CSRF_COOKIE), now, LOGIN_FORM_MAX_AGE
+            self.key, form_text(form.get("csrf")), request.cookies.get(LOGIN_CSRF_COOKIE), now, LOGIN_FORM_MAX_AGE
         )
-        lock = self._user_locks.setdefault(user_id, asyncio.Lock())
-        async with lock:
-            response = await self._login_locked(request, peer, now, user_id, password, csrf_ok, form)
-        if not lock.locked():
-            self._user_locks.pop(user_id, None)
-        return response
-
-    async def _login_locked(
-        self,
-        request: web.Request,
-        peer: PeerCertificate,
-        now: dt.datetime,
-        user_id: str,
-        password: str,
-        csrf_ok: bool,
-        form: Any,
-    ) -> web.StreamResponse:
-        """The login decision for one user ID (callers hold that ID's lock)."""
-        rt = request.app[RUNTIME]
-        ip = request.remote or ""
-        state = await self._run(self.users.login_state, user_id, ip, now, self.settings.failure_window)
-        user = state.user
-        if user is not None and user.enabled and csrf_ok:
-            password_ok = await self._run(verify_password, user.password_hash, password)
-        else:
-            await self._run(dummy_verify, password)
-            password_ok = False
-        attempt = LoginAttempt(
+        result = await self.accounts.login(
+            user_id=user_id,
+            password=form_text(form.get("password")),
+            ip=request.remote or "",
+            now=now,
+            csrf_ok=csrf_ok,
             certificate=Verdict.allow(),  # the certificate middleware already passed it
             cert_subject=peer.common_name,
-            user_id=user_id,
-            csrf_ok=csrf_ok,
-            ip_failures=state.ip_failures,
-            locked_until=state.locked_until,
-            password_ok=password_ok,
-            must_change_password=bool(user and user.must_change_password),
         )
-        outcome = decide_login(attempt, now, self.settings)
+        outcome, user = result.outcome, result.user
         metrics.LOGINS.labels(str(outcome.verdict.reason)).inc()
+        if result.locked_until is not None:
+            detail = f"locked until {result.locked_until.isoformat()}"
+            self._record(request, EventKind.ACCOUNT_LOCKED, Reason.ACCOUNT_LOCKED, user_id=user_id, detail=detail)
         if not outcome.verdict.allowed:
-            await self._count_failure(request, user_id, ip, now, outcome.counts_for_user, outcome.counts_for_ip)
             return rt.refuse(
                 request, outcome.verdict, peer=peer, kind=EventKind.LOGIN_REFUSED, user_id=user_id, links=LOGIN_LINK
             )
         assert user is not None
-        if await self._run(self.users.locked_until, user_id, now) is not None:
-            # Another worker locked the ID while this password was being checked.
-            locked = Verdict.deny(Reason.ACCOUNT_LOCKED, "locked during the password check")
-            return rt.refuse(
-                request, locked, peer=peer, kind=EventKind.LOGIN_REFUSED, user_id=user_id, links=LOGIN_LINK
-            )
-        await self._run(self.users.clear_failures, user_id)
         session_id, _csrf = await self._run(
             self.sessions.create, user_id, peer.fingerprint, user.systems, outcome.must_change_password, now
         )
@@ -363,24 +322,8 @@ class LoginAccess:
         response.headers.add("Set-Cookie", clear_cookie_header(LOGIN_CSRF_COOKIE))
         return response
 
-    async def _count_failure(
-        self, request: web.Request, user_id: str, ip: str, now: dt.datetime, for_user: bool, for_ip: bool
-    ) -> None:
-        if for_user:
-            result = await self._run(self.users.record_failure, user_id, ip, now, self.settings)
-            if result.locked_until is not None:
-                self._record(
-                    request,
-                    EventKind.ACCOUNT_LOCKED,
-                    Reason.ACCOUNT_LOCKED,
-                    user_id=user_id,
-                    detail=f"locked until {result.locked_until.isoformat()}",
-                )
-        elif for_ip and ip:
-            await self._run(self.users.record_ip_failure, ip, now, self.settings)
-
     def _landing_target(self, request: web.Request, systems: frozenset[str], form: Any) -> str:
-        wanted = safe_next(_text(form.get("next")) or None)
+        wanted = safe_next(form_text(form.get("next")) or None)
         if wanted:
             return wanted
         router = request.app[RUNTIME].router
@@ -418,7 +361,7 @@ class LoginAccess:
         rt = request.app[RUNTIME]
         session = self._live_session(request)
         form = await request.post() if (request.content_length or 0) <= MAX_FORM_BYTES else {}
-        if session is None or not check_session_csrf(session, _text(form.get("csrf"))):
+        if session is None or not check_session_csrf(session, form_text(form.get("csrf"))):
             return rt.refuse(
                 request,
                 Verdict.deny(Reason.CSRF_FAILED, "logout without a valid session token"),
@@ -456,26 +399,17 @@ class LoginAccess:
         if session is None:
             return see_other("/login?next=/password", headers=NO_STORE)
         form = await request.post() if (request.content_length or 0) <= MAX_FORM_BYTES else {}
-        if not check_session_csrf(session, _text(form.get("csrf"))):
+        if not check_session_csrf(session, form_text(form.get("csrf"))):
             return rt.refuse(request, Verdict.deny(Reason.CSRF_FAILED), peer=peer, user_id=session.user_id)
-        old, new, again = (_text(form.get(k)) for k in ("old_password", "new_password", "new_password_again"))
-        policy = check_password_policy(session.user_id, old, new, again, self.config.login.password_min_length)
-        user = await self._run(self.users.get_user, session.user_id)
-        old_ok = user is not None and await self._run(verify_password, user.password_hash, old)
-        if not old_ok:
-            policy = Verdict.deny(Reason.BAD_CREDENTIALS, "current password wrong")
-        if not policy.allowed:
-            self._record(request, EventKind.LOGIN_REFUSED, policy.reason, user_id=session.user_id, detail=policy.detail)
-            message = policy_message(policy.detail, self.config.login.password_min_length)
-            text = (
-                (message.ja, message.en)
-                if old_ok
-                else ("現在のパスワードが正しくありません。", "The current password is wrong.")
+        old, new, again = (form_text(form.get(k)) for k in ("old_password", "new_password", "new_password_again"))
+        verdict, message = await self.accounts.change_password(session.user_id, old, new, again, now)
+        if not verdict.allowed:
+            self._record(
+                request, EventKind.LOGIN_REFUSED, verdict.reason, user_id=session.user_id, detail=verdict.detail
             )
-            return await self.password_page(request, error=text, status=400)
+            return await self.password_page(request, error=message, status=400)
+        user = await self._run(self.users.get_user, session.user_id)
         assert user is not None
-        new_hash = await self._run(hash_password, new)
-        await self._run(lambda: self.users.set_password(session.user_id, new_hash, temporary=False, now=now))
         await self._run(self.sessions.delete_for_user, session.user_id)
         session_id, _ = await self._run(self.sessions.create, user.user_id, peer.fingerprint, user.systems, False, now)
         self._record(request, EventKind.PASSWORD_CHANGED, Reason.OK, user_id=user.user_id)
@@ -493,18 +427,9 @@ def same_path(a: str, b: str) -> bool:
     return bool(b) and norm(a) == norm(b)
 
 
-def see_other(location: str, headers: dict[str, str] | None = None) -> web.Response:
-    """A 303 redirect returned (not raised), so cookies can be added to it."""
-    return web.Response(status=303, headers={**(headers or {}), "Location": location})
-
-
 def _log_touch_failure(future: asyncio.Future[bool]) -> None:
     if not future.cancelled() and future.exception() is not None:
         log.error("session last_seen update failed", extra={"error": str(future.exception())})
-
-
-def _text(value: object) -> str:
-    return value if isinstance(value, str) else ""
 
 
 __all__ = ["USER", "LoginAccess"]

@@ -57,22 +57,18 @@ from aiohttp.abc import AbstractAccessLogger
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway import issuance, pki
+from gateway import accounts, issuance, pki
 from gateway.audit import AuditEvent, EventKind, new_support_id
 from gateway.ca import CaSettings, CertificateAuthority, IssuanceRefused
 from gateway.config import Config, PortalConfig
 from gateway.crlpublisher import DEFAULT_INTERVAL, AuditSink, CrlPublisher, crl_event
 from gateway.errors import CaError, ConfigError, PkiError
 from gateway.issuance import CertificateRecord, RevocationReason, Status
-from gateway.loginpolicy import LoginAttempt, LoginSettings, SessionLimits, decide_login, decide_session, safe_next
+from gateway.loginpolicy import LoginSettings, SessionLimits, decide_session, safe_next
 from gateway.pages import render
 from gateway.passwords import (
     MAX_PASSWORD_LENGTH,
-    check_password_policy,
     dummy_verify,
-    hash_password,
-    policy_message,
-    verify_password,
 )
 from gateway.responses import NO_STORE, refusal
 from gateway.sessions import (
@@ -98,8 +94,8 @@ SESSION_COOKIE = "__Host-portal_session"
 LOGIN_CSRF_COOKIE = "__Host-portal_csrf"
 PORTAL_SYSTEM = "portal"  # the only "system" a portal session is good for
 NO_FINGERPRINT = ""  # portal sessions are bound to no certificate
-LOGIN_FORM_MAX_AGE = dt.timedelta(hours=1)
-MAX_FORM_BYTES = 16 * 1024
+LOGIN_FORM_MAX_AGE = accounts.LOGIN_FORM_MAX_AGE
+MAX_FORM_BYTES = accounts.MAX_FORM_BYTES
 DOWNLOAD_LIFETIME = dt.timedelta(minutes=10)
 TOUCH_AFTER = dt.timedelta(seconds=30)
 # A cached CRL must not hide a revocation for long, nor outlive nextUpdate:
@@ -287,6 +283,7 @@ class Portal:
         self.sessions = SessionStore(config.users.database)
         self.settings = LoginSettings.from_config(config.login)
         self.limits = SessionLimits.from_config(config.session)
+        self.accounts = accounts.Accounts(self.users, self.settings, self._run)
         self.downloads = Downloads()
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="portal")
         self.crl_interval = crl_interval
@@ -443,28 +440,22 @@ class Portal:
         csrf_ok = check_login_csrf(
             self.key, _text(form.get("csrf")), request.cookies.get(LOGIN_CSRF_COOKIE), now, LOGIN_FORM_MAX_AGE
         )
-        ip = request.remote or ""
-        state = await self._run(self.users.login_state, user_id, ip, now, self.settings.failure_window)
-        user = state.user
-        if user is not None and user.enabled and csrf_ok:
-            password_ok = await self._run(verify_password, user.password_hash, password)
-        else:
-            password_ok = await self._run(dummy_verify, password)
-        attempt = LoginAttempt(
+        result = await self.accounts.login(
+            user_id=user_id,
+            password=password,
+            ip=request.remote or "",
+            now=now,
+            csrf_ok=csrf_ok,
             # No client certificate here, so no certificate check and no
             # subject binding: the typed ID stands in for the subject.
             certificate=Verdict.allow("the portal asks for no client certificate"),
             cert_subject=user_id,
-            user_id=user_id,
-            csrf_ok=csrf_ok,
-            ip_failures=state.ip_failures,
-            locked_until=state.locked_until,
-            password_ok=password_ok,
-            must_change_password=bool(user and user.must_change_password),
         )
-        outcome = decide_login(attempt, now, self.settings)
+        outcome = result.outcome
+        if result.locked_until is not None:
+            detail = f"locked until {result.locked_until.isoformat()}"
+            self.record(request, EventKind.ACCOUNT_LOCKED, Reason.ACCOUNT_LOCKED, user_id=user_id, detail=detail)
         if not outcome.verdict.allowed:
-            await self._count_failure(request, user_id, ip, now, outcome.counts_for_user, outcome.counts_for_ip)
             return self.refuse(
                 request,
                 outcome.verdict.reason,
@@ -473,7 +464,6 @@ class Portal:
                 detail=outcome.verdict.detail,
                 links=LOGIN_LINK,
             )
-        await self._run(self.users.clear_failures, user_id)
         session_id, _ = await self._run(
             self.sessions.create, user_id, NO_FINGERPRINT, {PORTAL_SYSTEM}, outcome.must_change_password, now
         )
@@ -483,22 +473,6 @@ class Portal:
         response.headers.add("Set-Cookie", set_cookie_header(SESSION_COOKIE, sign(session_id, self.key)))
         response.headers.add("Set-Cookie", clear_cookie_header(LOGIN_CSRF_COOKIE))
         return response
-
-    async def _count_failure(
-        self, request: web.Request, user_id: str, ip: str, now: dt.datetime, for_user: bool, for_ip: bool
-    ) -> None:
-        if for_user:
-            result = await self._run(self.users.record_failure, user_id, ip, now, self.settings)
-            if result.locked_until is not None:
-                self.record(
-                    request,
-                    EventKind.ACCOUNT_LOCKED,
-                    Reason.ACCOUNT_LOCKED,
-                    user_id=user_id,
-                    detail=f"locked until {result.locked_until.isoformat()}",
-                )
-        elif for_ip and ip:
-            await self._run(self.users.record_ip_failure, ip, now, self.settings)
 
     async def _password_session(self, request: web.Request) -> SessionRecord | web.StreamResponse:
         """The password page accepts a session that still must change its password."""
@@ -534,24 +508,14 @@ class Portal:
         if not check_session_csrf(session, _text(form.get("csrf"))):
             return self.refuse(request, Reason.CSRF_FAILED, user_id=session.user_id, detail="password form token")
         old, new, again = (_text(form.get(k)) for k in ("old_password", "new_password", "new_password_again"))
-        min_length = self.config.login.password_min_length
-        policy = check_password_policy(session.user_id, old, new, again, min_length)
-        user = await self._run(self.users.get_user, session.user_id)
-        old_ok = user is not None and await self._run(verify_password, user.password_hash, old)
-        if not old_ok:
-            policy = Verdict.deny(Reason.BAD_CREDENTIALS, "current password wrong")
-        if not policy.allowed:
-            self.record(request, EventKind.LOGIN_REFUSED, policy.reason, user_id=session.user_id, detail=policy.detail)
-            message = policy_message(policy.detail, min_length)
-            text = (
-                (message.ja, message.en)
-                if old_ok
-                else ("現在のパスワードが正しくありません。", "The current password is wrong.")
+        verdict, message = await self.accounts.change_password(session.user_id, old, new, again, now)
+        if not verdict.allowed:
+            self.record(
+                request, EventKind.LOGIN_REFUSED, verdict.reason, user_id=session.user_id, detail=verdict.detail
             )
-            return await self.password_page(request, error=text, status=400)
+            return await self.password_page(request, error=message, status=400)
+        user = await self._run(self.users.get_user, session.user_id)
         assert user is not None
-        new_hash = await self._run(hash_password, new)
-        await self._run(self.users.set_password, user.user_id, new_hash, temporary=False, now=now)
         await self._run(self.sessions.delete_for_user, user.user_id)  # every old session, gateway ones too
         session_id, _ = await self._run(self.sessions.create, user.user_id, NO_FINGERPRINT, {PORTAL_SYSTEM}, False, now)
         self.record(request, EventKind.PASSWORD_CHANGED, Reason.OK, user_id=user.user_id)
@@ -809,8 +773,8 @@ def page(template: str, status: int = 200, **ctx: Any) -> web.Response:
 
 
 def see_other(location: str) -> web.Response:
-    """A 303 redirect returned (not raised), so cookies can be added to it."""
-    return web.Response(status=303, headers={**NO_STORE, "Location": location})
+    """A 303 redirect that no cache keeps."""
+    return accounts.see_other(location, NO_STORE)
 
 
 def _attachment(data: bytes, content_type: str, filename: str) -> web.Response:
@@ -821,8 +785,7 @@ def _attachment(data: bytes, content_type: str, filename: str) -> web.Response:
     )
 
 
-def _text(value: object) -> str:
-    return value if isinstance(value, str) else ""
+_text = accounts.form_text
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
