@@ -64,6 +64,11 @@ def setup_logging(level: str = "info", worker: int | None = None) -> None:
 class JsonAccessLogger(AbstractAccessLogger):
     """aiohttp access log as JSON: no query strings, no cookies, no auth headers."""
 
+    @property
+    def enabled(self) -> bool:
+        # aiohttp skips the per-request log call entirely when this is False.
+        return self.logger.isEnabledFor(logging.INFO)
+
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
         self.logger.info(
             "access",
