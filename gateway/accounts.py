@@ -20,7 +20,14 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from gateway.loginpolicy import LoginAttempt, LoginOutcome, LoginSettings, decide_login
-from gateway.passwords import check_password_policy, dummy_verify, hash_password, policy_message, verify_password
+from gateway.passwords import (
+    check_password_policy,
+    dummy_verify,
+    hash_password,
+    needs_rehash,
+    policy_message,
+    verify_password,
+)
 from gateway.users import User, UserStore
 from gateway.verdict import Reason, Verdict
 
@@ -114,6 +121,12 @@ class Accounts:
             locked = Verdict.deny(Reason.ACCOUNT_LOCKED, "locked during the password check")
             return LoginResult(LoginOutcome(locked), user)
         await self._run(self.users.clear_failures, user_id)
+        if user is not None and needs_rehash(user.password_hash):
+            # Parameters were raised since this hash was made: store a new one
+            # of the password just proven, keeping a temporary one temporary.
+            new_hash = await self._run(hash_password, password)
+            temporary = user.must_change_password
+            await self._run(lambda: self.users.set_password(user_id, new_hash, temporary=temporary, now=now))
         return LoginResult(outcome, user)
 
     async def _count_failure(
