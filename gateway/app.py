@@ -257,6 +257,7 @@ async def forward_to(
             body=body,
             # Pages behind a login must not come back from a cache after logout.
             response_extra=NO_CACHE if backend.login.mode == "gateway" else None,
+            still_allowed=lambda: still_allowed(request, backend, peer),
         )
     except BodyTooLarge as exc:
         return rt.refuse(
@@ -272,6 +273,15 @@ async def forward_to(
         return rt.refuse(request, Verdict.deny(reason, str(exc)), peer=peer, user_id=user_id or "")
     metrics.REQUESTS.labels(backend.name, f"{response.status // 100}xx").inc()
     return response
+
+
+async def still_allowed(request: web.Request, backend: Backend, peer: PeerCertificate) -> bool:
+    """Would this request still be let through now? (For WebSockets, which outlive their request.)"""
+    rt = request.app[RUNTIME]
+    if not rt.judge_certificate(peer, True).allowed:
+        return False
+    recheck = getattr(request.app[ACCESS], "still_authorized", None)
+    return True if recheck is None else bool(await recheck(request, backend, peer))
 
 
 async def _client_ctx(app: web.Application) -> Any:

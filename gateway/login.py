@@ -179,6 +179,13 @@ class LoginAccess:
             touch.add_done_callback(_log_touch_failure)
         return session.user_id
 
+    async def still_authorized(self, request: web.Request, backend: Backend, peer: PeerCertificate) -> bool:
+        """The session check of :meth:`authorize`, again, for a long-lived WebSocket."""
+        if backend.login.mode == "passthrough":
+            return True
+        session = self._session(request)
+        return decide_session(session, peer.fingerprint, backend.system_name, self._now(request), self.limits).allowed
+
     async def _session_refused(
         self, request: web.Request, verdict: Verdict, session: SessionRecord | None, peer: PeerCertificate
     ) -> web.StreamResponse:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import aiohttp
 from aiohttp import web
@@ -57,6 +57,11 @@ IDENTITY_HEADERS = frozenset(
 
 
 GATEWAY_COOKIE_PREFIX = "__Host-gw_"
+
+
+# How often an open WebSocket re-checks the certificate and the session.
+WEBSOCKET_RECHECK_SECONDS = 5.0
+Recheck = Callable[[], Awaitable[bool]]
 
 
 class BodyTooLarge(Exception):
@@ -178,6 +183,7 @@ async def forward(
     identity: Mapping[str, str],
     body: bytes | None = None,
     response_extra: Mapping[str, str] | None = None,
+    still_allowed: Recheck | None = None,
 ) -> web.StreamResponse:
     """Send ``request`` to ``backend`` and stream the answer back.
 
@@ -191,7 +197,7 @@ async def forward(
     if length is not None and length > backend.max_body_bytes:
         raise BodyTooLarge(f"Content-Length {length} over {backend.max_body_bytes}")
     if request.headers.get("Upgrade", "").lower() == "websocket":
-        return await _forward_websocket(request, backend, session, identity)
+        return await _forward_websocket(request, backend, session, identity, still_allowed)
     peer = request.transport.get_extra_info("peername") if request.transport else None
     headers = outbound_headers(request.headers, identity, client_ip=peer[0] if peer else "", host=request.host)
     data: bytes | AsyncIterator[bytes] | None
@@ -266,9 +272,19 @@ async def _relay(
 
 
 async def _forward_websocket(
-    request: web.Request, backend: Backend, session: aiohttp.ClientSession, identity: Mapping[str, str]
+    request: web.Request,
+    backend: Backend,
+    session: aiohttp.ClientSession,
+    identity: Mapping[str, str],
+    still_allowed: Recheck | None,
 ) -> web.StreamResponse:
-    """Relay a WebSocket: both directions pumped until either side closes."""
+    """Relay a WebSocket: both directions pumped until either side closes.
+
+    A socket outlives the request that opened it, so ``still_allowed`` (the
+    certificate and session checks of a new request) is asked again every
+    :data:`WEBSOCKET_RECHECK_SECONDS`; a revoked certificate, a logout or an
+    expired session closes the socket (code 1008, policy violation).
+    """
     url = backend.upstream.replace("http", "ws", 1) + request.raw_path
     peer = request.transport.get_extra_info("peername") if request.transport else None
     headers = outbound_headers(request.headers, identity, client_ip=peer[0] if peer else "", host=request.host)
@@ -296,8 +312,20 @@ async def _forward_websocket(
                 break
         await dst.close()
 
+    async def watch() -> None:
+        while still_allowed is not None:
+            await asyncio.sleep(WEBSOCKET_RECHECK_SECONDS)
+            if not await still_allowed():
+                await client.close(code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=b"access ended")
+                return
+        await asyncio.Event().wait()  # nothing to re-check: never the first to finish
+
     async with upstream:
-        tasks = [asyncio.create_task(pump(client, upstream)), asyncio.create_task(pump(upstream, client))]
+        tasks = [
+            asyncio.create_task(pump(client, upstream)),
+            asyncio.create_task(pump(upstream, client)),
+            asyncio.create_task(watch()),
+        ]
         _, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for task in pending:
             task.cancel()

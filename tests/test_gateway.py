@@ -475,3 +475,18 @@ def test_backends_cannot_set_the_gateways_cookies() -> None:
         [("Set-Cookie", "__Host-gw_session=evil; Path=/"), ("Set-Cookie", "JSESSIONID=1; Path=/onre/")]
     )
     assert response_headers(CIMultiDictProxy(upstream)).getall("Set-Cookie") == ["JSESSIONID=1; Path=/onre/"]
+
+
+async def test_open_websocket_is_closed_when_the_certificate_is_revoked(
+    gw: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gateway.proxy.WEBSOCKET_RECHECK_SECONDS", 0.1)
+    async with gw.session() as s, s.ws_connect(gw.url("/onre/ws").replace("https", "wss")) as ws:
+        await ws.send_str("before")
+        assert (await ws.receive(timeout=5)).data.endswith(":before")
+        await asyncio.sleep(0.3)
+        assert not ws.closed  # the accept twin: still allowed, still open
+        await gw.publish_crl([gw.pki.clients["LC000001"].certificate.serial_number])
+        msg = await ws.receive(timeout=5)
+        assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+        assert ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION

@@ -380,3 +380,19 @@ async def test_passthrough_binding_cannot_be_sidestepped(
                 assert r.status == 200  # the accept twin: the certificate's own user ID passes
     finally:
         await h.close()
+
+
+async def test_logout_closes_an_open_websocket(gw: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.proxy.WEBSOCKET_RECHECK_SECONDS", 0.1)
+    async with gw.session() as s:
+        await login(gw, s)
+        async with s.ws_connect(gw.url("/onre/ws").replace("https", "wss")) as ws:
+            await ws.send_str("hi")
+            assert (await ws.receive(timeout=5)).data == "LC000001:hi"
+            async with s.get(gw.url("/logout")) as r:
+                token = re.search(r'name="csrf" value="([^"]+)"', await r.text()).group(1)  # type: ignore[union-attr]
+            async with s.post(gw.url("/logout"), data={"csrf": token}) as r:
+                assert r.status == 200
+            msg = await ws.receive(timeout=5)
+            assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
+            assert ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
