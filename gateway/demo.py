@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import signal
 import ssl
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +149,7 @@ def instructions(files: DemoFiles, gateway_port: int, admin_port: int, portal_po
         f"  {base}/nt/   and log in as LC000001.",
         f"  CA: {ca}   PKCS#12: {p12}",
         "",
-        f"Audit trail: gateway audit list --config {files.config_path}",
+        f"Audit trail: {Path(sys.executable).parent / 'gateway'} audit list --config {files.config_path}",
     ]
     return "\n".join(lines)
 
