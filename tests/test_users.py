@@ -344,3 +344,19 @@ def test_rate_limit_per_address_across_user_ids(opened: Callable[[], UserStore])
     assert edge_login(store, "U99", "x", NOW, ip="192.0.2.51") is Reason.BAD_CREDENTIALS
     later = NOW + SETTINGS.failure_window + dt.timedelta(seconds=1)
     assert edge_login(store, "U99", "x", later) is Reason.BAD_CREDENTIALS
+
+
+def test_many_processes_opening_a_new_database_at_once_all_succeed(tmp_path: Path) -> None:
+    """Workers start together: the first-open WAL switch must not fail with 'database is locked'."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from pathlib import Path; from gateway.users import UserStore; from gateway.sessions import SessionStore\n"
+        "p = Path(sys.argv[1]); UserStore(p).close(); SessionStore(p).close()"
+    )
+    for round_ in range(3):
+        db = tmp_path / f"race-{round_}.db"
+        procs = [subprocess.Popen([sys.executable, "-c", code, str(db)], stderr=subprocess.PIPE) for _ in range(8)]
+        errors = [p.communicate(timeout=60)[1].decode() for p in procs]
+        assert [p.returncode for p in procs] == [0] * 8, [e for e in errors if e][:1]
