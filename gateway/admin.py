@@ -65,8 +65,8 @@ def build_admin_app(
     return app
 
 
-def health_from_metrics(backends: int, grace_seconds: float) -> HealthCheck:
-    """Health for the multi-worker supervisor: every worker reported a fresh CRL."""
+def health_from_metrics(backends: int, grace_seconds: float, workers: int = 1) -> HealthCheck:
+    """Health for the multi-worker supervisor: every worker listens and reported a fresh CRL."""
 
     def check() -> tuple[bool, dict[str, Any]]:
         from prometheus_client import CollectorRegistry
@@ -81,6 +81,15 @@ def health_from_metrics(backends: int, grace_seconds: float) -> HealthCheck:
             for sample in family.samples
         ]
         fresh = bool(next_updates) and min(next_updates) + grace_seconds >= time.time()
-        return fresh and backends > 0, {"crl_fresh": fresh, "backends": backends}
+        listening = int(
+            sum(
+                sample.value
+                for family in registry.collect()
+                if family.name == "gateway_workers_listening"
+                for sample in family.samples
+            )
+        )
+        ok = fresh and backends > 0 and listening >= workers
+        return ok, {"crl_fresh": fresh, "backends": backends, "workers_listening": listening, "workers": workers}
 
     return check

@@ -68,6 +68,9 @@ CLIENT_TIMEOUTS = Counter(
     "Connections closed because a request head or body stalled (slowloris)",
     ["phase"],
 )
+WORKERS_LISTENING = Gauge(
+    "gateway_workers_listening", "Worker processes accepting connections", multiprocess_mode="livesum"
+)
 RELOADS = Counter("gateway_reloads_total", "Configuration reloads, by result", ["result"])
 
 

@@ -161,6 +161,7 @@ class GatewayWorker:
     _server: asyncio.AbstractServer | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _pending_handshakes: int = 0
+    _listening: bool = False
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     async def start(self) -> None:
@@ -201,6 +202,8 @@ class GatewayWorker:
             backlog=1024,
         )
         self.port = self._server.sockets[0].getsockname()[1]
+        metrics.WORKERS_LISTENING.inc()
+        self._listening = True
         self._tasks.append(loop.create_task(refresher.run()))
         if self.serve_admin and config.admin is not None:
             await self._start_admin()
@@ -335,6 +338,9 @@ class GatewayWorker:
         """Stop accepting, drain in-flight requests, stop background tasks."""
         if self._server is not None:
             self._server.close()
+        if self._listening:
+            metrics.WORKERS_LISTENING.dec()
+            self._listening = False
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -550,7 +556,7 @@ class Supervisor:
         admin_runner = None
         if config.admin is not None:
             grace = config.revocation.grace_seconds if config.revocation else 0.0
-            health = health_from_metrics(len(config.backends), grace)
+            health = health_from_metrics(len(config.backends), grace, config.workers)
             admin_runner = web.AppRunner(
                 build_admin_app(health, audit_routes(config), reload=self.reload), access_log=None
             )
