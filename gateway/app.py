@@ -30,7 +30,7 @@ import aiohttp
 from aiohttp import web
 
 from gateway import metrics
-from gateway.audit import AuditEvent, EventKind, new_support_id
+from gateway.audit import AuditEvent, EventKind, connection_fields, new_support_id
 from gateway.certpolicy import PeerCertificate, TrustAnchors, check_certificate, issued_by_trusted_ca, parse_peer
 from gateway.config import Backend, Config
 from gateway.deadlines import deadline_middleware
@@ -124,18 +124,11 @@ class GatewayRuntime:
         support_id: str | None = None,
     ) -> AuditEvent:
         """An audit event filled from the request and its connection."""
-        transport = request.transport
-        peername = transport.get_extra_info("peername") if transport is not None else None
-        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-        cipher = ssl_object.cipher() if ssl_object is not None else None
         return AuditEvent(
             event=kind,
             reason=str(reason),
             support_id=support_id or new_support_id(),
-            client_ip=str(peername[0]) if peername else "",
-            client_port=int(peername[1]) if peername else None,
-            tls_version=(ssl_object.version() or "") if ssl_object is not None else "",
-            tls_cipher=cipher[0] if cipher else "",
+            **connection_fields(request.transport),
             backend=backend or request.get(BACKEND, ""),
             method=request.method,
             path=request.path,

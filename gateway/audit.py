@@ -52,6 +52,19 @@ REFUSAL_KINDS = frozenset(
 )
 
 
+def connection_fields(transport: Any) -> dict[str, Any]:
+    """Client address and TLS parameters of an event, from an asyncio transport (or None)."""
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    cipher = ssl_object.cipher() if ssl_object is not None else None
+    return {
+        "client_ip": str(peer[0]) if peer else "",
+        "client_port": int(peer[1]) if peer else None,
+        "tls_version": (ssl_object.version() or "") if ssl_object is not None else "",
+        "tls_cipher": cipher[0] if cipher else "",
+    }
+
+
 def new_support_id() -> str:
     """A short, unguessable ID a user can read out to the help desk."""
     return secrets.token_hex(6).upper()

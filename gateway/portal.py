@@ -58,7 +58,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway import accounts, issuance, pki
-from gateway.audit import AuditEvent, EventKind, new_support_id
+from gateway.audit import AuditEvent, EventKind, connection_fields, new_support_id
 from gateway.ca import CaSettings, CertificateAuthority, IssuanceRefused
 from gateway.config import Config, PortalConfig
 from gateway.crlpublisher import DEFAULT_INTERVAL, AuditSink, CrlPublisher, crl_event
@@ -375,18 +375,11 @@ class Portal:
         detail: str = "",
     ) -> AuditEvent:
         """An audit event for this request (no form values, no cookies, no tokens)."""
-        transport = request.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
-        ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-        cipher = ssl_object.cipher() if ssl_object is not None else None
         return AuditEvent(
             event=kind,
             reason=str(reason),
             support_id=new_support_id(),
-            client_ip=str(peer[0]) if peer else "",
-            client_port=int(peer[1]) if peer else None,
-            tls_version=(ssl_object.version() or "") if ssl_object is not None else "",
-            tls_cipher=cipher[0] if cipher else "",
+            **connection_fields(request.transport),
             method=request.method,
             path=public_path(request.path),
             user_id=user_id,

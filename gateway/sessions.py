@@ -29,23 +29,13 @@ import hmac
 import os
 import re
 import secrets
-import sqlite3
-import threading
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.errors import ConfigError, StoreError
+from gateway.errors import ConfigError
 from gateway.loginpolicy import SessionLimits
-from gateway.users import (
-    ensure_schema,
-    from_epoch,
-    join_systems,
-    open_database,
-    split_systems,
-    to_epoch,
-)
+from gateway.users import SqliteStore, from_epoch, join_systems, split_systems, to_epoch
 
 SESSION_COOKIE = "__Host-gw_session"
 LOGIN_CSRF_COOKIE = "__Host-gw_csrf"
@@ -92,37 +82,13 @@ class SessionRecord:
     last_seen: dt.datetime
 
 
-class SessionStore:
+class SessionStore(SqliteStore):
     """Sessions in the SQLite file at ``path`` (normally the users database)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._conn = open_database(self.path)
-        try:
-            with self._guard():
-                ensure_schema(self._conn, "sessions", SCHEMA_VERSION, _SCHEMA)
-        except BaseException:
-            self._conn.close()
-            raise
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> SessionStore:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @contextmanager
-    def _guard(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                yield self._conn
-            except sqlite3.Error as exc:
-                raise StoreError(f"session store {self.path}: {exc}") from exc
+    component = "sessions"
+    schema_version = SCHEMA_VERSION
+    schema = _SCHEMA
+    label = "session"
 
     def create(
         self,

@@ -40,6 +40,7 @@ from cryptography.hazmat.primitives import serialization
 
 from gateway import metrics
 from gateway.config import TlsConfig
+from gateway.deadlines import peer_address
 from gateway.errors import PkiError
 from gateway.pkifiles import read_pem_certs
 
@@ -361,7 +362,7 @@ class TlsAcceptor(asyncio.Protocol):
         except (TimeoutError, OSError, ConnectionError) as exc:
             transport.abort()
             reason, message = describe_ssl_error(exc)
-            self._on_failure(HandshakeFailure(_peer(peer), reason, message, slot.client_der))
+            self._on_failure(HandshakeFailure(peer_address(peer), reason, message, slot.client_der))
             return
         finally:
             if self._on_settled is not None:
@@ -371,9 +372,3 @@ class TlsAcceptor(asyncio.Protocol):
             return
         metrics.HANDSHAKES.inc()
         app.connection_made(tls._get_app_transport())
-
-
-def _peer(peer: Any) -> tuple[str, int] | None:
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return str(peer[0]), int(peer[1])
-    return None

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from gateway.errors import GatewayError, StoreError
 from gateway.loginpolicy import LoginSettings, lock_due
@@ -214,8 +215,17 @@ def split_systems(text: str) -> frozenset[str]:
     return frozenset(s for s in text.split(",") if s)
 
 
-class UserStore:
-    """Accounts, failures and locks in the SQLite file at ``path``."""
+class SqliteStore:
+    """One connection to a shared SQLite file, one component's tables in it.
+
+    Threads are serialised on the connection; sqlite3 errors become
+    :class:`StoreError` naming the store and the file.
+    """
+
+    component = ""
+    label = ""  # how errors name the store
+    schema_version = 1
+    schema = ""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -223,7 +233,7 @@ class UserStore:
         self._conn = open_database(self.path)
         try:
             with self._guard():
-                ensure_schema(self._conn, "users", SCHEMA_VERSION, _SCHEMA)
+                ensure_schema(self._conn, self.component, self.schema_version, self.schema)
         except BaseException:
             self._conn.close()
             raise
@@ -232,7 +242,7 @@ class UserStore:
         with self._lock:
             self._conn.close()
 
-    def __enter__(self) -> UserStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -245,7 +255,16 @@ class UserStore:
             try:
                 yield self._conn
             except sqlite3.Error as exc:
-                raise StoreError(f"user store {self.path}: {exc}") from exc
+                raise StoreError(f"{self.label} store {self.path}: {exc}") from exc
+
+
+class UserStore(SqliteStore):
+    """Accounts, failures and locks in the SQLite file at ``path``."""
+
+    component = "users"
+    schema_version = SCHEMA_VERSION
+    schema = _SCHEMA
+    label = "user"
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
