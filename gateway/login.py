@@ -12,9 +12,10 @@ This is the aiohttp edge of :mod:`gateway.loginpolicy` (the decisions),
   is forwarded only when the user field equals the certificate's CN.
 
 Blocking work (argon2, SQLite writes) runs in a thread pool. The per-request
-session read is one primary-key SELECT on a WAL database, done inline on a
-connection of its own: WAL readers never wait for writers, and a thread hop
-would cost more than the read.
+session read goes through a :class:`~gateway.sessions.SessionCache`, inline
+on a read-only connection of its own: mostly a ``PRAGMA data_version`` and a
+dict lookup, else one primary-key SELECT on a WAL database (WAL readers
+never wait for writers, and a thread hop would cost more than the read).
 """
 
 from __future__ import annotations
@@ -52,17 +53,19 @@ from gateway.sessions import (
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
     TOUCH_INTERVAL,
+    SessionCache,
+    SessionReader,
     SessionRecord,
     SessionStore,
     check_login_csrf,
     check_session_csrf,
     clear_cookie_header,
+    cookie_value,
     load_session_key,
     login_csrf_token,
     new_login_nonce,
     set_cookie_header,
     sign,
-    unsign,
 )
 from gateway.users import UserStore
 from gateway.verdict import Reason, Verdict
@@ -86,7 +89,8 @@ class LoginAccess:
         self.key = load_session_key(config.session.secret_file)
         self.users = UserStore(config.users.database)
         self.sessions = SessionStore(config.users.database)  # writes, from the pool
-        self.reader = SessionStore(config.users.database)  # reads, inline on the loop
+        self.reader = SessionReader(config.users.database)  # reads, inline on the loop, never writes
+        self.session_cache = SessionCache(self.reader, self.key)
         self.settings = LoginSettings.from_config(config.login)
         self.limits = SessionLimits.from_config(config.session)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="login")
@@ -151,9 +155,9 @@ class LoginAccess:
         return session if ok else None
 
     def _session(self, request: web.Request) -> SessionRecord | None:
-        cookie = request.cookies.get(SESSION_COOKIE)
-        session_id = unsign(cookie, self.key) if cookie else None
-        return self.reader.get(session_id) if session_id else None
+        """The cookie's session, via the worker's cache (exact: see SessionCache)."""
+        cookie = cookie_value(request.headers.get("Cookie"), SESSION_COOKIE)
+        return self.session_cache.lookup(cookie) if cookie else None
 
     def _record(self, request: web.Request, kind: EventKind, reason: Reason | str = "", **fields: Any) -> None:
         rt = request.app[RUNTIME]

@@ -11,9 +11,11 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from gateway.config import Config
 from gateway.login import LoginAccess
 from gateway.passwords import hash_password
 from gateway.pkifiles import ThrowawayPki
+from gateway.sessions import SessionStore, unsign
 from gateway.users import UserStore
 from tests.harness import Harness, start_harness
 
@@ -55,6 +57,21 @@ async def gw(tmp_path: Path, pki: ThrowawayPki, clock: Clock) -> Harness:  # typ
     add_user(h, "LC000001")
     add_user(h, "LC000002", ("tdnet",))
     yield h
+    await h.close()
+
+
+@pytest.fixture
+async def gw_access(tmp_path: Path, pki: ThrowawayPki, clock: Clock) -> tuple[Harness, LoginAccess]:  # type: ignore[misc]
+    """The gateway of ``gw`` and its worker's LoginAccess (to reach its cache and its writer store)."""
+    made: list[LoginAccess] = []
+
+    def factory(config: Config, audit: Any) -> LoginAccess:
+        made.append(LoginAccess(config, audit))
+        return made[-1]
+
+    h = await start_harness(tmp_path, pki, login_mode="gateway", access_factory=factory, clock=clock)
+    add_user(h, "LC000001")
+    yield h, made[0]
     await h.close()
 
 
@@ -396,3 +413,56 @@ async def test_logout_closes_an_open_websocket(gw: Harness, monkeypatch: pytest.
             msg = await ws.receive(timeout=5)
             assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)
             assert ws.close_code == aiohttp.WSCloseCode.POLICY_VIOLATION
+
+
+# --- the per-worker session cache ---------------------------------------------------
+
+
+def session_cookie(h: Harness, s: aiohttp.ClientSession) -> str:
+    return s.cookie_jar.filter_cookies(URL(h.url("/")))["__Host-gw_session"].value
+
+
+async def test_requests_reuse_the_cached_session_until_the_writer_ends_it(
+    gw_access: tuple[Harness, LoginAccess],
+) -> None:
+    gw, access = gw_access
+    async with gw.session() as s:
+        await login(gw, s)
+        assert (await fetch_json(gw, s, "/onre/x"))[0] == 200
+        statements: list[str] = []
+        access.reader._conn.set_trace_callback(statements.append)
+        for _ in range(5):
+            assert (await fetch_json(gw, s, "/onre/x"))[0] == 200
+        assert statements and not [q for q in statements if "FROM sessions" in q]
+        session_id = unsign(session_cookie(gw, s), access.key)
+        assert session_id is not None
+        assert access.sessions.delete(session_id) is True  # this worker's writer connection
+        status, body = await fetch_json(gw, s, "/onre/x")
+    assert (status, body["error"]) == (401, "login_required")
+
+
+async def test_systems_change_from_another_connection_applies_to_the_next_request(
+    gw_access: tuple[Harness, LoginAccess],
+) -> None:
+    gw, _ = gw_access
+    async with gw.session() as s:
+        await login(gw, s)
+        assert (await fetch_json(gw, s, "/nt/x"))[0] == 200
+        assert (await fetch_json(gw, s, "/onre/x"))[0] == 200
+        with SessionStore(gw.config.users.database) as portal:  # e.g. the portal or the CLI
+            assert portal.set_systems_for_user("LC000001", ["tdnet"]) == 1
+        status, body = await fetch_json(gw, s, "/nt/x")
+        assert (status, body["error"]) == (403, "not_authorized")
+        assert (await fetch_json(gw, s, "/onre/x"))[0] == 200
+
+
+async def test_a_cached_session_still_expires_on_the_clock(
+    gw_access: tuple[Harness, LoginAccess], clock: Clock
+) -> None:
+    gw, _ = gw_access
+    async with gw.session() as s:
+        await login(gw, s)
+        assert (await fetch_json(gw, s, "/onre/x"))[0] == 200  # now in the cache
+        clock.offset = dt.timedelta(minutes=31)
+        status, body = await fetch_json(gw, s, "/onre/x")
+    assert (status, body["error"]) == (401, "session_expired")

@@ -11,16 +11,19 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, StoreError
 from gateway.loginpolicy import SessionLimits
 from gateway.sessions import (
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
     TOUCH_INTERVAL,
+    SessionCache,
+    SessionReader,
     SessionStore,
     check_login_csrf,
     check_session_csrf,
     clear_cookie_header,
+    cookie_value,
     create_session_key,
     load_session_key,
     login_csrf_token,
@@ -136,6 +139,155 @@ def test_shares_the_users_database(db: Path) -> None:
     assert versions == {"users": 1, "sessions": 1}
 
 
+# -- the per-worker cache --------------------------------------------------
+
+
+@pytest.fixture
+def reader(db: Path, store: SessionStore) -> Iterator[SessionReader]:
+    with SessionReader(db) as opened:
+        yield opened
+
+
+@pytest.fixture
+def cache(reader: SessionReader) -> SessionCache:
+    return SessionCache(reader, KEY)
+
+
+def selects(reader: SessionReader) -> list[str]:
+    """Record the statements the reader's connection runs from now on (the SELECTs a cache must avoid)."""
+    statements: list[str] = []
+    reader._conn.set_trace_callback(statements.append)
+    return statements
+
+
+def test_cache_answers_a_repeated_cookie_without_a_select(store: SessionStore, reader: SessionReader) -> None:
+    cache = SessionCache(reader, KEY)
+    cookie = sign(new(store), KEY)
+    first = cache.lookup(cookie)
+    assert first is not None and first.user_id == "LC000001"
+    statements = selects(reader)
+    assert cache.lookup(cookie) is first
+    assert cache.lookup(cookie) is first
+    assert statements == ["PRAGMA data_version"] * 2
+
+
+def test_cache_reads_again_after_another_connection_commits(store: SessionStore, reader: SessionReader) -> None:
+    cache = SessionCache(reader, KEY)
+    session_id = new(store)
+    cache.lookup(sign(session_id, KEY))
+    statements = selects(reader)
+    assert store.touch(session_id, NOW + TOUCH_INTERVAL) is True
+    record = cache.lookup(sign(session_id, KEY))
+    assert record is not None and record.last_seen == NOW + TOUCH_INTERVAL
+    assert [s for s in statements if s.startswith("SELECT")] != []
+
+
+def test_cache_sees_a_session_deleted_by_another_worker(db: Path, store: SessionStore, cache: SessionCache) -> None:
+    ended, kept = new(store), new(store, "LC000002")
+    assert cache.lookup(sign(ended, KEY)) is not None
+    assert cache.lookup(sign(kept, KEY)) is not None
+    with SessionStore(db) as other_worker:
+        assert other_worker.delete(ended) is True
+    assert cache.lookup(sign(ended, KEY)) is None
+    assert cache.lookup(sign(kept, KEY)) is not None
+
+
+def test_cache_sees_a_delete_by_the_same_process_writer(store: SessionStore, cache: SessionCache) -> None:
+    # LoginAccess's writer store and its reader are two connections in one process.
+    session_id = new(store)
+    assert cache.lookup(sign(session_id, KEY)) is not None
+    assert store.delete_for_user("LC000001") == 1
+    assert cache.lookup(sign(session_id, KEY)) is None
+
+
+def test_cache_finds_a_session_created_after_a_cached_miss(db: Path, store: SessionStore, cache: SessionCache) -> None:
+    session_id = new(store)
+    with closing(sqlite3.connect(db)) as conn:
+        row = conn.execute("SELECT * FROM sessions").fetchone()
+    store.delete(session_id)
+    cookie = sign(session_id, KEY)
+    assert cache.lookup(cookie) is None
+    assert len(cache) == 1  # the miss is cached
+    with closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute(f"INSERT INTO sessions VALUES ({', '.join('?' * len(row))})", row)
+    record = cache.lookup(cookie)
+    assert record is not None and record.user_id == "LC000001"
+
+
+def test_cache_sees_systems_change_and_touch_from_another_connection(
+    db: Path, store: SessionStore, cache: SessionCache
+) -> None:
+    session_id = new(store)
+    cookie = sign(session_id, KEY)
+    before = cache.lookup(cookie)
+    assert before is not None and before.systems == {"tdnet", "clearing"} and before.last_seen == NOW
+    with SessionStore(db) as portal:
+        assert portal.set_systems_for_user("LC000001", ["j-iriss"]) == 1
+        after = cache.lookup(cookie)
+        assert after is not None and after.systems == {"j-iriss"}
+        assert portal.touch(session_id, NOW + TOUCH_INTERVAL) is True
+    touched = cache.lookup(cookie)
+    assert touched is not None and touched.last_seen == NOW + TOUCH_INTERVAL
+
+
+def test_cache_stays_within_its_bound(store: SessionStore, reader: SessionReader) -> None:
+    cache = SessionCache(reader, KEY, max_entries=8)
+    live = sign(new(store), KEY)
+    for n in range(50):
+        assert cache.lookup(sign(f"unknown-session-{n:04d}-xxxxx", KEY)) is None
+        assert len(cache) <= 8
+    assert cache.lookup(live) is not None  # still answered after the cache started over
+    assert len(cache) <= 8
+
+
+def test_cache_keeps_no_forged_cookies(store: SessionStore, cache: SessionCache) -> None:
+    session_id = new(store)
+    for forged in (sign(session_id, OTHER_KEY), session_id, "x" * 500, f"{session_id}.", "garbage"):
+        assert cache.lookup(forged) is None
+    assert len(cache) == 0
+    assert cache.lookup(sign(session_id, KEY)) is not None  # the twin: the right key finds it
+    assert len(cache) == 1
+
+
+def test_reader_cannot_write(store: SessionStore, reader: SessionReader) -> None:
+    session_id = new(store)
+    assert reader.get(session_id) is not None
+    with pytest.raises(StoreError, match="readonly"):
+        reader.delete(session_id)
+    with pytest.raises(StoreError, match="readonly"):
+        reader.create("LC000001", FP, ["tdnet"], False, NOW)
+    assert store.get(session_id) is not None
+
+
+def test_reader_data_version_moves_only_for_other_connections(store: SessionStore, reader: SessionReader) -> None:
+    version = reader.data_version()
+    assert reader.get("unknown-session-id-xxxxxx") is None
+    assert reader.data_version() == version
+    new(store)
+    assert reader.data_version() != version
+
+
+def test_cache_never_keeps_an_answer_older_than_its_version(store: SessionStore, cache: SessionCache) -> None:
+    """A commit landing in the middle of a cache fill is seen by the next lookup.
+
+    The version must be read before the SELECT it vouches for: read after,
+    it could vouch for a row that a commit in between had already deleted.
+    """
+    session_id = new(store)
+    cookie = sign(session_id, KEY)
+    fired: list[str] = []
+
+    def commit_while_filling(statement: str) -> None:
+        if statement == "PRAGMA data_version" and not fired:
+            fired.append(statement)
+            assert store.delete(session_id) is True  # another connection, mid-lookup
+
+    cache.reader._conn.set_trace_callback(commit_while_filling)
+    cache.lookup(cookie)  # either answer is fair for a lookup racing the logout
+    assert fired
+    assert cache.lookup(cookie) is None
+
+
 # -- cookie signing --------------------------------------------------------
 
 
@@ -234,3 +386,33 @@ def test_short_or_missing_key_refused(tmp_path: Path) -> None:
     assert secret not in str(info.value)
     with pytest.raises(ConfigError, match="cannot read"):
         load_session_key(tmp_path / "missing.key")
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("__Host-gw_session=abc.def", "abc.def"),
+        ("a=1; __Host-gw_session=abc.def; b=2", "abc.def"),
+        ("a=1;__Host-gw_session= abc.def ;b=2", "abc.def"),
+        ("__Host-gw_session=first; __Host-gw_session=second", "first"),
+        ('__Host-gw_session="quoted"', '"quoted"'),  # returned as sent: unsign refuses it
+    ],
+)
+def test_cookie_value_finds_the_session_cookie(header: str, expected: str) -> None:
+    assert cookie_value(header, SESSION_COOKIE) == expected
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        "a=1; b=2",
+        "x__Host-gw_session=abc",
+        "__Host-gw_session_old=abc",
+        "__Host-gw_session",
+        "__host-gw_session=abc",
+    ],
+)
+def test_cookie_value_ignores_other_cookies(header: str | None) -> None:
+    assert cookie_value(header, SESSION_COOKIE) is None
