@@ -2,12 +2,13 @@
 
 Order of the layers, outermost first (each one can refuse):
 
-0. ``deadline_middleware`` (:mod:`gateway.deadlines`) — refuses nothing; tells
-   the connection when a request head arrived and when it was answered, for
-   the slowloris timeouts.
-1. ``certificate_middleware`` — every request, every time: the client
-   certificate is re-judged per request (time, revocation), so a revocation
-   or expiry takes effect on open keep-alive connections too.
+1. ``certificate_middleware`` (the only middleware) — first tells the
+   connection's deadlines (:mod:`gateway.deadlines`) that a request head
+   arrived and, at the end, that it was answered (the slowloris timeouts);
+   then, every request, every time: the client certificate is re-judged
+   (time, revocation), so a revocation or expiry takes effect on open
+   keep-alive connections too. (One middleware, not two: each aiohttp
+   layer costs a few µs on every request.)
 2. the access layer (:mod:`gateway.login`) — session, login pages, per-system
    authorisation; passthrough backends get the certificate identity only.
 3. ``proxy_handler`` — path safety, Host against SNI, routing, forwarding
@@ -31,15 +32,23 @@ from aiohttp import web
 
 from gateway import metrics
 from gateway.audit import AuditEvent, EventKind, connection_fields, new_support_id
-from gateway.certpolicy import PeerCertificate, TrustAnchors, check_certificate, issued_by_trusted_ca, parse_peer
+from gateway.certpolicy import (
+    PeerCertificate,
+    TrustAnchors,
+    check_certificate,
+    check_shape,
+    issued_by_trusted_ca,
+    parse_peer,
+)
 from gateway.config import Backend, Config
-from gateway.deadlines import deadline_middleware
+from gateway.deadlines import request_deadlines
 from gateway.keys import BACKEND, PEER, USER
-from gateway.proxy import BodyTooLarge, UpstreamError, forward, identity_headers, make_client_session
+from gateway.proxy import BodyTooLarge, forward, identity_headers, make_client_session
 from gateway.responses import refusal
 from gateway.revocation import CrlRefresher
 from gateway.routing import Router, check_host, check_path
 from gateway.tls import server_name_of
+from gateway.upstream import UpstreamError, UpstreamPool
 from gateway.verdict import Reason, Verdict
 
 NO_CACHE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -81,15 +90,23 @@ class GatewayRuntime:
     audit: AuditSink
     worker: int = 0
     clock: Callable[[], dt.datetime] = utcnow
-    client: aiohttp.ClientSession | None = None
+    client: aiohttp.ClientSession | None = None  # WebSockets only
+    upstreams: UpstreamPool | None = None
     _peers: _Lru = field(default_factory=lambda: _Lru(20_000))
-    _issuer_verdicts: _Lru = field(default_factory=lambda: _Lru(20_000))
+    # Per certificate: (issuer verdict, usage+subject verdict). Both are time-independent;
+    # the issuer part depends on the CAs, so a reload clears this.
+    _static_verdicts: _Lru = field(default_factory=lambda: _Lru(20_000))
 
     def peer_of(self, request: web.BaseRequest) -> tuple[PeerCertificate | None, bool]:
-        """The client's leaf, parsed once per distinct certificate; (None, sent?)."""
+        """The client's leaf, parsed once per distinct certificate and kept per connection; (None, sent?)."""
         transport = request.transport
         ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if ssl_object is None:
+            return None, False
+        slot = getattr(ssl_object, "_gateway_slot", None)
+        if slot is not None and slot.peer is not None:
+            return slot.peer, True  # a TLS connection's certificate cannot change (renegotiation is off)
+        der = ssl_object.getpeercert(binary_form=True)
         if not der:
             return None, False
         peer = self._peers.get(der)
@@ -98,6 +115,8 @@ class GatewayRuntime:
             if peer is None:
                 return None, True
             self._peers.put(der, peer)
+        if slot is not None:
+            slot.peer = peer
         return peer, True
 
     def judge_certificate(self, peer: PeerCertificate | None, sent: bool) -> Verdict:
@@ -105,11 +124,17 @@ class GatewayRuntime:
             if sent:
                 return Verdict.deny(Reason.MALFORMED_SUBJECT, "certificate could not be parsed")
             return Verdict.deny(Reason.NO_CERTIFICATE)
-        issuer_verdict = self._issuer_verdicts.get(peer.fingerprint)
-        if issuer_verdict is None:
-            issuer_verdict = issued_by_trusted_ca(peer, self.anchors)
-            self._issuer_verdicts.put(peer.fingerprint, issuer_verdict)
-        return check_certificate(peer, self.anchors, self.refresher.state, self.clock(), issuer_verdict=issuer_verdict)
+        static = self._static_verdicts.get(peer.fingerprint)
+        if static is None:
+            static = (issued_by_trusted_ca(peer, self.anchors), check_shape(peer))
+            self._static_verdicts.put(peer.fingerprint, static)
+        return check_certificate(
+            peer, self.anchors, self.refresher.state, self.clock(), issuer_verdict=static[0], shape_verdict=static[1]
+        )
+
+    def clear_verdicts(self) -> None:
+        """Forget cached issuer verdicts (a reload changed the CAs)."""
+        self._static_verdicts.clear()
 
     def event(
         self,
@@ -167,7 +192,17 @@ RUNTIME = web.AppKey("gateway_runtime", GatewayRuntime)
 
 @web.middleware
 async def certificate_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Refuse unless the presented certificate is acceptable right now."""
+    """Report the request to its connection's deadlines; refuse unless the certificate is acceptable now."""
+    deadlines = request_deadlines(request)
+    if deadlines is None:
+        return await _certified(request, handler)
+    try:
+        return await _certified(request, handler)
+    finally:
+        deadlines.request_finished()
+
+
+async def _certified(request: web.Request, handler: Handler) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     peer, sent = rt.peer_of(request)
     verdict = rt.judge_certificate(peer, sent)
@@ -238,13 +273,14 @@ async def forward_to(
 ) -> web.StreamResponse:
     """Forward with identity headers; backend failures become 502/504/413 pages."""
     rt = request.app[RUNTIME]
-    assert rt.client is not None
+    assert rt.client is not None and rt.upstreams is not None
     if user_id is not None:
         request[USER] = user_id
     try:
         response = await forward(
             request,
             backend,
+            rt.upstreams,
             rt.client,
             identity_headers(peer, user_id),
             body=body,
@@ -280,13 +316,15 @@ async def still_allowed(request: web.Request, backend: Backend, peer: PeerCertif
 async def _client_ctx(app: web.Application) -> Any:
     rt = app[RUNTIME]
     rt.client = make_client_session(rt.config.limits.max_connections)
+    rt.upstreams = UpstreamPool()
     yield
+    await rt.upstreams.close()
     await rt.client.close()
 
 
 def build_app(runtime: GatewayRuntime, access: AccessLayer | None = None) -> web.Application:
     """The gateway application for one worker (no listening sockets here)."""
-    app = web.Application(middlewares=[deadline_middleware, certificate_middleware], client_max_size=1024**2)
+    app = web.Application(middlewares=[certificate_middleware], client_max_size=1024**2)
     app[RUNTIME] = runtime
     app[ACCESS] = access or CertificateOnlyAccess()
     app.cleanup_ctx.append(_client_ctx)

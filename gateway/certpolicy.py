@@ -188,6 +188,12 @@ def check_usage(peer: PeerCertificate) -> Verdict:
     return Verdict.allow()
 
 
+def check_shape(peer: PeerCertificate) -> Verdict:
+    """Steps 4 and 5 of :func:`check_certificate`: usage, then subject (time-independent, cacheable)."""
+    verdict = check_usage(peer)
+    return check_subject(peer) if verdict.allowed else verdict
+
+
 def check_certificate(
     peer: PeerCertificate | None,
     anchors: TrustAnchors,
@@ -195,11 +201,12 @@ def check_certificate(
     now: dt.datetime,
     *,
     issuer_verdict: Verdict | None = None,
+    shape_verdict: Verdict | None = None,
 ) -> Verdict:
     """The whole certificate decision, in a fixed order; deny by default.
 
     1. A certificate was presented and parses.
-    2. Issued by a trusted CA named ``tls.issuer`` (``issuer_verdict`` may be a cached step 1).
+    2. Issued by a trusted CA named ``tls.issuer`` (``issuer_verdict`` may be a cached step 2).
     3. Inside its validity period (the handshake skipped time checks on purpose).
     4. Usable for client authentication (and a serial RFC 5280 4.1.2.2 allows).
     5. The subject is exactly one plain user ID.
@@ -211,9 +218,7 @@ def check_certificate(
     if verdict.allowed:
         verdict = _check_time(peer, now)
     if verdict.allowed:
-        verdict = check_usage(peer)
-    if verdict.allowed:
-        verdict = check_subject(peer)
+        verdict = shape_verdict or check_shape(peer)  # steps 4 and 5 (``shape_verdict``: cached)
     if verdict.allowed:
         verdict = revocation.check(peer.serial, peer.issuer, now, peer.issuer_key_id)
     return verdict

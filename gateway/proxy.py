@@ -1,7 +1,8 @@
 """Forwarding: stream a request to its backend and the response back.
 
 Bodies stream both ways in 64 KiB chunks (a 1 GB upload or download keeps
-memory flat); connections to each backend are pooled and kept alive.
+memory flat); connections to each backend are pooled and kept alive by
+:mod:`gateway.upstream` (WebSockets by aiohttp's client).
 Identity headers are built here from the verified certificate and never
 taken from the client: every header in :data:`IDENTITY_HEADERS` that a client
 sends is dropped before ours are added.
@@ -10,7 +11,6 @@ sends is dropped before ours are added.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
@@ -21,6 +21,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway import metrics
 from gateway.certpolicy import PeerCertificate
 from gateway.config import Backend
+from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 CHUNK = 1 << 16
 
@@ -38,6 +39,9 @@ HOP_BY_HOP = frozenset(
         "proxy-connection",
     }
 )
+# Set by the backend hop itself: Host (the backend's), the body's framing, and no Expect
+# (aiohttp answers the client's 100-continue; the body goes to the backend without waiting).
+NOT_FORWARDED = HOP_BY_HOP | {"expect", "host", "content-length"}
 # Headers that carry identity to the backends: only the gateway sets them.
 IDENTITY_HEADERS = frozenset(
     {
@@ -68,14 +72,6 @@ class BodyTooLarge(Exception):
     """The client sent more than the backend's ``max_body_bytes``."""
 
 
-class UpstreamError(Exception):
-    """The backend could not be reached (502) or did not answer in time (504)."""
-
-    def __init__(self, timeout: bool, detail: str) -> None:
-        super().__init__(detail)
-        self.timeout = timeout
-
-
 def xfcc_value(peer: PeerCertificate) -> str:
     """Envoy's X-Forwarded-Client-Cert element: Hash and quoted Subject."""
     subject = peer.subject.replace("\\", "\\\\").replace('"', '\\"')
@@ -104,31 +100,30 @@ def outbound_headers(
     *,
     client_ip: str,
     host: str,
-) -> CIMultiDict[str]:
-    """Client headers minus hop-by-hop and identity ones, plus ours."""
-    connection_listed = {token.strip().lower() for token in incoming.get("Connection", "").split(",") if token.strip()}
-    out: CIMultiDict[str] = CIMultiDict()
+) -> list[tuple[str, str]]:
+    """Client headers minus hop-by-hop and identity ones, plus ours (Host is the backend's)."""
+    connection = incoming.get("Connection")
+    connection_listed = {t.strip().lower() for t in connection.split(",") if t.strip()} if connection else ()
+    out: list[tuple[str, str]] = []
     for name, value in incoming.items():
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in IDENTITY_HEADERS or lower in connection_listed:
+        if lower in NOT_FORWARDED or lower in IDENTITY_HEADERS or lower in connection_listed:
             continue
         if "_" in name:
             # Many backend stacks (CGI, WSGI, PHP) read X_Authenticated_User and
             # X-Authenticated-User as the same variable: drop every underscore
             # header, as nginx does by default (underscores_in_headers off).
             continue
-        if lower == "host":
-            continue
         if lower == "cookie":
             kept = strip_gateway_cookies(value)
             if kept:
-                out.add(name, kept)
+                out.append((name, kept))
             continue
-        out.add(name, value)
-    out["X-Forwarded-For"] = client_ip
-    out["X-Forwarded-Proto"] = "https"
-    out["X-Forwarded-Host"] = host
-    out.update(identity)
+        out.append((name, value))
+    out.append(("X-Forwarded-For", client_ip))
+    out.append(("X-Forwarded-Proto", "https"))
+    out.append(("X-Forwarded-Host", host))
+    out.extend(identity.items())
     return out
 
 
@@ -142,8 +137,9 @@ def strip_gateway_cookies(header: str) -> str:
     return "; ".join(p for p in kept if p)
 
 
-def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    connection_listed = {token.strip().lower() for token in upstream.get("Connection", "").split(",") if token.strip()}
+def response_headers(upstream: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
+    connection = upstream.get("Connection")
+    connection_listed = {t.strip().lower() for t in connection.split(",") if t.strip()} if connection else ()
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         lower = name.lower()
@@ -156,12 +152,17 @@ def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 
 async def _limited(stream: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
+    """The client's body for the backend, cut off at ``limit`` bytes."""
     seen = 0
-    async for chunk in stream.iter_chunked(CHUNK):
-        seen += len(chunk)
-        if seen > limit:
-            raise BodyTooLarge(f"body over {limit} bytes")
-        yield chunk
+    try:
+        async for chunk in stream.iter_chunked(CHUNK):
+            seen += len(chunk)
+            if seen > limit:
+                raise BodyTooLarge(f"body over {limit} bytes")
+            yield chunk
+    except (ConnectionError, aiohttp.ClientError) as exc:
+        # The client went away mid-body: the backend got half a request and is cut off.
+        raise UpstreamError(False, f"client body ended early: {type(exc).__name__}") from exc
 
 
 def make_client_session(max_connections: int = 1000) -> aiohttp.ClientSession:
@@ -179,7 +180,8 @@ def make_client_session(max_connections: int = 1000) -> aiohttp.ClientSession:
 async def forward(
     request: web.Request,
     backend: Backend,
-    session: aiohttp.ClientSession,
+    pool: UpstreamPool,
+    websockets: aiohttp.ClientSession,
     identity: Mapping[str, str],
     body: bytes | None = None,
     response_extra: Mapping[str, str] | None = None,
@@ -197,9 +199,7 @@ async def forward(
     if length is not None and length > backend.max_body_bytes:
         raise BodyTooLarge(f"Content-Length {length} over {backend.max_body_bytes}")
     if request.headers.get("Upgrade", "").lower() == "websocket":
-        return await _forward_websocket(request, backend, session, identity, still_allowed)
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    headers = outbound_headers(request.headers, identity, client_ip=peer[0] if peer else "", host=request.host)
+        return await _forward_websocket(request, backend, websockets, identity, still_allowed)
     data: bytes | AsyncIterator[bytes] | None
     if body is not None:
         data = body
@@ -207,33 +207,27 @@ async def forward(
         data = _limited(request.content, backend.max_body_bytes)
     else:
         data = None
-    timeout = _timeout(backend.connect_timeout, backend.timeout)
     started = time.perf_counter()
+    upstream = await pool.request(
+        backend.upstream,
+        request.method,
+        request.raw_path,
+        outbound_headers(request.headers, identity, client_ip=_client_ip(request), host=request.host),
+        data,
+        length=length,
+        connect_timeout=backend.connect_timeout,
+        read_timeout=backend.timeout,
+    )
     try:
-        async with session.request(
-            request.method,
-            backend.upstream + request.raw_path,
-            headers=headers,
-            data=data,
-            allow_redirects=False,
-            timeout=timeout,
-            compress=None,
-        ) as upstream:
-            metrics.UPSTREAM_LATENCY.labels(backend.name).observe(time.perf_counter() - started)
-            return await _relay(request, upstream, response_extra)
-    except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        raise UpstreamError(True, f"backend {backend.name} timed out: {exc}") from exc
-    except aiohttp.ClientPayloadError as exc:
-        raise UpstreamError(False, f"backend {backend.name} sent a broken body: {exc}") from exc
-    except aiohttp.ClientError as exc:
-        if isinstance(exc.__cause__, BodyTooLarge):
-            raise exc.__cause__ from exc
-        raise UpstreamError(False, f"backend {backend.name} unreachable: {type(exc).__name__}: {exc}") from exc
+        metrics.UPSTREAM_LATENCY.labels(backend.name).observe(time.perf_counter() - started)
+        return await _relay(request, upstream, response_extra)
+    finally:
+        upstream.release()
 
 
-@functools.cache
-def _timeout(connect: float, read: float) -> aiohttp.ClientTimeout:
-    return aiohttp.ClientTimeout(total=None, sock_connect=connect, sock_read=read)
+def _client_ip(request: web.BaseRequest) -> str:
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    return str(peer[0]) if peer else ""
 
 
 # Bodies up to this size are read whole and sent with the headers in one
@@ -244,7 +238,7 @@ CLIENT_GONE = (ConnectionResetError, aiohttp.ClientConnectionResetError)
 
 
 async def _relay(
-    request: web.Request, upstream: aiohttp.ClientResponse, extra: Mapping[str, str] | None
+    request: web.Request, upstream: UpstreamResponse, extra: Mapping[str, str] | None
 ) -> web.StreamResponse:
     headers = response_headers(upstream.headers)
     if extra:
@@ -258,12 +252,12 @@ async def _relay(
         response.content_length = length
     try:
         await response.prepare(request)
-        async for chunk in upstream.content.iter_chunked(CHUNK):
+        while chunk := await upstream.next_chunk():
             await response.write(chunk)
         await response.write_eof()
     except CLIENT_GONE:
         return response
-    except (TimeoutError, aiohttp.ClientError):
+    except UpstreamError:
         # The status line is gone already: cut the client off so it sees a
         # truncated body instead of a silently short one.
         if request.transport is not None:
@@ -286,8 +280,7 @@ async def _forward_websocket(
     expired session closes the socket (code 1008, policy violation).
     """
     url = backend.upstream.replace("http", "ws", 1) + request.raw_path
-    peer = request.transport.get_extra_info("peername") if request.transport else None
-    headers = outbound_headers(request.headers, identity, client_ip=peer[0] if peer else "", host=request.host)
+    headers = CIMultiDict(outbound_headers(request.headers, identity, client_ip=_client_ip(request), host=request.host))
     for name in ("Sec-WebSocket-Key", "Sec-WebSocket-Version", "Sec-WebSocket-Extensions", "Sec-WebSocket-Protocol"):
         headers.popall(name, None)
     try:

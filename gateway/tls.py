@@ -59,6 +59,7 @@ class HandshakeSlot:
     client_der: bytes | None = None
     sslobj: ssl.SSLObject | None = None
     server_name: str | None = None  # SNI as the client sent it (None: no SNI)
+    peer: Any = None  # the HTTP layer's parse of the verified leaf, kept for the connection's later requests
 
 
 _current_slot: ContextVar[HandshakeSlot | None] = ContextVar("gateway_tls_slot", default=None)

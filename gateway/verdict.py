@@ -78,10 +78,15 @@ class Verdict:
 
     @classmethod
     def allow(cls, detail: str = "") -> Verdict:
-        return cls(True, Reason.OK, detail)
+        # Immutable, so the common detail-less verdict is one shared object (it is built
+        # several times per request).
+        return cls(True, Reason.OK, detail) if detail else _ALLOWED
 
     @classmethod
     def deny(cls, reason: Reason, detail: str = "") -> Verdict:
         if reason is Reason.OK:
             raise ValueError("a refusal needs a reason other than OK")
         return cls(False, reason, detail)
+
+
+_ALLOWED = Verdict(True, Reason.OK)
