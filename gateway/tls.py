@@ -19,7 +19,11 @@ Three gaps of the stdlib ``ssl`` module are closed here, each deliberately:
    :class:`TlsAcceptor` accepts plain TCP and runs ``loop.start_tls`` itself,
    so a failure raises in our code with OpenSSL's reason; a message callback
    keeps the client's certificate as it arrives, so the audit record can name
-   the refused certificate's subject, serial and issuer.
+   the refused certificate's subject, serial and issuer. OpenSSL would go on
+   calling it for every record of the connection (a Python call per record
+   header, ~5 µs a keep-alive request), so once the handshake is done it is
+   switched off for that connection (``SSL_set_msg_callback``, same ctypes
+   care: the ``SSL*`` is checked to belong to our ``SSL_CTX`` first).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import asyncio
 import ctypes
 import logging
 import ssl
+import sys
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -164,8 +169,12 @@ def build_server_context(
     # The base setter takes raw integers; ssl.SSLContext's wrapper converts
     # every argument to an enum on every record, which costs ~100 µs a handshake.
     _ssl._SSLContext._msg_callback.__set__(ctx, _on_tls_message)  # type: ignore[attr-defined]
+    # One TLS 1.3 ticket per full handshake, not OpenSSL's two: a resumption brings a fresh
+    # one, and each costs an encryption of the session (client certificate included).
+    ctx.num_tickets = 1
     lib, pointer = _openssl_ctx(ctx)
     if lib is not None and pointer is not None:
+        ctx._gateway_ctx_pointer = pointer  # type: ignore[attr-defined]
         _purpose_any(lib, pointer)
         if tls.send_ca_names:
             set_client_ca_names(ctx, client_cas, lib, pointer)
@@ -252,6 +261,52 @@ def set_client_ca_names(ctx: ssl.SSLContext, cas: Sequence[x509.Certificate], li
         if name:
             lib.OPENSSL_sk_push(stack, name)
     lib.SSL_CTX_set_client_CA_list(pointer, stack)  # takes ownership of the stack
+
+
+def _ssl_pointer(sslobj: ssl.SSLObject) -> int | None:
+    """The ``SSL*`` of an SSLObject if it provably belongs to our context, else None.
+
+    CPython's ``PySSLSocket`` (3.11-3.13) starts with PyObject_HEAD, a weakref to
+    the socket, then the ``SSL*``. The pointer is used only if OpenSSL confirms
+    that it belongs to the ``SSL_CTX`` found (and checked) when the context was built.
+    """
+    ctx_pointer = getattr(sslobj.context, "_gateway_ctx_pointer", None)
+    inner = getattr(sslobj, "_sslobj", None)
+    if (
+        _LIB is None
+        or ctx_pointer is None
+        or type(inner) is not getattr(_ssl, "_SSLSocket", None)
+        or not (3, 11) <= sys.version_info[:2] <= (3, 13)
+    ):
+        return None
+    pointer = ctypes.c_void_p.from_address(id(inner) + object.__basicsize__ + ctypes.sizeof(ctypes.c_void_p)).value
+    if not pointer or _LIB.SSL_get_SSL_CTX(pointer) != ctx_pointer:
+        return None
+    return pointer
+
+
+def stop_message_callback(sslobj: ssl.SSLObject) -> bool:
+    """No more message callbacks on this connection (the handshake is over); False if not possible."""
+    pointer = _ssl_pointer(sslobj)
+    if pointer is None or _LIB is None:
+        return False
+    _LIB.SSL_set_msg_callback(pointer, None)
+    return True
+
+
+def _load_lib() -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL(_ssl.__file__)
+        lib.SSL_get_SSL_CTX.restype = ctypes.c_void_p
+        lib.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
+        lib.SSL_set_msg_callback.restype = None
+        lib.SSL_set_msg_callback.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    except (OSError, AttributeError):
+        return None
+    return lib
+
+
+_LIB = _load_lib()
 
 
 @dataclass(frozen=True, slots=True)
@@ -372,4 +427,6 @@ class TlsAcceptor(asyncio.Protocol):
             transport.abort()
             return
         metrics.HANDSHAKES.inc()
+        if slot.sslobj is not None:
+            stop_message_callback(slot.sslobj)
         app.connection_made(tls._get_app_transport())

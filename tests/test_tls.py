@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,3 +52,63 @@ async def test_ticket_from_one_worker_resumes_at_another_only_with_shared_keys(
     finally:
         await other.stop()
         await h.close()
+
+
+def _handshake_pair(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[ssl.SSLObject, ssl.SSLObject, Any]:
+    """A real TLS handshake between two SSLObjects over memory BIOs; returns (server, client, pump)."""
+    s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="127.0.0.1")
+
+    def pump() -> None:
+        c_in.write(s_out.read())
+        s_in.write(c_out.read())
+
+    for _ in range(10):
+        for side in (client, server):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        pump()
+    return server, client, pump
+
+
+def test_message_callback_stops_after_the_handshake_and_one_ticket_per_handshake(pki: ThrowawayPki) -> None:
+    """The callback that keeps refused certificates runs during the handshake only (it cost a Python
+    call per record afterwards); the twin without the switch-off keeps being called."""
+    import _ssl
+
+    from gateway.config import TlsConfig
+    from gateway.tls import _on_tls_message, build_server_context, load_client_cas, stop_message_callback
+
+    seen: list[int] = []
+
+    def counting(conn: Any, direction: str, version: int, content_type: int, msg_type: int, data: bytes) -> None:
+        seen.append(content_type)
+        _on_tls_message(conn, direction, version, content_type, msg_type, data)
+
+    config = TlsConfig(cert=pki.server_cert, key=pki.server_key, client_ca=(pki.ca_cert,))
+    files = pki.clients["LC000001"]
+    client_ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    client_ctx.load_cert_chain(files.cert, files.key)
+    results = {}
+    for stop in (True, False):
+        server_ctx = build_server_context(config, load_client_cas(config.client_ca))
+        assert server_ctx.num_tickets == 1
+        _ssl._SSLContext._msg_callback.__set__(server_ctx, counting)  # type: ignore[attr-defined]
+        server, client, pump = _handshake_pair(server_ctx, client_ctx)
+        assert server.getpeercert(binary_form=True)  # the client certificate arrived
+        during = len(seen)
+        assert during > 0
+        if stop:
+            assert stop_message_callback(server) is True
+        seen.clear()
+        for _ in range(5):
+            client.write(b"GET / HTTP/1.1\r\n\r\n")
+            pump()
+            assert server.read(1024).startswith(b"GET")
+            server.write(b"HTTP/1.1 200 OK\r\n\r\n")
+            pump()
+            client.read(1024)
+        results[stop] = len(seen)
+    assert results[True] == 0
+    assert results[False] > 0
