@@ -125,6 +125,8 @@ class UpstreamResponse:
             data = b"".join(conn.body)  # the common case: it came with the head
             conn.body.clear()
             conn.buffered = 0
+            if conn.transport is not None and not conn.closed:
+                conn.transport.resume_reading()  # paused if the body went over HIGH_WATER: pooled paused, it would hang
             return data
         parts = []
         while chunk := await self.next_chunk():
@@ -157,13 +159,16 @@ class _Connection(asyncio.Protocol):
         self.busy = False
         self.idle_since = 0.0
         self.closed = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.timer_at = 0.0
         self._reset(head_only=False)
 
     def _reset(self, *, head_only: bool) -> None:
         self.head_only = head_only
         self.reason = ""
         self.raw_headers: list[tuple[bytes, bytes]] = []
-        self.head_size = 0
+        self.head_size = 0  # header lines of the answer (checked when its head is complete)
+        self.head_received = 0  # bytes received while the head is incomplete (checked as they come)
         self.head: asyncio.Future[UpstreamResponse] | None = None
         self.read_timeout = 0.0
         self.body: deque[bytes] = deque()
@@ -176,7 +181,7 @@ class _Connection(asyncio.Protocol):
         self.waiter: asyncio.Future[None] | None = None
         self.writer: asyncio.Task[None] | None = None
         self.write_paused: asyncio.Future[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # when the awaited backend bytes are overdue (0: nothing awaited)
 
     # -- asyncio.Protocol ---------------------------------------------------------------
 
@@ -188,12 +193,15 @@ class _Connection(asyncio.Protocol):
             self.abort()  # bytes on an idle connection: nothing can be trusted on it any more
             return
         self.got_bytes = True
+        if self.head is not None and not self.head.done():
+            self.head_received += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamError(False, f"backend {self.origin.host_header} sent a broken answer: {exc}"))
             return
-        if self.head_size > MAX_HEAD_BYTES:
+        if self.head is not None and not self.head.done() and self.head_received > MAX_HEAD_BYTES:
+            # all of it is head; counted raw because llhttp reports a header line only once it ends
             self._fail(UpstreamError(False, f"backend answer head over {MAX_HEAD_BYTES} bytes"))
 
     def eof_received(self) -> bool:
@@ -205,6 +213,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
         self.pool.forget(self)
         self.resume_writing()  # a body writer waiting for room must wake up and see the end
         if self.complete:
@@ -237,6 +248,9 @@ class _Connection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # interim (100 Continue, 103 Early Hints): wait for the real answer
             self.reason, self.raw_headers = "", []
+            return
+        if self.head_size > MAX_HEAD_BYTES:  # completed by a read that took it over: refused all the same
+            self._fail(UpstreamError(False, f"backend answer head over {MAX_HEAD_BYTES} bytes"))
             return
         headers: CIMultiDict[str] = CIMultiDict(
             (n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in self.raw_headers
@@ -293,8 +307,12 @@ class _Connection(asyncio.Protocol):
                 self.transport.write(head)
                 writer = self.writer = self.loop.create_task(self._send_body(body, chunked))
                 await asyncio.wait((writer, answer), return_when=asyncio.FIRST_COMPLETED)
-                if writer.done() and not writer.cancelled() and writer.exception() is not None:
-                    writer.result()  # BodyTooLarge or the client's own failure wins over its effect (a closed backend)
+                failed = writer.exception() if writer.done() and not writer.cancelled() else None
+                answered = answer.done() and not answer.cancelled() and answer.exception() is None
+                if failed is not None and not (answered and isinstance(failed, UpstreamError)):
+                    # BodyTooLarge or the client's own failure wins over its effect (a closed backend);
+                    # but an answer that came before the backend closed mid-body (an early 413) is the outcome
+                    raise failed
             if not answer.done():
                 self._arm_timer()
             response: UpstreamResponse = await answer
@@ -395,17 +413,34 @@ class _Connection(asyncio.Protocol):
         self._wake()
         self.abort()
 
+    # One lazy timer per connection, not one per wait: a wait sets ``deadline``; the timer
+    # fires at the earliest deadline ever set, and re-sleeps until the current one if the
+    # connection is still waiting (answers normally come in well under the read timeout).
+
     def _arm_timer(self) -> None:
-        self._cancel_timer()
-        self.timer = self.loop.call_later(self.read_timeout, self._timed_out)
+        """The backend must send something within ``read_timeout`` from now."""
+        self.deadline = time.monotonic() + self.read_timeout
+        self._watch(self.deadline)
 
     def _cancel_timer(self) -> None:
+        """Nothing is awaited from the backend any more (the timer, if any, will find that)."""
+        self.deadline = 0.0
+
+    def _watch(self, at: float) -> None:
+        if self.timer is not None and self.timer_at <= at:
+            return
         if self.timer is not None:
             self.timer.cancel()
-            self.timer = None
+        self.timer_at = at
+        self.timer = self.loop.call_later(max(at - time.monotonic(), 0.0), self._check_deadline)
 
-    def _timed_out(self) -> None:
+    def _check_deadline(self) -> None:
         self.timer = None
+        if not self.deadline or self.closed:
+            return
+        if time.monotonic() < self.deadline:
+            self._watch(self.deadline)
+            return
         self._fail(UpstreamError(True, f"backend {self.origin.host_header} sent nothing for {self.read_timeout:g} s"))
 
 
