@@ -300,7 +300,7 @@ async def forward_to(
         reason = Reason.BACKEND_TIMEOUT if exc.timeout else Reason.BACKEND_UNAVAILABLE
         log.warning("upstream failure", extra={"backend": backend.name, "error": str(exc)})
         return rt.refuse(request, Verdict.deny(reason, str(exc)), peer=peer, user_id=user_id or "")
-    metrics.REQUESTS.labels(backend.name, f"{response.status // 100}xx").inc()
+    metrics.requests_answered(backend.name, f"{response.status // 100}xx").inc()
     return response
 
 

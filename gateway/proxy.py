@@ -219,7 +219,7 @@ async def forward(
         read_timeout=backend.timeout,
     )
     try:
-        metrics.UPSTREAM_LATENCY.labels(backend.name).observe(time.perf_counter() - started)
+        metrics.upstream_latency(backend.name).observe(time.perf_counter() - started)
         return await _relay(request, upstream, response_extra)
     finally:
         upstream.release()
