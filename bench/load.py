@@ -67,8 +67,9 @@ def s_time(port: int, pki: BenchPki, cookie: str, seconds: float, *, reuse: bool
     match = re.search(r"(\d+) connections in [\d.]+s", out)
     conns = int(match.group(1)) if match else 0
     per = re.search(r"(\d+) bytes read per connection", out)
-    # s_time prints one mark per connection: 'r' when the session was resumed, '*' for a full handshake.
-    marks = re.search(r"seconds\n([r*t3]+)", out) if reuse else None
+    # s_time prints one mark per connection after "starting": 'r' when the session was resumed,
+    # '*' for a full handshake (the pattern used to look after "seconds" and always found 0).
+    marks = re.search(r"starting\n([r*t3]+)", out) if reuse else None
     resumed = marks.group(1).count("r") if marks else 0
     return HandshakeResult(conns, wall, resumed, float(per.group(1)) if per else 0.0, cpu)
 
