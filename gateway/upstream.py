@@ -344,11 +344,28 @@ class _Connection(asyncio.Protocol):
             else:
                 self.transport.write(chunk)
             if self.write_paused is not None:
-                await self.write_paused
+                await self._writable()
             if self.closed:
                 raise UpstreamError(False, f"backend {self.origin.host_header} closed the connection mid-body")
         if chunked and self.transport is not None:
             self.transport.write(b"0\r\n\r\n")
+
+    async def _writable(self) -> None:
+        """Wait until the backend takes more of the body, at most ``read_timeout`` (nginx's proxy_send_timeout).
+
+        A backend that stops reading without answering would otherwise hold the
+        upload, the client and this connection for ever.
+        """
+        paused = self.write_paused
+        if paused is None:
+            return
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                await paused
+        except TimeoutError:
+            raise UpstreamError(
+                True, f"backend {self.origin.host_header} took no request body for {self.read_timeout:g} s"
+            ) from None
 
     async def next_chunk(self, read_timeout: float) -> bytes:
         """The next piece of the body, b"" at its end."""

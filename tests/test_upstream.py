@@ -646,6 +646,43 @@ def test_read_timeout_starts_when_the_upload_ends(run: Run, answers: bool) -> No
     run(scenario())
 
 
+@pytest.mark.parametrize("reads", [True, False], ids=["backend-reads", "backend-stops-reading"])
+def test_send_timeout_when_the_backend_stops_taking_the_body(run: Run, reads: bool) -> None:
+    """A backend that reads the head, then neither reads the body nor answers, is cut off after
+    read_timeout (it would hold the upload for ever); the twin that keeps reading gets it all."""
+    size = 64 * 1024 * 1024
+
+    async def scenario() -> None:
+        async def handler(server: Raw, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            server.heads.append(head)
+            if not reads:
+                await asyncio.Event().wait()
+            await reader.readexactly(size)
+            writer.write(answer())
+            await writer.drain()
+            await asyncio.Event().wait()
+
+        async def body() -> AsyncIterator[bytes]:
+            block = b"x" * (1 << 16)
+            for _ in range(size // len(block)):
+                yield block
+
+        async with raw_backend(handler) as backend, pooled() as pool:
+            started = time.monotonic()
+            if reads:
+                response, data = await fetch(pool, backend.url, "/", "POST", body=body(), length=size, read_timeout=0.5)
+                assert (response.status, data) == (200, b"ok")
+            else:
+                with pytest.raises(UpstreamError) as caught:
+                    await fetch(pool, backend.url, "/", "POST", body=body(), length=size, read_timeout=0.3)
+                assert caught.value.timeout
+                assert "took no request body" in str(caught.value)
+                assert time.monotonic() - started < 3
+
+    run(scenario())
+
+
 # -- 4. failures ------------------------------------------------------------------------------
 
 
