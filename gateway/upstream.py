@@ -255,11 +255,9 @@ class _Connection(asyncio.Protocol):
         headers: CIMultiDict[str] = CIMultiDict(
             (n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in self.raw_headers
         )
-        self.until_eof = (
-            not self.head_only
-            and status not in (204, 304)
-            and "Content-Length" not in headers
-            and "Transfer-Encoding" not in headers
+        chunked = headers.get("Transfer-Encoding", "").rstrip().lower().endswith("chunked")
+        self.until_eof = (  # RFC 9112 6.3: no length and not chunked (even with another coding): until close
+            not self.head_only and status not in (204, 304) and "Content-Length" not in headers and not chunked
         )
         self.keep_alive = self.parser.should_keep_alive()  # llhttp knows it only until the message ends
         if self.head_only:

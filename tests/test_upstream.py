@@ -477,8 +477,9 @@ def test_chunked_response(run: Run) -> None:
     [
         b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\n",
     ],
-    ids=["http1.0", "http1.1-close"],
+    ids=["http1.0", "http1.1-close", "non-chunked-coding"],
 )
 def test_close_delimited_response(run: Run, head: bytes) -> None:
     async def scenario() -> None:
