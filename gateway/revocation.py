@@ -23,12 +23,10 @@ import ctypes
 import datetime as dt
 import hashlib
 import logging
-import multiprocessing
 import os
 import time
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -303,7 +301,7 @@ class CrlRefresher:
         self._sources = {source: _SourceState() for source in config.sources}
         self._validators: dict[str, tuple[str | None, str | None]] = {}
         self._on_failure = on_failure
-        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._pools: set[concurrent.futures.ProcessPoolExecutor] = set()  # parses in flight
         self._session: aiohttp.ClientSession | None = None
         self.last_error: dict[str, str] = {}
 
@@ -437,24 +435,34 @@ class CrlRefresher:
         return bytes(data)
 
     async def _parse(self, data: bytes | Path, source: str) -> CrlSnapshot:
-        loop = asyncio.get_running_loop()
         now = dt.datetime.now(dt.UTC)
-        executor: concurrent.futures.Executor | None = None
         if isinstance(data, Path) or len(data) > PROCESS_PARSE_BYTES:
-            if self._pool is None:
-                self._pool = concurrent.futures.ProcessPoolExecutor(
-                    max_workers=1,
-                    mp_context=multiprocessing.get_context("spawn"),
-                    max_tasks_per_child=1,  # the parser's peak memory leaves with it
-                )
-            executor = self._pool
+            return await self._parse_in_child(data, source, now)
+        return await asyncio.get_running_loop().run_in_executor(None, parse_crl, data, self.ca_ders, now, source)
+
+    async def _parse_in_child(self, data: bytes | Path, source: str, now: dt.datetime) -> CrlSnapshot:
+        """A big CRL goes to a child process of its own, shut down once it answered.
+
+        The parser's peak memory leaves with the child, and no idle child
+        (~16 MiB; ``max_tasks_per_child`` would start a replacement at once)
+        waits for the next big CRL. multiprocessing is imported only here: a
+        worker whose CRLs are all small never holds it.
+        """
+        import multiprocessing
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        self._pools.add(pool)
+        loop = asyncio.get_running_loop()
         try:
             if isinstance(data, Path):
-                return await loop.run_in_executor(executor, parse_crl_file, str(data), self.ca_ders, now, source)
-            return await loop.run_in_executor(executor, parse_crl, data, self.ca_ders, now, source)
+                return await loop.run_in_executor(pool, parse_crl_file, str(data), self.ca_ders, now, source)
+            return await loop.run_in_executor(pool, parse_crl, data, self.ca_ders, now, source)
         except BrokenProcessPool as exc:
-            self._pool = None
             raise CrlError("CRL parser process died") from exc
+        finally:
+            self._pools.discard(pool)
+            pool.shutdown(wait=False)
 
     async def run(self) -> None:
         """Refresh every ``refresh_seconds`` until cancelled."""
@@ -466,5 +474,5 @@ class CrlRefresher:
     async def aclose(self) -> None:
         if self._session is not None:
             await self._session.close()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
+        for pool in self._pools:
+            pool.shutdown(wait=False, cancel_futures=True)

@@ -122,6 +122,37 @@ async def test_big_crl_file_is_parsed_in_a_child_process(ca: tuple, tmp_path) ->
         await refresher.aclose()
 
 
+async def test_no_parser_process_is_left_after_a_big_crl(ca: tuple, tmp_path) -> None:
+    """The child that parsed a big CRL exits, and no idle replacement (~16 MiB) waits for the next one."""
+    import asyncio
+    import multiprocessing
+    import time
+
+    from gateway.config import RevocationConfig
+    from gateway.revocation import PROCESS_PARSE_BYTES, CrlRefresher
+
+    path = tmp_path / "big.crl"
+    path.write_bytes(crl_bytes(ca, [pki.random_serial() for _ in range(30_000)], this_update=dt.datetime.now(dt.UTC)))
+    assert path.stat().st_size > PROCESS_PARSE_BYTES
+    before = {p.pid for p in multiprocessing.active_children()}
+    refresher = CrlRefresher(RevocationConfig(sources=(str(path),)), ca_der(ca))
+    try:
+        for number in (1, 2):  # a second, changed CRL gets a child of its own, which leaves too
+            if number == 2:
+                serials = [7, *(pki.random_serial() for _ in range(30_000))]
+                path.write_bytes(crl_bytes(ca, serials, this_update=dt.datetime.now(dt.UTC), number=2))
+            assert await refresher.refresh(str(path)) is True
+            assert refresher.last_error == {}
+            deadline = time.monotonic() + 15
+            while (left := {p.pid for p in multiprocessing.active_children()} - before) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert left == set()
+        [snapshot] = refresher.state.by_issuer.values()
+        assert snapshot.number == 2 and 7 in snapshot.index
+    finally:
+        await refresher.aclose()
+
+
 async def test_an_older_crl_from_a_second_source_never_replaces_a_newer_one(ca: tuple, tmp_path) -> None:
     from gateway.config import RevocationConfig
     from gateway.revocation import CrlRefresher
