@@ -25,7 +25,14 @@ COMMAND_MODULES = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command tree, or only as much of it as defines ``command``.
+
+    Modules register in order until one adds ``command``: ``gateway serve``
+    imports ``gateway.cli_serve`` alone, so a serving process never holds the
+    user, audit and CA commands' modules (the CA and issuance code among them)
+    for its whole life. An unknown command gets the whole tree (and its error).
+    """
     parser = argparse.ArgumentParser(
         prog="gateway",
         description="mTLS login gateway for TDnet, J-IRISS and clearing, and the TSE SSO CA.",
@@ -35,11 +42,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+        if command is not None and command in sub.choices:
+            break
     return parser
 
 
+def command_of(argv: Sequence[str]) -> str | None:
+    """The sub-command named on the line, when only ``--debug`` precedes it (``--help`` needs the whole tree)."""
+    for arg in argv:
+        if arg != "--debug":
+            return None if arg.startswith("-") else arg
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(command_of(argv))
     args = parser.parse_args(argv)
     try:
         result: int = args.func(args)

@@ -9,13 +9,18 @@ into markup, so autoescaping covers them.
 from __future__ import annotations
 
 from functools import cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jinja2 import Environment, PackageLoader, select_autoescape
+if TYPE_CHECKING:
+    from jinja2 import Environment
 
 
 @cache
 def environment() -> Environment:
+    """Jinja2 is imported on the first page, not with this module: a worker that
+    only proxies logged-in traffic never renders one, and would carry ~1.5 MiB of it."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
     return Environment(
         loader=PackageLoader("gateway", "templates"),
         autoescape=select_autoescape(default=True, default_for_string=True),

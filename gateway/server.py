@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import multiprocessing
 import os
 import queue
 import secrets
@@ -478,6 +477,8 @@ class Supervisor:
     """
 
     def __init__(self, config: Config) -> None:
+        import multiprocessing  # only the supervisor needs it; a single worker never loads it for this
+
         self.config = config
         self.ctx = multiprocessing.get_context("spawn")
         self.procs: dict[int, Any] = {}

@@ -458,6 +458,24 @@ async def test_healthz_and_metrics(gw: Harness) -> None:
     assert "gateway_crl_entries" in text
 
 
+async def test_admin_listener_serves_the_audit_report(gw: Harness) -> None:
+    """/audit is wired through the worker's admin listener (its module loads on the first request)."""
+    from gateway.audit import AuditEvent, EventKind
+    from gateway.auditstore import AuditStore
+
+    event = AuditEvent(EventKind.REQUEST_REFUSED, reason="certificate_revoked", user_id="LC000009")
+    with AuditStore(gw.config.audit.database) as store:
+        store.append([event])
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):  # the first request imports the report module, the second reuses it
+            async with s.get(gw.admin_url("/audit"), params={"support_id": event.support_id}) as r:
+                assert r.status == 200
+                assert r.content_type == "text/html"
+                assert "LC000009" in await r.text()
+        async with s.get(gw.admin_url("/audit"), params={"since": "not-a-time"}) as r:
+            assert r.status == 400  # the report's own filter check answers, not a 404 or 500
+
+
 async def test_underscore_spellings_of_identity_headers_are_dropped(gw: Harness) -> None:
     forged = {"X_Authenticated_User": "ADMIN", "X_Forwarded_Client_Cert": "Hash=00", "X-Custom": "kept"}
     status, body = await get_json(gw, "/onre/a", headers=forged)
