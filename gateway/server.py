@@ -54,6 +54,7 @@ from gateway.certpolicy import TrustAnchors, parse_peer
 from gateway.config import Config, load_config, require_gateway
 from gateway.deadlines import ClientDeadlines
 from gateway.errors import GatewayError
+from gateway.listener import BatchListener, listen
 from gateway.logs import JsonAccessLogger, setup_logging
 from gateway.revocation import CrlRefresher
 from gateway.routing import Router
@@ -158,7 +159,7 @@ class GatewayWorker:
     _tls: TlsState | None = None
     _runner: web.AppRunner | None = None
     _admin_runner: web.AppRunner | None = None
-    _server: asyncio.AbstractServer | None = None
+    _server: BatchListener | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _pending_handshakes: int = 0
     _listening: bool = False
@@ -194,12 +195,9 @@ class GatewayWorker:
         )
         await self._runner.setup()
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._protocol,
-            config.listen.host,
-            config.listen.port,
-            reuse_port=self.reuse_port or None,
-            backlog=1024,
+        # Not loop.create_server: uvloop's accepts one connection per loop iteration (see listener.py).
+        self._server = await listen(
+            loop, self._protocol, config.listen.host, config.listen.port, reuse_port=self.reuse_port, backlog=1024
         )
         self.port = self._server.sockets[0].getsockname()[1]
         metrics.WORKERS_LISTENING.inc()
