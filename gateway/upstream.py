@@ -57,6 +57,10 @@ class UpstreamError(Exception):
         self.timeout = timeout
 
 
+class _Trailing(Exception):
+    """Raised from the parser's callback to stop at a second answer (see ``on_message_begin``)."""
+
+
 class _Stale(Exception):
     """A pooled connection closed before any byte of the answer: safe to retry if replayable."""
 
@@ -154,7 +158,7 @@ class _Connection(asyncio.Protocol):
         self.origin = origin
         self.loop = asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.write_paused: asyncio.Future[None] | None = None  # the transport's state, across exchanges
         self.reused = False
         self.busy = False
         self.idle_since = 0.0
@@ -164,7 +168,10 @@ class _Connection(asyncio.Protocol):
         self._reset(head_only=False)
 
     def _reset(self, *, head_only: bool) -> None:
+        # A parser per exchange: no state of an earlier answer can reach this one.
+        self.parser = httptools.HttpResponseParser(self)
         self.head_only = head_only
+        self.trailing = False  # bytes came after the final answer: the connection is not reused
         self.reason = ""
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0  # header lines of the answer (checked when its head is complete)
@@ -180,7 +187,6 @@ class _Connection(asyncio.Protocol):
         self.error: UpstreamError | None = None
         self.waiter: asyncio.Future[None] | None = None
         self.writer: asyncio.Task[None] | None = None
-        self.write_paused: asyncio.Future[None] | None = None
         self.deadline = 0.0  # when the awaited backend bytes are overdue (0: nothing awaited)
 
     # -- asyncio.Protocol ---------------------------------------------------------------
@@ -197,7 +203,10 @@ class _Connection(asyncio.Protocol):
             self.head_received += len(data)
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if self.trailing:
+                self.abort()  # the answer itself is whole; what followed it is not ours to relay
+                return
             self._fail(UpstreamError(False, f"backend {self.origin.host_header} sent a broken answer: {exc}"))
             return
         if self.head is not None and not self.head.done() and self.head_received > MAX_HEAD_BYTES:
@@ -237,6 +246,15 @@ class _Connection(asyncio.Protocol):
 
     # -- llhttp callbacks -------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.complete:
+            # A second answer to one request (a backend that saw a request smuggled in a body,
+            # or a HEAD answer with a body): stop parsing here. The first answer stands; the
+            # connection is closed, never pooled, so nothing of this reaches another request.
+            self.trailing = True
+            self.keep_alive = False
+            raise _Trailing
+
     def on_status(self, reason: bytes) -> None:
         self.reason += reason.decode("latin-1")
 
@@ -247,7 +265,7 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
         if 100 <= status < 200:  # interim (100 Continue, 103 Early Hints): wait for the real answer
-            self.reason, self.raw_headers = "", []
+            self.reason, self.raw_headers, self.head_size = "", [], 0
             return
         if self.head_size > MAX_HEAD_BYTES:  # completed by a read that took it over: refused all the same
             self._fail(UpstreamError(False, f"backend answer head over {MAX_HEAD_BYTES} bytes"))
@@ -255,7 +273,8 @@ class _Connection(asyncio.Protocol):
         headers: CIMultiDict[str] = CIMultiDict(
             (n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in self.raw_headers
         )
-        chunked = headers.get("Transfer-Encoding", "").rstrip().lower().endswith("chunked")
+        coding = ",".join(headers.getall("Transfer-Encoding", ()))  # llhttp reads every line of it
+        chunked = coding.rstrip().lower().endswith("chunked")
         self.until_eof = (  # RFC 9112 6.3: no length and not chunked (even with another coding): until close
             not self.head_only and status not in (204, 304) and "Content-Length" not in headers and not chunked
         )
@@ -268,6 +287,10 @@ class _Connection(asyncio.Protocol):
             self.head.set_result(response)
 
     def on_body(self, body: bytes) -> None:
+        if self.complete:  # a body after a HEAD answer: not part of anything
+            self.trailing = True
+            self.keep_alive = False
+            return
         self.body.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and self.transport is not None:
@@ -335,18 +358,20 @@ class _Connection(asyncio.Protocol):
 
     async def _write_body(self, body: AsyncIterator[bytes], chunked: bool) -> None:
         async for chunk in body:
-            if not chunk or self.transport is None:
+            if not chunk:
                 continue
-            if chunked:
-                self.transport.writelines((b"%x\r\n" % len(chunk), chunk, b"\r\n"))
-            else:
-                self.transport.write(chunk)
+            self._send((b"%x\r\n" % len(chunk), chunk, b"\r\n") if chunked else (chunk,))
             if self.write_paused is not None:
                 await self._writable()
-            if self.closed:
-                raise UpstreamError(False, f"backend {self.origin.host_header} closed the connection mid-body")
-        if chunked and self.transport is not None:
-            self.transport.write(b"0\r\n\r\n")
+        if chunked:
+            self._send((b"0\r\n\r\n",))
+
+    def _send(self, parts: tuple[bytes, ...]) -> None:
+        """Write body bytes, or fail as the backend's doing if it closed (uvloop raises on a closed transport)."""
+        transport = self.transport
+        if self.closed or transport is None or transport.is_closing():
+            raise UpstreamError(False, f"backend {self.origin.host_header} closed the connection mid-body")
+        transport.writelines(parts)
 
     async def _writable(self) -> None:
         """Wait until the backend takes more of the body, at most ``read_timeout`` (nginx's proxy_send_timeout).
@@ -504,7 +529,7 @@ class UpstreamPool:
             except _Stale:
                 if not replayable:
                     raise UpstreamError(False, f"backend {origin.host_header} closed a kept-alive connection") from None
-                # a fresh connection cannot be stale: the next round ends the loop
+                # the next round takes another pooled connection or a fresh one (which cannot be stale)
 
     async def close(self) -> None:
         """Close every connection (worker shutdown)."""

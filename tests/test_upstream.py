@@ -1216,3 +1216,141 @@ def test_read_of_a_complete_body_leaves_the_connection_usable(run: Run, size: in
             assert backend.connections == 1
 
     run(scenario())
+
+
+# -- answers that do not end where they say (found in review) ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        answer(b"SMUGGLED"),
+        b"HTTP/1.1 302 Found\r\nLocation: https://evil.example/\r\nSet-Cookie: x=attacker\r\nX-Junk: ",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\nEVIL-",
+    ],
+    ids=["whole-second-answer", "half-a-head", "half-a-body"],
+)
+def test_bytes_after_the_answer_never_reach_the_next_request(run: Run, extra: bytes) -> None:
+    """A backend answering one request twice (it saw a request smuggled in a body): the first answer is
+    delivered exactly, the connection is closed, and the next request (another user's) gets its own answer
+    on a fresh connection. The twin: a clean answer keeps the connection."""
+
+    async def scenario() -> None:
+        async def handler(server: Raw, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
+            while True:
+                head, _ = await read_request(reader, server)
+                first = b"/attacker" in head.split(b"\r\n", 1)[0]
+                writer.write(answer(b"first") + (extra if first else b"") if first else answer(b"own answer"))
+                await writer.drain()
+
+        async with raw_backend(handler) as backend, pooled() as pool:
+            response, data = await fetch(pool, backend.url, "/attacker")
+            assert (response.status, data) == (200, b"first")
+            response, data = await fetch(pool, backend.url, "/victim")
+            assert (response.status, data, response.headers.get("Location")) == (200, b"own answer", None)
+            assert backend.connections == 2
+            response, data = await fetch(pool, backend.url, "/victim-again")  # twin: a clean answer is pooled
+            assert data == b"own answer" and backend.connections == 2
+
+    run(scenario())
+
+
+def test_a_body_after_a_head_answer_is_not_relayed(run: Run) -> None:
+    async def scenario() -> None:
+        async def handler(server: Raw, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
+            while True:
+                head, _ = await read_request(reader, server)
+                if head.startswith(b"HEAD"):
+                    writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!")
+                else:
+                    writer.write(answer(b"own answer"))
+                await writer.drain()
+
+        async with raw_backend(handler) as backend, pooled() as pool:
+            response, data = await fetch(pool, backend.url, "/", "HEAD")
+            assert (response.status, data, response.content_length) == (200, b"", 5)
+            response, data = await fetch(pool, backend.url, "/next")
+            assert data == b"own answer"
+
+    run(scenario())
+
+
+def test_a_switching_protocols_answer_is_a_clean_upstream_error(run: Run, caplog: pytest.LogCaptureFixture) -> None:
+    """The gateway never asks for an upgrade on this client: a 101 is a broken answer (502), not a logged crash."""
+
+    async def scenario() -> None:
+        async def handler(server: Raw, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
+            await read_request(reader, server)
+            writer.write(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n")
+            await writer.drain()
+            await asyncio.Event().wait()
+
+        async with raw_backend(handler) as backend, pooled() as pool:
+            with pytest.raises(UpstreamError) as caught:
+                await fetch(pool, backend.url, "/", read_timeout=2)
+            assert not caught.value.timeout
+
+    with caplog.at_level(logging.ERROR):
+        run(scenario())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("cut", [True, False], ids=["cut-mid-body", "whole"])
+def test_chunked_named_on_a_second_transfer_encoding_line(run: Run, cut: bool) -> None:
+    """llhttp reads every Transfer-Encoding line; so must the end-of-body rule: a chunked body cut by the
+    backend's close is an error, not a whole (shorter) body."""
+
+    async def scenario() -> None:
+        async def handler(server: Raw, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
+            await read_request(reader, server)
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+            )
+            if not cut:
+                writer.write(b"0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+        async with raw_backend(handler) as backend, pooled() as pool:
+            if cut:
+                with pytest.raises(UpstreamError):
+                    await fetch(pool, backend.url, "/")
+            else:
+                _, data = await fetch(pool, backend.url, "/")
+                assert data == b"hello"
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("closes", [True, False], ids=["backend-closes", "backend-reads"])
+def test_backend_closing_during_a_streamed_upload_is_an_upstream_error(run: Run, closes: bool) -> None:
+    """uvloop raises RuntimeError on a write to a closed transport: that must still be a 502, not a 500."""
+
+    async def scenario() -> None:
+        async def handler(server: Raw, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(100_000)
+            if closes:
+                writer.transport.abort()
+                return
+            tail = b""
+            while not tail.endswith(b"\r\n0\r\n\r\n"):
+                tail = (tail + await reader.read(65536))[-16:]
+            writer.write(answer())
+            await writer.drain()
+            await asyncio.Event().wait()
+
+        async def body() -> AsyncIterator[bytes]:
+            for _ in range(200 if not closes else 10**6):
+                await asyncio.sleep(0)
+                yield b"x" * 4096
+
+        async with raw_backend(handler) as backend, pooled() as pool:
+            if closes:
+                with pytest.raises(UpstreamError):
+                    await fetch(pool, backend.url, "/up", "POST", body=body())
+            else:
+                response, data = await fetch(pool, backend.url, "/up", "POST", body=body())
+                assert (response.status, data) == (200, b"ok")
+
+    run(scenario())
