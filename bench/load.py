@@ -46,6 +46,16 @@ class HandshakeResult:
         return self.connections / self.seconds if self.seconds else 0.0
 
 
+def run_timed(argv: list[str], timeout: float) -> tuple[str, float, float]:
+    """Run a load tool; (its stdout, wall seconds, its user+system CPU seconds)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False).stdout
+    wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return out, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
 def s_time(port: int, pki: BenchPki, cookie: str, seconds: float, *, reuse: bool) -> HandshakeResult:
     """``openssl s_time -new|-reuse -www`` with the session cookie smuggled into the request line.
 
@@ -58,12 +68,7 @@ def s_time(port: int, pki: BenchPki, cookie: str, seconds: float, *, reuse: bool
         "-cert", str(pki.client_cert), "-key", str(pki.client_key), "-CAfile", str(pki.ca_cert),
         "-time", str(int(seconds)), "-reuse" if reuse else "-new",
     ]  # fmt: skip
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False).stdout
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    out, wall, cpu = run_timed(argv, seconds + 60)
     match = re.search(r"(\d+) connections in [\d.]+s", out)
     conns = int(match.group(1)) if match else 0
     per = re.search(r"(\d+) bytes read per connection", out)
@@ -97,12 +102,7 @@ def wrk(url: str, connections: int, seconds: float, headers: dict[str, str], wor
     for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]
     argv.append(url)
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60, check=False).stdout
-    wall = time.perf_counter() - started
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    out, wall, cpu = run_timed(argv, seconds + 60)
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     status = re.search(r"STATUS ok=(\d+) bad=(\d+)", out)
     lat = re.search(r"LAT p50=(\d+) p90=(\d+) p99=(\d+) max=(\d+)", out)
