@@ -198,18 +198,36 @@ def set_ticket_keys(lib: ctypes.CDLL, pointer: int, keys: bytes) -> None:
         log.warning("tls: OpenSSL refused the shared session-ticket keys; each worker keeps its own")
 
 
-def _openssl_ctx(ctx: ssl.SSLContext) -> tuple[ctypes.CDLL | None, int | None]:
-    """libssl (as loaded by ``_ssl``) and the context's ``SSL_CTX*``, or (None, None)."""
+def _load_lib() -> ctypes.CDLL | None:
+    """libssl as ``_ssl`` loaded it, once, with the prototypes of the per-connection calls."""
     try:
         lib = ctypes.CDLL(_ssl.__file__)
-        pointer = _ssl_ctx_pointer(ctx, lib)
+        lib.SSL_get_SSL_CTX.restype = ctypes.c_void_p
+        lib.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
+        lib.SSL_set_msg_callback.restype = None
+        lib.SSL_set_msg_callback.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
     except (OSError, AttributeError) as exc:
+        log.warning("tls: cannot reach OpenSSL through ctypes: %s", exc)
+        return None
+    return lib
+
+
+_LIB = _load_lib()
+
+
+def _openssl_ctx(ctx: ssl.SSLContext) -> tuple[ctypes.CDLL | None, int | None]:
+    """libssl (as loaded by ``_ssl``) and the context's ``SSL_CTX*``, or (None, None)."""
+    if _LIB is None:
+        return None, None
+    try:
+        pointer = _ssl_ctx_pointer(ctx, _LIB)
+    except AttributeError as exc:
         log.warning("tls: cannot reach OpenSSL through ctypes: %s", exc)
         return None, None
     if pointer is None:
         log.warning("tls: unexpected SSLContext layout; CA names not sent, EKU checked by OpenSSL")
         return None, None
-    return lib, pointer
+    return _LIB, pointer
 
 
 def _purpose_any(lib: ctypes.CDLL, pointer: int) -> None:
@@ -292,21 +310,6 @@ def stop_message_callback(sslobj: ssl.SSLObject) -> bool:
         return False
     _LIB.SSL_set_msg_callback(pointer, None)
     return True
-
-
-def _load_lib() -> ctypes.CDLL | None:
-    try:
-        lib = ctypes.CDLL(_ssl.__file__)
-        lib.SSL_get_SSL_CTX.restype = ctypes.c_void_p
-        lib.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
-        lib.SSL_set_msg_callback.restype = None
-        lib.SSL_set_msg_callback.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    except (OSError, AttributeError):
-        return None
-    return lib
-
-
-_LIB = _load_lib()
 
 
 @dataclass(frozen=True, slots=True)
