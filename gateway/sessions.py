@@ -33,13 +33,12 @@ import hmac
 import os
 import re
 import secrets
-import sqlite3
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gateway.errors import ConfigError, StoreError
+from gateway.errors import ConfigError
 from gateway.loginpolicy import SessionLimits
 from gateway.users import SqliteStore, from_epoch, join_systems, split_systems, to_epoch
 
@@ -220,16 +219,9 @@ class SessionReader(SessionStore):
             raise
 
     def data_version(self) -> int:
-        """A value that differs from the last one read here iff another connection committed since.
-
-        Runs on every logged-in request, so it skips ``_guard``'s context manager (a
-        few µs): the connection's lock is taken directly, errors still become StoreError.
-        """
-        with self._lock:
-            try:
-                row = self._conn.execute("PRAGMA data_version").fetchone()
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.label} store {self.path}: {exc}") from exc
+        """A value that differs from the last one read here iff another connection committed since."""
+        with self._guard() as conn:
+            row = conn.execute("PRAGMA data_version").fetchone()
         return int(row[0])
 
 

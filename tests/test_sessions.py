@@ -257,6 +257,7 @@ def test_reader_cannot_write(store: SessionStore, reader: SessionReader) -> None
     with pytest.raises(StoreError, match="readonly"):
         reader.create("LC000001", FP, ["tdnet"], False, NOW)
     assert store.get(session_id) is not None
+    assert reader.get(session_id) is not None  # the failed writes released the reader's lock
 
 
 def test_reader_data_version_moves_only_for_other_connections(store: SessionStore, reader: SessionReader) -> None:
