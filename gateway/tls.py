@@ -390,7 +390,10 @@ class TlsAcceptor(asyncio.Protocol):
         slot = HandshakeSlot()
         waiter: asyncio.Future[None] = loop.create_future()
         app = self._app_factory()
-        token = _current_slot.set(slot)  # read by _TrackedSSLObject when the protocol wraps its BIOs
+        # Read by _TrackedSSLObject when the protocol wraps its BIOs: asyncio's SSLProtocol
+        # does that in its constructor, uvloop's only in connection_made, so the slot must
+        # stay current across both (else, under uvloop, no SNI and no refused certificate).
+        token = _current_slot.set(slot)
         try:
             tls = _ssl_protocol_class(loop)(
                 loop,
@@ -401,10 +404,16 @@ class TlsAcceptor(asyncio.Protocol):
                 call_connection_made=False,
                 ssl_handshake_timeout=self._timeout,
             )
+            tcp.set_protocol(tls)
+            tls.connection_made(tcp)
         finally:
             _current_slot.reset(token)
-        tcp.set_protocol(tls)
-        tls.connection_made(tcp)
+        if slot.sslobj is None:
+            # Fail closed: without the slot the Host-vs-SNI check and the handshake audit
+            # would silently see nothing. Refuse the connection rather than serve it blind.
+            log.error("tls: the SSL protocol created no tracked SSLObject; connection refused")
+            tcp.abort()
+            return
         self._task = loop.create_task(self._handshake(tcp, tls, waiter, app, slot))
 
     async def _handshake(

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import uvloop
 
 from gateway.pkifiles import ThrowawayPki, make_throwaway_pki
 
@@ -24,3 +28,29 @@ def session_pki(tmp_path_factory: pytest.TempPathFactory) -> ThrowawayPki:
 def pki(tmp_path: Path) -> ThrowawayPki:
     """A fresh PKI per test, for tests that revoke, rewrite the CRL or rotate files."""
     return make_throwaway_pki(tmp_path / "pki", users=("LC000001", "LC000002"))
+
+
+# The loops a gateway can run on. ``gateway serve`` and ``gateway portal`` run uvloop
+# (gateway.server.install_uvloop); asyncio's own is the fallback where uvloop is not
+# installed. Every async test runs on both, uvloop first, so a check that holds only on
+# one loop fails here (a Host-vs-SNI check once did nothing under uvloop).
+# GATEWAY_TEST_LOOPS=uvloop (comma list) narrows a local run; CI runs both.
+_LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
+    "uvloop": uvloop.new_event_loop,
+    "asyncio": asyncio.new_event_loop,
+}
+
+
+def _selected_loops() -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    wanted = [n.strip() for n in os.environ.get("GATEWAY_TEST_LOOPS", "").split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in _LOOPS]
+    if unknown:
+        raise pytest.UsageError(f"GATEWAY_TEST_LOOPS: unknown loop {unknown[0]!r} (known: {', '.join(_LOOPS)})")
+    return {n: _LOOPS[n] for n in wanted} if wanted else dict(_LOOPS)
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Run every async test on each event loop the gateway can use."""
+    return _selected_loops()

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import uvloop
 import yaml
 from aiohttp import web
 from cryptography import x509
@@ -94,10 +95,13 @@ class BackendHit:
 
 
 class ServerLoop:
-    """An asyncio loop in a daemon thread; ``run`` executes a coroutine there and waits."""
+    """The servers' event loop in a daemon thread; ``run`` executes a coroutine there and waits.
+
+    uvloop, as ``gateway serve`` and ``gateway portal`` run (the browser sees what ships).
+    """
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, name="e2e-servers", daemon=True)
         self.thread.start()
 
