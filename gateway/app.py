@@ -5,7 +5,8 @@ Order of the layers, outermost first (each one can refuse):
 1. ``certificate_middleware`` (the only middleware) — first tells the
    connection's deadlines (:mod:`gateway.deadlines`) that a request head
    arrived and, at the end, that it was answered (the slowloris timeouts);
-   then, every request, every time: the client certificate is re-judged
+   then, every request, every time (but ``GET /favicon.ico``, a public static
+   asset answered first): the client certificate is re-judged
    (time, revocation), so a revocation or expiry takes effect on open
    keep-alive connections too. (One middleware, not two: each aiohttp
    layer costs a few µs on every request.)
@@ -44,7 +45,7 @@ from gateway.config import Backend, Config
 from gateway.deadlines import request_deadlines
 from gateway.keys import BACKEND, PEER, USER
 from gateway.proxy import BodyTooLarge, forward, identity_headers, make_client_session
-from gateway.responses import refusal
+from gateway.responses import FAVICON_PATH, favicon, refusal
 from gateway.revocation import CrlRefresher
 from gateway.routing import Router, check_host, check_path
 from gateway.tls import server_name_of
@@ -203,6 +204,10 @@ async def certificate_middleware(request: web.Request, handler: Handler) -> web.
 
 
 async def _certified(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.raw_path == FAVICON_PATH and request.method in ("GET", "HEAD"):
+        # Before the certificate check and without an audit event: a browser asks for it on
+        # its own after every page, so a refused user's page view stays one refusal event.
+        return favicon()
     rt = request.app[RUNTIME]
     peer, sent = rt.peer_of(request)
     verdict = rt.judge_certificate(peer, sent)

@@ -21,6 +21,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway import metrics
 from gateway.certpolicy import PeerCertificate
 from gateway.config import Backend
+from gateway.responses import HSTS, SERVER
 from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 CHUNK = 1 << 16
@@ -148,6 +149,11 @@ def response_headers(upstream: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMu
         if lower == "set-cookie" and value.lstrip().startswith(GATEWAY_COOKIE_PREFIX):
             continue  # a backend must not set (or clear) the gateway's own cookies
         out.add(name, value)
+    # The backend's own Server and HSTS pass through; without them, ours (never aiohttp's versioned default).
+    if "Server" not in out:
+        out["Server"] = SERVER
+    if "Strict-Transport-Security" not in out:
+        out["Strict-Transport-Security"] = HSTS
     return out
 
 
@@ -290,6 +296,7 @@ async def _forward_websocket(
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise UpstreamError(isinstance(exc, asyncio.TimeoutError), f"websocket to {backend.name}: {exc}") from exc
     client = web.WebSocketResponse()
+    client.headers.update({"Server": SERVER, "Strict-Transport-Security": HSTS})
     await client.prepare(request)
 
     async def pump(
