@@ -21,6 +21,7 @@ metric, one page or JSON body with the same support ID.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from collections import OrderedDict
@@ -186,6 +187,24 @@ class GatewayRuntime:
         self.audit.record(event)
         metrics.REFUSALS.labels(str(verdict.reason)).inc()
         return refusal(request, verdict.reason, event.support_id, status=status, links=links, headers=headers)
+
+    def refuse_unparsed(self, request: web.BaseRequest, detail: str) -> web.StreamResponse:
+        """A request aiohttp's parser refused: audited with the connection's client and certificate.
+
+        Nothing of the request can be trusted (its method, path and headers never
+        parsed), so the event carries none of it; the page is HTML, as no Accept
+        header was read.
+        """
+        peer, _sent = self.peer_of(request)
+        event = self.event(request, EventKind.REQUEST_REFUSED, Reason.BAD_REQUEST, peer=peer, detail=detail)
+        event = dataclasses.replace(event, method="", path="", user_agent="", backend="")
+        self.audit.record(event)
+        metrics.REFUSALS.labels(str(Reason.BAD_REQUEST)).inc()
+        log.warning(
+            "refused a request the HTTP parser could not read",
+            extra={"client_ip": event.client_ip, "support_id": event.support_id, "detail": detail},
+        )
+        return refusal(request, Reason.BAD_REQUEST, event.support_id, headers={"Connection": "close"})
 
 
 RUNTIME = web.AppKey("gateway_runtime", GatewayRuntime)

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import logging
 import re
 import ssl
 import time
@@ -112,6 +113,68 @@ async def test_smuggling_shapes_are_refused_before_any_backend(gw: Harness, raw:
     assert status_of(answer) in (400, 413, 431), answer[:300]
     assert b"smuggled" not in answer
     await still_serving(gw)
+
+
+# What the HTTP parser itself refuses: each is the gateway's own 400 page, with a support ID
+# the audit event carries, the client's address and certificate, and no traceback in the log.
+PARSER_REFUSALS = {
+    "cl-and-te": (SMUGGLING["cl-and-te"], "Transfer-Encoding can't be present with Content-Length"),
+    "two-cl": (SMUGGLING["two-cl"], "Duplicate Content-Length"),
+    "two-hosts": (SMUGGLING["two-hosts"], "Duplicate 'Host' header"),
+    "header-200k": (
+        b"GET /onre/a HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n",
+        "header field over 16384 bytes (limits.max_header_bytes)",
+    ),
+    "line-10k": (SMUGGLING["huge-line"], "request line over 8190 bytes (limits.max_line_bytes)"),
+    "malformed-request-line": (b"GET /onre/a HTTP/1.1 extra\r\nHost: 127.0.0.1\r\n\r\n", ""),
+    "not-http": (b"\x16\x03\x01 hello\r\n\r\n", ""),
+    "bad-header-name": (SMUGGLING["bad-header-name"], ""),
+}
+SUPPORT_ID = re.compile(rb'id="support-id">([0-9A-F]{12})<')
+
+
+@pytest.mark.parametrize(("raw", "detail"), PARSER_REFUSALS.values(), ids=PARSER_REFUSALS.keys())
+async def test_parser_refusals_get_the_page_a_support_id_and_an_audit_event(
+    gw: Harness, raw: bytes, detail: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    answer = await exchange(gw, raw)
+    head, _, page = answer.partition(b"\r\n\r\n")
+    assert status_of(answer) == 400, answer[:300]
+    assert b"Content-Type: text/html" in head and b"Python/" not in head and b"aiohttp" not in head
+    assert b"Content-Security-Policy:" in head and b"Connection: close" in head
+    found = SUPPORT_ID.search(page)
+    assert found and "不正なリクエストです".encode() in page, page[:500]
+    refusals = [e for e in gw.audit.events if e.reason == "bad_request"]
+    assert len(refusals) == 1
+    event = refusals[0]
+    assert (event.event, event.support_id) == ("request_refused", found.group(1).decode())
+    assert (event.client_ip, event.cert_subject) == ("127.0.0.1", "LC000001")
+    assert event.cert_serial == format(gw.pki.clients["LC000001"].certificate.serial_number, "X")
+    assert event.tls_version.startswith("TLS") and event.method == "" and event.path == ""
+    assert detail in event.detail and event.detail
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], [
+        r.getMessage() for r in caplog.records
+    ]
+    warned = [r for r in caplog.records if r.getMessage() == "refused a request the HTTP parser could not read"]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    await still_serving(gw)
+
+
+async def test_head_just_under_the_limits_is_served(gw: Harness) -> None:
+    """The twins of the size refusals: a big header and a request line at its limit pass.
+
+    (The header stays under 8190 bytes, the demo backends' own aiohttp limit.)
+    """
+    header = b"X-Big: " + b"a" * 8000
+    answer = await exchange(
+        gw, b"GET /onre/a HTTP/1.1\r\nHost: 127.0.0.1\r\n" + header + b"\r\nConnection: close\r\n\r\n"
+    )
+    assert status_of(answer) == 200
+    path = b"/onre/" + b"a" * (8_190 - len("/onre/"))
+    answer = await exchange(gw, b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    assert status_of(answer) == 200
+    assert not [e for e in gw.audit.events if e.reason == "bad_request"]
 
 
 async def test_chunked_body_alone_is_fine(gw: Harness) -> None:
