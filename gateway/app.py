@@ -43,7 +43,7 @@ from gateway.certpolicy import (
     parse_peer,
 )
 from gateway.config import Backend, Config
-from gateway.deadlines import request_deadlines
+from gateway.deadlines import ClientDeadlines, peer_address, request_deadlines
 from gateway.keys import BACKEND, PEER, USER
 from gateway.proxy import BodyTooLarge, forward, identity_headers, make_client_session
 from gateway.responses import FAVICON_PATH, favicon, refusal
@@ -101,7 +101,10 @@ class GatewayRuntime:
 
     def peer_of(self, request: web.BaseRequest) -> tuple[PeerCertificate | None, bool]:
         """The client's leaf, parsed once per distinct certificate and kept per connection; (None, sent?)."""
-        transport = request.transport
+        return self.peer_of_connection(request.transport)
+
+    def peer_of_connection(self, transport: Any) -> tuple[PeerCertificate | None, bool]:
+        """:meth:`peer_of` for a connection (also before or without a parsed request)."""
         ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
         if ssl_object is None:
             return None, False
@@ -151,24 +154,49 @@ class GatewayRuntime:
         support_id: str | None = None,
     ) -> AuditEvent:
         """An audit event filled from the request and its connection."""
+        connection = connection_fields(request.transport)
+        if not connection["client_ip"]:
+            # The connection is gone (a client that was cut off): the address it had.
+            address = peer_address(request.protocol.peername if request.protocol is not None else None)
+            connection.update(client_ip=address[0] if address else "", client_port=address[1] if address else None)
         return AuditEvent(
             event=kind,
             reason=str(reason),
             support_id=support_id or new_support_id(),
-            **connection_fields(request.transport),
+            **connection,
+            **_certificate_fields(peer),
             backend=backend or request.get(BACKEND, ""),
             method=request.method,
             path=request.path,
             user_id=user_id,
-            cert_subject=peer.common_name if peer else "",
-            cert_serial=peer.serial_hex if peer else "",
-            cert_issuer=peer.issuer_text if peer else "",
-            cert_fingerprint=peer.fingerprint if peer else "",
-            cert_not_after=peer.not_after.isoformat() if peer else "",
             user_agent=request.headers.get("User-Agent", ""),
             worker=self.worker,
             detail=detail,
         )
+
+    def client_timed_out(self, why: str, transport: Any, request: web.BaseRequest | None, detail: str) -> AuditEvent:
+        """Audit a client that missed a deadline (its head or body stalled): the client's fault, never a backend's.
+
+        Called while the connection is still open, so the event names the
+        client's address and certificate, and the request if its head had arrived.
+        """
+        peer, _sent = self.peer_of_connection(transport)
+        if request is not None:
+            user = request.get(USER, "")
+            event = self.event(request, EventKind.REQUEST_REFUSED, Reason.CLIENT_TIMEOUT, peer=peer, user_id=user)
+            event = dataclasses.replace(event, detail=detail)
+        else:
+            event = AuditEvent(
+                event=EventKind.REQUEST_REFUSED,
+                reason=Reason.CLIENT_TIMEOUT,
+                **connection_fields(transport),
+                **_certificate_fields(peer),
+                worker=self.worker,
+                detail=detail,
+            )
+        self.audit.record(event)
+        metrics.REFUSALS.labels(str(Reason.CLIENT_TIMEOUT)).inc()
+        return event
 
     def refuse(
         self,
@@ -207,6 +235,18 @@ class GatewayRuntime:
         return refusal(request, Reason.BAD_REQUEST, event.support_id, headers={"Connection": "close"})
 
 
+def _certificate_fields(peer: PeerCertificate | None) -> dict[str, Any]:
+    if peer is None:
+        return {}
+    return {
+        "cert_subject": peer.common_name,
+        "cert_serial": peer.serial_hex,
+        "cert_issuer": peer.issuer_text,
+        "cert_fingerprint": peer.fingerprint,
+        "cert_not_after": peer.not_after.isoformat(),
+    }
+
+
 RUNTIME = web.AppKey("gateway_runtime", GatewayRuntime)
 
 
@@ -218,8 +258,25 @@ async def certificate_middleware(request: web.Request, handler: Handler) -> web.
         return await _certified(request, handler)
     try:
         return await _certified(request, handler)
+    except ConnectionError:
+        if request.transport is not None:
+            raise  # not the client's connection that failed
+        return _client_gone(deadlines)
     finally:
         deadlines.request_finished()
+
+
+def _client_gone(deadlines: ClientDeadlines) -> web.StreamResponse:
+    """The client's connection ended while its request was being handled (its body was being read).
+
+    Nothing can be sent; the answer is only for the access log. A missed
+    deadline was audited as ``client_timeout`` when it expired; a client that
+    closed on its own is nobody's refusal. Neither is a backend failure.
+    """
+    if deadlines.expired:
+        return web.Response(status=408)
+    log.info("client closed the connection mid-request")
+    return web.Response(status=499)  # nginx's "client closed request"
 
 
 async def _certified(request: web.Request, handler: Handler) -> web.StreamResponse:

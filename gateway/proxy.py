@@ -73,6 +73,10 @@ class BodyTooLarge(Exception):
     """The client sent more than the backend's ``max_body_bytes``."""
 
 
+class ClientBodyEnded(ConnectionResetError):
+    """The client's connection ended mid-body (it closed, or missed the body deadline): its doing, not the backend's."""
+
+
 def xfcc_value(peer: PeerCertificate) -> str:
     """Envoy's X-Forwarded-Client-Cert element: Hash and quoted Subject."""
     subject = peer.subject.replace("\\", "\\\\").replace('"', '\\"')
@@ -167,8 +171,9 @@ async def _limited(stream: aiohttp.StreamReader, limit: int) -> AsyncIterator[by
                 raise BodyTooLarge(f"body over {limit} bytes")
             yield chunk
     except (ConnectionError, aiohttp.ClientError) as exc:
-        # The client went away mid-body: the backend got half a request and is cut off.
-        raise UpstreamError(False, f"client body ended early: {type(exc).__name__}") from exc
+        # The client went away mid-body: the backend got half a request and is cut off (the
+        # upstream connection is aborted), and the failure is the client's (see app.py).
+        raise ClientBodyEnded(f"client body ended early: {type(exc).__name__}") from exc
 
 
 def make_client_session(max_connections: int = 1000) -> aiohttp.ClientSession:

@@ -52,7 +52,7 @@ from gateway.app import AccessLayer, AuditSink, GatewayRuntime, build_app, utcno
 from gateway.audit import AuditEvent, EventKind
 from gateway.certpolicy import TrustAnchors, parse_peer
 from gateway.config import Config, load_config, require_gateway
-from gateway.deadlines import ClientDeadlines
+from gateway.deadlines import ClientDeadlines, peer_address
 from gateway.errors import GatewayError
 from gateway.listener import BatchListener, listen
 from gateway.logs import JsonAccessLogger, setup_logging
@@ -244,9 +244,25 @@ class GatewayWorker:
     def _settled(self) -> None:
         self._pending_handshakes -= 1
 
-    def _client_timeout(self, why: str, peer: tuple[str, int] | None) -> None:
+    def _client_timeout(
+        self, why: str, transport: asyncio.Transport, request: web.BaseRequest | None, started: bool
+    ) -> None:
+        """A client missed a deadline: counted, logged, and audited unless it never sent a byte.
+
+        A connection that stays silent from its handshake on is a browser's
+        speculative preconnect as often as an attack: counted, not audited.
+        """
         metrics.CLIENT_TIMEOUTS.labels(why).inc()
+        peer = peer_address(transport.get_extra_info("peername"))
         log.info("closed a stalled client connection", extra={"reason": why, "client_ip": peer[0] if peer else ""})
+        if self.runtime is None or not started:
+            return
+        limits = self.config.limits
+        if why == "header_timeout":
+            detail = f"request head not complete within {limits.header_timeout:g} s (limits.header_timeout_seconds)"
+        else:
+            detail = f"request body silent for {limits.body_timeout:g} s (limits.body_timeout_seconds)"
+        self.runtime.client_timed_out(why, transport, request, detail)
 
     def _context(self) -> ssl.SSLContext:
         assert self._tls is not None

@@ -16,6 +16,7 @@ import logging
 import re
 import ssl
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -397,6 +398,110 @@ async def test_slowloris_body_is_cut_off(gw: Harness) -> None:
     await still_serving(gw)
 
 
+def gateway_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Error lines and tracebacks the gateway logged (the demo backends, in-process, may log their own)."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if (r.exc_info or r.levelno >= logging.ERROR)
+        and "demobackend" not in "".join(traceback.format_tb(r.exc_info[2] if r.exc_info else None))
+    ]
+
+
+def refusals(reason: str) -> float:
+    return REGISTRY.get_sample_value("gateway_refusals_total", {"reason": reason}) or 0.0
+
+
+def tdnet_5xx() -> float:
+    return REGISTRY.get_sample_value("gateway_requests_total", {"backend": "tdnet", "status": "5xx"}) or 0.0
+
+
+async def stall_body(h: Harness, path: str) -> None:
+    """POST announcing 1000 bytes, send 10, then silence until the gateway hangs up."""
+    reader, writer = await connect(h)
+    try:
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n".encode())
+        writer.write(b"Content-Type: application/x-www-form-urlencoded\r\nUser-Agent: staller\r\n\r\nuserId=LC0")
+        await writer.drain()
+        assert await closed_within(reader, 5) < 3.5
+    finally:
+        writer.close()
+
+
+def assert_client_timeout(h: Harness, event: Any) -> None:
+    """The stalled client is named: its address and its certificate."""
+    assert (event.event, event.reason) == ("request_refused", "client_timeout")
+    assert (event.client_ip, event.cert_subject) == ("127.0.0.1", "LC000001")
+    assert event.cert_serial == format(h.pki.clients["LC000001"].certificate.serial_number, "X")
+    assert event.client_port and event.tls_version.startswith("TLS")
+
+
+async def test_stalled_upload_is_the_clients_timeout_not_a_backend_failure(
+    gw: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    before = (refusals("backend_unavailable"), refusals("client_timeout"), tdnet_5xx(), timeouts("body_timeout"))
+    await stall_body(gw, "/onre/upload")
+    await asyncio.sleep(0.2)
+    assert [e.reason for e in gw.audit.events] == ["client_timeout"]
+    event = gw.audit.events[0]
+    assert_client_timeout(gw, event)
+    assert (event.method, event.path, event.backend, event.user_agent) == ("POST", "/onre/upload", "tdnet", "staller")
+    assert "limits.body_timeout_seconds" in event.detail
+    after = (refusals("backend_unavailable"), refusals("client_timeout"), tdnet_5xx(), timeouts("body_timeout"))
+    assert after == (before[0], before[1] + 1, before[2], before[3] + 1)
+    access = [r for r in caplog.records if r.getMessage() == "access"]
+    assert [r.status for r in access] == [408]  # type: ignore[attr-defined]
+    assert gateway_errors(caplog) == []
+    await still_serving(gw)
+
+
+async def test_stalled_passthrough_login_body_is_the_clients_timeout(
+    tmp_path: Path, pki: ThrowawayPki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The login reads its body itself: a stall there is the client's too, and not a 500 with a traceback."""
+    h = await start_harness(tmp_path, pki, access_factory=LoginAccess, extra=FAST)
+    try:
+        await stall_body(h, "/onre/login")
+        await asyncio.sleep(0.2)
+        assert [e.reason for e in h.audit.events] == ["client_timeout"]
+        assert_client_timeout(h, h.audit.events[0])
+        assert h.audit.events[0].path == "/onre/login"
+        assert gateway_errors(caplog) == []
+        await still_serving(h)
+    finally:
+        await h.close()
+
+
+async def test_stalled_head_is_audited_with_the_client_and_its_certificate(gw: Harness) -> None:
+    reader, writer = await connect(gw)
+    try:
+        writer.write(b"GET /onre/a HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a")
+        await writer.drain()
+        assert await closed_within(reader, 5) < 3
+    finally:
+        writer.close()
+    await asyncio.sleep(0.1)
+    assert [e.reason for e in gw.audit.events] == ["client_timeout"]
+    event = gw.audit.events[0]
+    assert_client_timeout(gw, event)
+    assert (event.method, event.path) == ("", "")
+    assert "limits.header_timeout_seconds" in event.detail
+
+
+async def test_silent_connection_is_closed_and_counted_but_not_audited(gw: Harness) -> None:
+    """The twin: a connection that never sends a byte (a browser's preconnect) is no one's refusal."""
+    before = timeouts("header_timeout")
+    reader, writer = await connect(gw)
+    try:
+        assert await closed_within(reader, 5) < 3
+    finally:
+        writer.close()
+    await asyncio.sleep(0.1)
+    assert timeouts("header_timeout") == before + 1
+    assert gw.audit.events == []
+
+
 async def test_slow_but_steady_body_is_served(gw: Harness) -> None:
     reader, writer = await connect(gw)
     try:
@@ -462,3 +567,4 @@ async def test_client_vanishing_mid_upload_leaves_the_worker_serving(gw: Harness
     await still_serving(gw)
     async with aiohttp.ClientSession() as s, s.get(gw.admin_url("/healthz")) as r:
         assert r.status == 200
+    assert "backend_unavailable" not in gw.audit.reasons()  # the client left: not the backend's failure
