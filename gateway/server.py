@@ -193,6 +193,10 @@ class GatewayWorker:
             "keepalive_timeout": config.limits.keepalive_timeout,
             "max_line_size": config.limits.max_line_bytes,
             "max_field_size": config.limits.max_header_bytes,
+            # A proxy forwards the body as sent. Decompressed, it went out under the client's
+            # Content-Encoding and Content-Length, and the bytes past that length reached the
+            # backend as a request of their own, identity headers and all.
+            "auto_decompress": False,
         }
         self._runner = web.AppRunner(
             app, handle_signals=False, shutdown_timeout=config.limits.drain_timeout, **self._handler_args

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gzip
 import json
 import logging
 import re
@@ -176,6 +177,37 @@ async def test_head_just_under_the_limits_is_served(gw: Harness) -> None:
     answer = await exchange(gw, b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     assert status_of(answer) == 200
     assert not [e for e in gw.audit.events if e.reason == "bad_request"]
+
+
+async def test_compressed_body_is_forwarded_as_sent_never_inflated_into_a_second_request(
+    tmp_path: Path, pki: ThrowawayPki
+) -> None:
+    """A gzip body is the client's bytes: inflated, its tail became a request of its own on the backend hop."""
+    received = bytearray()
+
+    async def raw_backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                received.extend(data)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(raw_backend, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    h = await start_harness(tmp_path, pki, backend_extra={"upstream": f"http://127.0.0.1:{port}"})
+    try:
+        smuggled = b"GET /onre/smuggled HTTP/1.1\r\nHost: x\r\nX-Authenticated-User: LC000002\r\n\r\n"
+        body = gzip.compress(b"a" * 2000 + smuggled)
+        head = b"POST /onre/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Encoding: gzip\r\n"
+        answer = await exchange(h, head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        assert status_of(answer) == 200
+        assert b"smuggled" not in received and received.endswith(b"\r\n\r\n" + body)
+        assert b"Content-Length: %d\r\n" % len(body) in received
+    finally:
+        await h.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_chunked_body_alone_is_fine(gw: Harness) -> None:
