@@ -232,6 +232,9 @@ class LoginAccess:
         containers and case-insensitive servers see the same path). It must
         appear exactly once: containers read the query first, PHP the last
         duplicate, so two values could bind one user and log in another.
+        The body is read once, at most ``MAX_FORM_BYTES`` (declared or sent),
+        parsed by :func:`~gateway.accounts.parse_form` and forwarded as read;
+        a body that is not a form the gateway can read is ``bad_request``.
         """
         field = backend.login.user_field
         values: list[object] = list(request.query.getall(field, []))
