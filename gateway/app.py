@@ -174,7 +174,7 @@ class GatewayRuntime:
             detail=detail,
         )
 
-    def client_timed_out(self, why: str, transport: Any, request: web.BaseRequest | None, detail: str) -> AuditEvent:
+    def client_timed_out(self, transport: Any, request: web.BaseRequest | None, detail: str) -> AuditEvent:
         """Audit a client that missed a deadline (its head or body stalled): the client's fault, never a backend's.
 
         Called while the connection is still open, so the event names the
@@ -183,8 +183,8 @@ class GatewayRuntime:
         peer, _sent = self.peer_of_connection(transport)
         if request is not None:
             user = request.get(USER, "")
-            event = self.event(request, EventKind.REQUEST_REFUSED, Reason.CLIENT_TIMEOUT, peer=peer, user_id=user)
-            event = dataclasses.replace(event, detail=detail)
+            kind, reason = EventKind.REQUEST_REFUSED, Reason.CLIENT_TIMEOUT
+            event = self.event(request, kind, reason, peer=peer, user_id=user, detail=detail)
         else:
             event = AuditEvent(
                 event=EventKind.REQUEST_REFUSED,

@@ -266,7 +266,7 @@ class GatewayWorker:
             detail = f"request head not complete within {limits.header_timeout:g} s (limits.header_timeout_seconds)"
         else:
             detail = f"request body silent for {limits.body_timeout:g} s (limits.body_timeout_seconds)"
-        self.runtime.client_timed_out(why, transport, request, detail)
+        self.runtime.client_timed_out(transport, request, detail)
 
     def _context(self) -> ssl.SSLContext:
         assert self._tls is not None

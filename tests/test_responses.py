@@ -119,6 +119,16 @@ async def test_backend_headers_pass_untouched_and_hsts_is_added_where_missing(
         await runner.cleanup()
 
 
+async def test_proxied_demo_system_names_no_version(tmp_path: Path, pki: ThrowawayPki) -> None:
+    h = await start_harness(tmp_path, pki)
+    try:
+        async with h.session("LC000001") as s, s.get(h.url("/onre/x")) as r:
+            assert r.status == 200
+            assert r.headers["Server"] == "tse-gateway"
+    finally:
+        await h.close()
+
+
 # --- favicon -----------------------------------------------------------------------------------
 
 
