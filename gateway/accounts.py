@@ -12,12 +12,17 @@ caller's executor.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
+from urllib.parse import parse_qsl
 
-from aiohttp import web
+from aiohttp import BodyPartReader, MultipartReader, StreamReader, web
+from aiohttp.helpers import parse_mimetype
+from aiohttp.multipart import parse_content_disposition
+from multidict import MultiDict
 
 from gateway.loginpolicy import LoginAttempt, LoginOutcome, LoginSettings, decide_login
 from gateway.passwords import (
@@ -46,6 +51,106 @@ def see_other(location: str, headers: dict[str, str] | None = None) -> web.Respo
 def form_text(value: object) -> str:
     """A form field as text; a file upload or a missing field is the empty string."""
     return value if isinstance(value, str) else ""
+
+
+class FormError(ValueError):
+    """A request body that is not a form, or a form that cannot be read unambiguously."""
+
+
+class Upload:
+    """A multipart part sent as a file (or a nested multipart): never a field's text."""
+
+
+async def read_capped(request: web.BaseRequest, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it is over ``limit`` bytes (declared or sent, chunked too)."""
+    if (request.content_length or 0) > limit:
+        return None
+    parts, size = [], 0
+    async for chunk in request.content.iter_chunked(limit + 1):
+        size += len(chunk)
+        if size > limit:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+URLENCODED = "application/x-www-form-urlencoded"
+MULTIPART = "multipart/form-data"
+# Per-part transfer encodings a form may declare without changing the bytes (RFC 7578 4.7).
+_PLAIN_TRANSFER = frozenset({"", "7bit", "8bit", "binary"})
+
+
+async def parse_form(content_type: str | None, body: bytes) -> MultiDict[str | Upload]:
+    """The fields of a form body already read in full, parsed as the browser encoded it.
+
+    For a body the gateway must both inspect and forward (the passthrough
+    login): aiohttp's ``request.post()`` reads the body itself and cannot
+    parse a multipart one that was read before. Both encodings a browser
+    sends for a POST form are understood, with any ``charset`` parameter
+    (``text/plain`` forms are not: no backend parses them as fields).
+    Anything a backend could read differently is refused rather than
+    guessed: an unknown charset, bytes that do not decode, a non-form body,
+    a part named twice over (``name*``) or with a transfer encoding.
+    """
+    mime = parse_mimetype(content_type or "")
+    kind = f"{mime.type}/{mime.subtype}"
+    if not content_type and not body:
+        return MultiDict()
+    if kind == URLENCODED:
+        return _urlencoded(body, mime.parameters.get("charset") or "utf-8")
+    if kind == MULTIPART:
+        return await _multipart(content_type or "", body)
+    raise FormError(f"not a form: Content-Type {content_type or '(none)'!r}")
+
+
+def _urlencoded(body: bytes, charset: str) -> MultiDict[str | Upload]:
+    try:
+        codecs.lookup(charset)
+        text = body.decode(charset)
+        pairs = parse_qsl(text, keep_blank_values=True, encoding=charset, errors="strict")
+    except (LookupError, UnicodeDecodeError, ValueError) as exc:
+        raise FormError(f"form not readable as {charset}: {exc}") from None
+    return MultiDict(pairs)
+
+
+async def _multipart(content_type: str, body: bytes) -> MultiDict[str | Upload]:
+    stream = StreamReader(cast(Any, _NoFlowControl()), 2 * MAX_FORM_BYTES, loop=asyncio.get_running_loop())
+    stream.feed_data(body)
+    stream.feed_eof()
+    out: MultiDict[str | Upload] = MultiDict()
+    try:
+        reader = MultipartReader({"Content-Type": content_type}, stream)
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise FormError("nested multipart in a form")
+            out.add(_part_name(part), Upload() if part.filename is not None else await part.text())
+    except (ValueError, LookupError, UnicodeDecodeError, AssertionError) as exc:
+        if isinstance(exc, FormError):
+            raise
+        raise FormError(f"multipart form not readable: {exc}") from None
+    return out
+
+
+def _part_name(part: BodyPartReader) -> str:
+    disposition, params = parse_content_disposition(part.headers.get("Content-Disposition"))
+    if disposition != "form-data" or "name" not in params or any(k.endswith("*") for k in params):
+        raise FormError(f"multipart part without one plain name: {part.headers.get('Content-Disposition')!r}")
+    if part.headers.get("Content-Transfer-Encoding", "").strip().lower() not in _PLAIN_TRANSFER:
+        raise FormError("multipart part with a transfer encoding")
+    return params["name"]
+
+
+class _NoFlowControl:
+    """The protocol of an in-memory StreamReader: a body already read has no connection to pause."""
+
+    _reading_paused = False
+    connected = True
+
+    def pause_reading(self) -> None:
+        """Nothing to pause."""
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        """Nothing to resume."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,7 +5,8 @@ Order of the layers, outermost first (each one can refuse):
 1. ``certificate_middleware`` (the only middleware) — first tells the
    connection's deadlines (:mod:`gateway.deadlines`) that a request head
    arrived and, at the end, that it was answered (the slowloris timeouts);
-   then, every request, every time: the client certificate is re-judged
+   then, every request, every time (but ``GET /favicon.ico``, a public static
+   asset answered first): the client certificate is re-judged
    (time, revocation), so a revocation or expiry takes effect on open
    keep-alive connections too. (One middleware, not two: each aiohttp
    layer costs a few µs on every request.)
@@ -20,6 +21,7 @@ metric, one page or JSON body with the same support ID.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 from collections import OrderedDict
@@ -41,10 +43,10 @@ from gateway.certpolicy import (
     parse_peer,
 )
 from gateway.config import Backend, Config
-from gateway.deadlines import request_deadlines
+from gateway.deadlines import ClientDeadlines, peer_address, request_deadlines
 from gateway.keys import BACKEND, PEER, USER
 from gateway.proxy import BodyTooLarge, forward, identity_headers, make_client_session
-from gateway.responses import refusal
+from gateway.responses import FAVICON_PATH, favicon, refusal
 from gateway.revocation import CrlRefresher
 from gateway.routing import Router, check_host, check_path
 from gateway.tls import server_name_of
@@ -99,7 +101,10 @@ class GatewayRuntime:
 
     def peer_of(self, request: web.BaseRequest) -> tuple[PeerCertificate | None, bool]:
         """The client's leaf, parsed once per distinct certificate and kept per connection; (None, sent?)."""
-        transport = request.transport
+        return self.peer_of_connection(request.transport)
+
+    def peer_of_connection(self, transport: Any) -> tuple[PeerCertificate | None, bool]:
+        """:meth:`peer_of` for a connection (also before or without a parsed request)."""
         ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
         if ssl_object is None:
             return None, False
@@ -149,24 +154,49 @@ class GatewayRuntime:
         support_id: str | None = None,
     ) -> AuditEvent:
         """An audit event filled from the request and its connection."""
+        connection = connection_fields(request.transport)
+        if not connection["client_ip"]:
+            # The connection is gone (a client that was cut off): the address it had.
+            address = peer_address(request.protocol.peername if request.protocol is not None else None)
+            connection.update(client_ip=address[0] if address else "", client_port=address[1] if address else None)
         return AuditEvent(
             event=kind,
             reason=str(reason),
             support_id=support_id or new_support_id(),
-            **connection_fields(request.transport),
+            **connection,
+            **_certificate_fields(peer),
             backend=backend or request.get(BACKEND, ""),
             method=request.method,
             path=request.path,
             user_id=user_id,
-            cert_subject=peer.common_name if peer else "",
-            cert_serial=peer.serial_hex if peer else "",
-            cert_issuer=peer.issuer_text if peer else "",
-            cert_fingerprint=peer.fingerprint if peer else "",
-            cert_not_after=peer.not_after.isoformat() if peer else "",
             user_agent=request.headers.get("User-Agent", ""),
             worker=self.worker,
             detail=detail,
         )
+
+    def client_timed_out(self, transport: Any, request: web.BaseRequest | None, detail: str) -> AuditEvent:
+        """Audit a client that missed a deadline (its head or body stalled): the client's fault, never a backend's.
+
+        Called while the connection is still open, so the event names the
+        client's address and certificate, and the request if its head had arrived.
+        """
+        peer, _sent = self.peer_of_connection(transport)
+        if request is not None:
+            user = request.get(USER, "")
+            kind, reason = EventKind.REQUEST_REFUSED, Reason.CLIENT_TIMEOUT
+            event = self.event(request, kind, reason, peer=peer, user_id=user, detail=detail)
+        else:
+            event = AuditEvent(
+                event=EventKind.REQUEST_REFUSED,
+                reason=Reason.CLIENT_TIMEOUT,
+                **connection_fields(transport),
+                **_certificate_fields(peer),
+                worker=self.worker,
+                detail=detail,
+            )
+        self.audit.record(event)
+        metrics.REFUSALS.labels(str(Reason.CLIENT_TIMEOUT)).inc()
+        return event
 
     def refuse(
         self,
@@ -186,6 +216,36 @@ class GatewayRuntime:
         metrics.REFUSALS.labels(str(verdict.reason)).inc()
         return refusal(request, verdict.reason, event.support_id, status=status, links=links, headers=headers)
 
+    def refuse_unparsed(self, request: web.BaseRequest, detail: str) -> web.StreamResponse:
+        """A request aiohttp's parser refused: audited with the connection's client and certificate.
+
+        Nothing of the request can be trusted (its method, path and headers never
+        parsed), so the event carries none of it; the page is HTML, as no Accept
+        header was read.
+        """
+        peer, _sent = self.peer_of(request)
+        event = self.event(request, EventKind.REQUEST_REFUSED, Reason.BAD_REQUEST, peer=peer, detail=detail)
+        event = dataclasses.replace(event, method="", path="", user_agent="", backend="")
+        self.audit.record(event)
+        metrics.REFUSALS.labels(str(Reason.BAD_REQUEST)).inc()
+        log.warning(
+            "refused a request the HTTP parser could not read",
+            extra={"client_ip": event.client_ip, "support_id": event.support_id, "detail": detail},
+        )
+        return refusal(request, Reason.BAD_REQUEST, event.support_id, headers={"Connection": "close"})
+
+
+def _certificate_fields(peer: PeerCertificate | None) -> dict[str, Any]:
+    if peer is None:
+        return {}
+    return {
+        "cert_subject": peer.common_name,
+        "cert_serial": peer.serial_hex,
+        "cert_issuer": peer.issuer_text,
+        "cert_fingerprint": peer.fingerprint,
+        "cert_not_after": peer.not_after.isoformat(),
+    }
+
 
 RUNTIME = web.AppKey("gateway_runtime", GatewayRuntime)
 
@@ -198,11 +258,32 @@ async def certificate_middleware(request: web.Request, handler: Handler) -> web.
         return await _certified(request, handler)
     try:
         return await _certified(request, handler)
+    except ConnectionError:
+        if request.transport is not None:
+            raise  # not the client's connection that failed
+        return _client_gone(deadlines)
     finally:
         deadlines.request_finished()
 
 
+def _client_gone(deadlines: ClientDeadlines) -> web.StreamResponse:
+    """The client's connection ended while its request was being handled (its body was being read).
+
+    Nothing can be sent; the answer is only for the access log. A missed
+    deadline was audited as ``client_timeout`` when it expired; a client that
+    closed on its own is nobody's refusal. Neither is a backend failure.
+    """
+    if deadlines.expired:
+        return web.Response(status=408)
+    log.info("client closed the connection mid-request")
+    return web.Response(status=499)  # nginx's "client closed request"
+
+
 async def _certified(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.raw_path == FAVICON_PATH and request.method in ("GET", "HEAD"):
+        # Before the certificate check and without an audit event: a browser asks for it on
+        # its own after every page, so a refused user's page view stays one refusal event.
+        return favicon()
     rt = request.app[RUNTIME]
     peer, sent = rt.peer_of(request)
     verdict = rt.judge_certificate(peer, sent)

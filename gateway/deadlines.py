@@ -17,7 +17,8 @@ from typing import Any, cast
 
 from aiohttp import web
 
-TimeoutHook = Callable[[str, tuple[str, int] | None], None]
+# (why, the connection's transport (still open), the request being received or None, any byte received?)
+TimeoutHook = Callable[[str, asyncio.Transport, web.BaseRequest | None, bool], None]
 
 
 def peer_address(peer: Any) -> tuple[str, int] | None:
@@ -47,8 +48,11 @@ class ClientDeadlines(asyncio.Protocol):
       seconds, unless the gateway itself paused reading (back-pressure from
       a slow backend is not the client's fault).
 
-    A connection that misses a deadline is closed and counted; nothing is
-    sent (there is no request to answer yet, or it is half-received).
+    A connection that misses a deadline is reported to ``on_timeout`` (while
+    its transport is still open, so the client's address and certificate
+    are known), then closed; nothing is sent (there is no request to answer
+    yet, or it is half-received). :attr:`expired` tells the request being
+    handled why its body stopped.
     """
 
     def __init__(
@@ -70,6 +74,8 @@ class ClientDeadlines(asyncio.Protocol):
         self._head_deadline = 0.0
         self._last_data = 0.0
         self._body_done: Callable[[], bool] | None = None
+        self._request: web.BaseRequest | None = None
+        self.expired = ""  # the deadline this connection missed, if any
 
     # -- asyncio.Protocol, forwarded -------------------------------------------
 
@@ -97,6 +103,7 @@ class ClientDeadlines(asyncio.Protocol):
             self._timer = None
         self._transport = None
         self._body_done = None
+        self._request = None
         self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
@@ -107,13 +114,14 @@ class ClientDeadlines(asyncio.Protocol):
 
     # -- called from the gateway's middleware -----------------------------------------
 
-    def request_started(self, body_done: Callable[[], bool]) -> None:
+    def request_started(self, request: web.BaseRequest, body_done: Callable[[], bool]) -> None:
         """A request head was parsed and reached the handlers: watch its body now (if one is coming)."""
         self._state = "request"
         if body_done():
             self._body_done = None  # a GET: nothing left to arrive, nothing to watch
             return
         self._body_done = body_done
+        self._request = request
         self._last_data = self._loop.time()
         self._watch(self._last_data + self._body_timeout)
 
@@ -121,6 +129,7 @@ class ClientDeadlines(asyncio.Protocol):
         """The answer is done; the next request's head is timed from its first byte."""
         self._state = "idle"
         self._body_done = None
+        self._request = None
 
     # -- one lazy timer per connection ---------------------------------------------------
     # Keep-alive requests arrive far more often than the timeouts expire, so the timer is
@@ -162,8 +171,10 @@ class ClientDeadlines(asyncio.Protocol):
         transport = self._transport
         if transport is None:
             return
+        self.expired = why
         if self._on_timeout is not None:
-            self._on_timeout(why, peer_address(transport.get_extra_info("peername")))
+            request = self._request if self._state == "request" else None
+            self._on_timeout(why, transport, request, self._last_data > 0)
         transport.abort()
 
 
@@ -177,7 +188,7 @@ def request_deadlines(request: web.BaseRequest) -> ClientDeadlines | None:
     if not isinstance(protocol, ClientDeadlines):
         return None
     upgrade = request.headers.get("Upgrade", "").lower() == "websocket"
-    protocol.request_started(_always_done if upgrade else request.content.is_eof)
+    protocol.request_started(request, _always_done if upgrade else request.content.is_eof)
     return protocol
 
 

@@ -97,8 +97,14 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     return await handler(request)
 
 
+async def _no_version(request: web.Request, response: web.StreamResponse) -> None:
+    """A demo system names no software version either (aiohttp set its Server before this hook)."""
+    response.headers.popall("Server", None)
+
+
 def build_backend(title: str) -> web.Application:
     app = web.Application(client_max_size=4 * 1024**3)
     app[TITLE] = title
     app.router.add_route("*", "/{tail:.*}", dispatch)
+    app.on_response_prepare.append(_no_version)
     return app

@@ -30,7 +30,16 @@ from urllib.parse import quote
 from aiohttp import web
 
 from gateway import metrics
-from gateway.accounts import LOGIN_FORM_MAX_AGE, MAX_FORM_BYTES, Accounts, form_text, see_other
+from gateway.accounts import (
+    LOGIN_FORM_MAX_AGE,
+    MAX_FORM_BYTES,
+    Accounts,
+    FormError,
+    form_text,
+    parse_form,
+    read_capped,
+    see_other,
+)
 from gateway.app import RUNTIME, forward_to
 from gateway.audit import EventKind
 from gateway.certpolicy import PeerCertificate
@@ -223,15 +232,25 @@ class LoginAccess:
         containers and case-insensitive servers see the same path). It must
         appear exactly once: containers read the query first, PHP the last
         duplicate, so two values could bind one user and log in another.
+        The body is read once, at most ``MAX_FORM_BYTES`` (declared or sent),
+        parsed by :func:`~gateway.accounts.parse_form` and forwarded as read;
+        a body that is not a form the gateway can read is ``bad_request``.
         """
         field = backend.login.user_field
         values: list[object] = list(request.query.getall(field, []))
         body: bytes | None = None
         if request.method not in ("GET", "HEAD") and same_path(request.path, backend.login.path or ""):
-            if (request.content_length or 0) > MAX_FORM_BYTES:
-                return request.app[RUNTIME].refuse(request, Verdict.deny(Reason.PAYLOAD_TOO_LARGE), peer=peer)
-            body = await request.read()
-            values += (await request.post()).getall(field, [])
+            body = await read_capped(request, MAX_FORM_BYTES)
+            if body is None:
+                verdict = Verdict.deny(Reason.PAYLOAD_TOO_LARGE, f"login body over {MAX_FORM_BYTES} bytes")
+                return request.app[RUNTIME].refuse(request, verdict, peer=peer, headers={"Connection": "close"})
+            try:
+                form = await parse_form(request.headers.get("Content-Type"), body)
+            except FormError as exc:
+                return request.app[RUNTIME].refuse(
+                    request, Verdict.deny(Reason.BAD_REQUEST, f"login body: {exc}"), peer=peer
+                )
+            values += form.getall(field, [])
         if body is None and not values:
             return None  # not a login: forward with the certificate identity
         typed_text = values[0] if len(values) == 1 and isinstance(values[0], str) else ""

@@ -129,6 +129,13 @@ MESSAGES: dict[Reason, Message] = {
         "しばらくしてから再度お試しください。",
         "Try again in a few minutes.",
     ),
+    Reason.CLIENT_TIMEOUT: Message(
+        408,
+        "送信が途中で止まりました",
+        "The request stopped arriving",
+        "通信環境を確認して、もう一度お試しください。",
+        "Check your network connection and try again.",
+    ),
     Reason.LOGIN_REQUIRED: Message(
         401,
         "ログインが必要です",

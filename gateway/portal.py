@@ -70,7 +70,7 @@ from gateway.passwords import (
     MAX_PASSWORD_LENGTH,
     dummy_verify,
 )
-from gateway.responses import NO_STORE, refusal
+from gateway.responses import NO_STORE, SECURITY_HEADERS, refusal
 from gateway.sessions import (
     SessionRecord,
     SessionStore,
@@ -105,16 +105,6 @@ CRL_MAX_AGE_SECONDS = 600
 CA_FILE_STEM = "TokyoStockExchangeSSOCA"
 LOGIN_LINK = (("/login", "ログイン画面へ", "Back to login"),)
 MENU_LINK = (("/", "メニューへ", "Back to the menu"),)
-SECURITY_HEADERS = {
-    "X-Frame-Options": "DENY",
-    "Content-Security-Policy": (
-        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; "
-        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Cross-Origin-Opener-Policy": "same-origin",
-}
 _DOWNLOAD_PATH = re.compile(r"^/download/[^/]+$")
 
 
@@ -782,9 +772,13 @@ _text = accounts.form_text
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """On every response, error pages included: no framing, no foreign content, no sniffing."""
+    """On every response, error pages included: no framing, no foreign content, no sniffing, no version.
+
+    aiohttp has set its ``Server: Python/x aiohttp/y`` before this hook runs, so it can go here.
+    """
     for name, value in SECURITY_HEADERS.items():
         response.headers.setdefault(name, value)
+    response.headers.popall("Server", None)
 
 
 PORTAL = web.AppKey("portal", Portal)

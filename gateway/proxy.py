@@ -21,6 +21,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway import metrics
 from gateway.certpolicy import PeerCertificate
 from gateway.config import Backend
+from gateway.responses import HSTS, SERVER
 from gateway.upstream import UpstreamError, UpstreamPool, UpstreamResponse
 
 CHUNK = 1 << 16
@@ -70,6 +71,10 @@ Recheck = Callable[[], Awaitable[bool]]
 
 class BodyTooLarge(Exception):
     """The client sent more than the backend's ``max_body_bytes``."""
+
+
+class ClientBodyEnded(ConnectionResetError):
+    """The client's connection ended mid-body (it closed, or missed the body deadline): its doing, not the backend's."""
 
 
 def xfcc_value(peer: PeerCertificate) -> str:
@@ -148,6 +153,11 @@ def response_headers(upstream: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMu
         if lower == "set-cookie" and value.lstrip().startswith(GATEWAY_COOKIE_PREFIX):
             continue  # a backend must not set (or clear) the gateway's own cookies
         out.add(name, value)
+    # The backend's own Server and HSTS pass through; without them, ours (never aiohttp's versioned default).
+    if "Server" not in out:
+        out["Server"] = SERVER
+    if "Strict-Transport-Security" not in out:
+        out["Strict-Transport-Security"] = HSTS
     return out
 
 
@@ -161,8 +171,9 @@ async def _limited(stream: aiohttp.StreamReader, limit: int) -> AsyncIterator[by
                 raise BodyTooLarge(f"body over {limit} bytes")
             yield chunk
     except (ConnectionError, aiohttp.ClientError) as exc:
-        # The client went away mid-body: the backend got half a request and is cut off.
-        raise UpstreamError(False, f"client body ended early: {type(exc).__name__}") from exc
+        # The client went away mid-body: the backend got half a request and is cut off (the
+        # upstream connection is aborted), and the failure is the client's (see app.py).
+        raise ClientBodyEnded(f"client body ended early: {type(exc).__name__}") from exc
 
 
 def make_client_session(max_connections: int = 1000) -> aiohttp.ClientSession:
@@ -290,6 +301,7 @@ async def _forward_websocket(
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise UpstreamError(isinstance(exc, asyncio.TimeoutError), f"websocket to {backend.name}: {exc}") from exc
     client = web.WebSocketResponse()
+    client.headers.update({"Server": SERVER, "Strict-Transport-Security": HSTS})
     await client.prepare(request)
 
     async def pump(

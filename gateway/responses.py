@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from functools import cache
+from importlib.resources import files
 
 from aiohttp import web
 
@@ -20,7 +22,28 @@ def _dumps(data: object) -> str:
     return json.dumps(data, ensure_ascii=False)
 
 
-NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+# What the gateway says it is: no version (a scanner's first question). aiohttp adds
+# "Python/x aiohttp/y" to any response without a Server header, so our responses carry this.
+SERVER = "tse-gateway"
+# One year, the floor of browsers' preload lists. A property of the host name the gateway
+# terminates, so proxied answers without their own get it too (see gateway.proxy).
+HSTS = "max-age=31536000"
+# The headers a security review asks for on the gateway's and the portal's own pages. The
+# pages are self-contained: one inline <style> (and style attributes), no script, the
+# favicon as the only image, forms posting to the same origin.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; "
+        "form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
+    ),
+    "Strict-Transport-Security": HSTS,
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+# Every response the gateway makes itself (pages, refusals, redirects): never cached, plus the above.
+NO_STORE = {"Cache-Control": "no-store", **SECURITY_HEADERS, "Server": SERVER}
 
 
 def wants_json(request: web.BaseRequest) -> bool:
@@ -47,3 +70,17 @@ def refusal(
         return web.json_response(body, status=code, headers=all_headers, dumps=_dumps)
     html = render("refusal.html", msg=msg, reason=str(reason), support_id=support_id, links=links)
     return web.Response(text=html, status=code, content_type="text/html", charset="utf-8", headers=all_headers)
+
+
+FAVICON_PATH = "/favicon.ico"
+
+
+@cache
+def _favicon_bytes() -> bytes:
+    return files("gateway").joinpath("static/favicon.ico").read_bytes()
+
+
+def favicon() -> web.Response:
+    """The gateway's icon, public (browsers fetch it on their own, certificate or not, on every refusal page)."""
+    headers = {**SECURITY_HEADERS, "Server": SERVER, "Cache-Control": "public, max-age=86400"}
+    return web.Response(body=_favicon_bytes(), content_type="image/x-icon", headers=headers)

@@ -52,10 +52,11 @@ from gateway.app import AccessLayer, AuditSink, GatewayRuntime, build_app, utcno
 from gateway.audit import AuditEvent, EventKind
 from gateway.certpolicy import TrustAnchors, parse_peer
 from gateway.config import Config, load_config, require_gateway
-from gateway.deadlines import ClientDeadlines
+from gateway.deadlines import ClientDeadlines, peer_address
 from gateway.errors import GatewayError
 from gateway.listener import BatchListener, listen
 from gateway.logs import JsonAccessLogger, setup_logging
+from gateway.protocol import GatewayRequestHandler
 from gateway.revocation import CrlRefresher
 from gateway.routing import Router
 from gateway.tls import TICKET_KEYS_BYTES, HandshakeFailure, TlsAcceptor, build_server_context, load_client_cas
@@ -164,6 +165,7 @@ class GatewayWorker:
     _pending_handshakes: int = 0
     _listening: bool = False
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _handler_args: dict[str, Any] = field(default_factory=dict)
 
     async def start(self) -> None:
         config = self.config
@@ -183,15 +185,21 @@ class GatewayWorker:
         )
         access = self.access_factory(config, self.audit) if self.access_factory else None
         app = build_app(self.runtime, access)
+        # The connection protocol's settings: given to the runner's server and to each
+        # GatewayRequestHandler (built in _protocol), so both read the same limits.
+        self._handler_args = {
+            "access_log_class": JsonAccessLogger,
+            "access_log": logging.getLogger("gateway.access"),
+            "keepalive_timeout": config.limits.keepalive_timeout,
+            "max_line_size": config.limits.max_line_bytes,
+            "max_field_size": config.limits.max_header_bytes,
+            # A proxy forwards the body as sent. Decompressed, it went out under the client's
+            # Content-Encoding and Content-Length, and the bytes past that length reached the
+            # backend as a request of their own, identity headers and all.
+            "auto_decompress": False,
+        }
         self._runner = web.AppRunner(
-            app,
-            handle_signals=False,
-            access_log_class=JsonAccessLogger,
-            access_log=logging.getLogger("gateway.access"),
-            keepalive_timeout=config.limits.keepalive_timeout,
-            max_line_size=config.limits.max_line_bytes,
-            max_field_size=config.limits.max_header_bytes,
-            shutdown_timeout=config.limits.drain_timeout,
+            app, handle_signals=False, shutdown_timeout=config.limits.drain_timeout, **self._handler_args
         )
         await self._runner.setup()
         loop = asyncio.get_running_loop()
@@ -223,19 +231,42 @@ class GatewayWorker:
         server, limits = self._runner.server, self.config.limits
 
         def application() -> asyncio.Protocol:
-            return ClientDeadlines(server(), limits.header_timeout, limits.body_timeout, self._client_timeout)
+            http = GatewayRequestHandler(
+                server, loop=asyncio.get_running_loop(), on_unparsed=self._unparsed, **self._handler_args
+            )
+            return ClientDeadlines(http, limits.header_timeout, limits.body_timeout, self._client_timeout)
 
         self._pending_handshakes += 1
         return TlsAcceptor(
             self._context, application, self._handshake_failed, self.config.tls.handshake_timeout, self._settled
         )
 
+    def _unparsed(self, request: web.BaseRequest, detail: str) -> web.StreamResponse:
+        assert self.runtime is not None
+        return self.runtime.refuse_unparsed(request, detail)
+
     def _settled(self) -> None:
         self._pending_handshakes -= 1
 
-    def _client_timeout(self, why: str, peer: tuple[str, int] | None) -> None:
+    def _client_timeout(
+        self, why: str, transport: asyncio.Transport, request: web.BaseRequest | None, started: bool
+    ) -> None:
+        """A client missed a deadline: counted, logged, and audited unless it never sent a byte.
+
+        A connection that stays silent from its handshake on is a browser's
+        speculative preconnect as often as an attack: counted, not audited.
+        """
         metrics.CLIENT_TIMEOUTS.labels(why).inc()
+        peer = peer_address(transport.get_extra_info("peername"))
         log.info("closed a stalled client connection", extra={"reason": why, "client_ip": peer[0] if peer else ""})
+        if self.runtime is None or not started:
+            return
+        limits = self.config.limits
+        if why == "header_timeout":
+            detail = f"request head not complete within {limits.header_timeout:g} s (limits.header_timeout_seconds)"
+        else:
+            detail = f"request body silent for {limits.body_timeout:g} s (limits.body_timeout_seconds)"
+        self.runtime.client_timed_out(transport, request, detail)
 
     def _context(self) -> ssl.SSLContext:
         assert self._tls is not None

@@ -32,6 +32,8 @@ class Reason(StrEnum):
     PAYLOAD_TOO_LARGE = "payload_too_large"
     BACKEND_UNAVAILABLE = "backend_unavailable"
     BACKEND_TIMEOUT = "backend_timeout"
+    # The client's side: a request head or body that stopped arriving (never a backend's fault).
+    CLIENT_TIMEOUT = "client_timeout"
     # Login and session.
     LOGIN_REQUIRED = "login_required"
     SUBJECT_MISMATCH = "subject_mismatch"

@@ -112,6 +112,44 @@ async def test_refusal_page_support_id_finds_its_event(gw: Harness, capsys: pyte
     assert event["reason"] == "no_certificate" and event["path"] == "/jpxcube/"
 
 
+async def test_parser_refusal_and_client_timeout_are_found_through_the_cli(
+    tmp_path: Path, pki: ThrowawayPki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The two refusals made outside any handler: `gateway audit show` finds each, with client and certificate."""
+    from gateway.config import load_config
+    from tests.test_hostile_http import FAST, SUPPORT_ID, closed_within, connect, exchange
+
+    config_path = write_config(tmp_path, pki, {"tdnet": 1, "j-iriss": 1, "clearing": 1}, extra=FAST)
+    audit = AuditLog(load_config(config_path).audit, worker=0)
+    await audit.start()
+    h = await start_harness(tmp_path, pki, audit=audit, extra=FAST)
+    try:
+        answer = await exchange(
+            h, b"POST /onre/a HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+        )
+        found = SUPPORT_ID.search(answer)
+        assert found, answer[:300]
+        reader, writer = await connect(h)
+        writer.write(b"GET /onre/a HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        await closed_within(reader, 5)
+        writer.close()
+        await flush(h)
+        serial = format(pki.clients["LC000001"].certificate.serial_number, "X")
+        [stalled] = cli_json(h, capsys, "--reason", "client_timeout")
+        for support_id, reason in ((found.group(1).decode(), "bad_request"), (stalled["support_id"], "client_timeout")):
+            assert main(["audit", "show", support_id, "--config", str(h.config.path), "--format", "json"]) == 0
+            [event] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+            assert (event["reason"], event["client_ip"], event["cert_subject"], event["cert_serial"]) == (
+                reason,
+                "127.0.0.1",
+                "LC000001",
+                serial,
+            )
+    finally:
+        await h.close()
+        await audit.aclose()
+
+
 @pytest.mark.slow
 async def test_refusal_flood_loses_nothing_and_does_not_block_requests(
     gw: Harness, capsys: pytest.CaptureFixture[str]

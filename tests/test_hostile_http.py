@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import gzip
 import json
+import logging
 import re
 import ssl
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +115,99 @@ async def test_smuggling_shapes_are_refused_before_any_backend(gw: Harness, raw:
     assert status_of(answer) in (400, 413, 431), answer[:300]
     assert b"smuggled" not in answer
     await still_serving(gw)
+
+
+# What the HTTP parser itself refuses: each is the gateway's own 400 page, with a support ID
+# the audit event carries, the client's address and certificate, and no traceback in the log.
+PARSER_REFUSALS = {
+    "cl-and-te": (SMUGGLING["cl-and-te"], "Transfer-Encoding can't be present with Content-Length"),
+    "two-cl": (SMUGGLING["two-cl"], "Duplicate Content-Length"),
+    "two-hosts": (SMUGGLING["two-hosts"], "Duplicate 'Host' header"),
+    "header-200k": (
+        b"GET /onre/a HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n",
+        "header field over 16384 bytes (limits.max_header_bytes)",
+    ),
+    "line-10k": (SMUGGLING["huge-line"], "request line over 8190 bytes (limits.max_line_bytes)"),
+    "malformed-request-line": (b"GET /onre/a HTTP/1.1 extra\r\nHost: 127.0.0.1\r\n\r\n", ""),
+    "not-http": (b"\x16\x03\x01 hello\r\n\r\n", ""),
+    "bad-header-name": (SMUGGLING["bad-header-name"], ""),
+}
+SUPPORT_ID = re.compile(rb'id="support-id">([0-9A-F]{12})<')
+
+
+@pytest.mark.parametrize(("raw", "detail"), PARSER_REFUSALS.values(), ids=PARSER_REFUSALS.keys())
+async def test_parser_refusals_get_the_page_a_support_id_and_an_audit_event(
+    gw: Harness, raw: bytes, detail: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    answer = await exchange(gw, raw)
+    head, _, page = answer.partition(b"\r\n\r\n")
+    assert status_of(answer) == 400, answer[:300]
+    assert b"Content-Type: text/html" in head and b"Python/" not in head and b"aiohttp" not in head
+    assert b"Content-Security-Policy:" in head and b"Connection: close" in head
+    found = SUPPORT_ID.search(page)
+    assert found and "不正なリクエストです".encode() in page, page[:500]
+    refusals = [e for e in gw.audit.events if e.reason == "bad_request"]
+    assert len(refusals) == 1
+    event = refusals[0]
+    assert (event.event, event.support_id) == ("request_refused", found.group(1).decode())
+    assert (event.client_ip, event.cert_subject) == ("127.0.0.1", "LC000001")
+    assert event.cert_serial == format(gw.pki.clients["LC000001"].certificate.serial_number, "X")
+    assert event.tls_version.startswith("TLS") and event.method == "" and event.path == ""
+    assert detail in event.detail and event.detail
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], [
+        r.getMessage() for r in caplog.records
+    ]
+    warned = [r for r in caplog.records if r.getMessage() == "refused a request the HTTP parser could not read"]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    await still_serving(gw)
+
+
+async def test_head_just_under_the_limits_is_served(gw: Harness) -> None:
+    """The twins of the size refusals: a big header and a request line at its limit pass.
+
+    (The header stays under 8190 bytes, the demo backends' own aiohttp limit.)
+    """
+    header = b"X-Big: " + b"a" * 8000
+    answer = await exchange(
+        gw, b"GET /onre/a HTTP/1.1\r\nHost: 127.0.0.1\r\n" + header + b"\r\nConnection: close\r\n\r\n"
+    )
+    assert status_of(answer) == 200
+    path = b"/onre/" + b"a" * (8_190 - len("/onre/"))
+    answer = await exchange(gw, b"GET " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    assert status_of(answer) == 200
+    assert not [e for e in gw.audit.events if e.reason == "bad_request"]
+
+
+async def test_compressed_body_is_forwarded_as_sent_never_inflated_into_a_second_request(
+    tmp_path: Path, pki: ThrowawayPki
+) -> None:
+    """A gzip body is the client's bytes: inflated, its tail became a request of its own on the backend hop."""
+    received = bytearray()
+
+    async def raw_backend(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                received.extend(data)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(raw_backend, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    h = await start_harness(tmp_path, pki, backend_extra={"upstream": f"http://127.0.0.1:{port}"})
+    try:
+        smuggled = b"GET /onre/smuggled HTTP/1.1\r\nHost: x\r\nX-Authenticated-User: LC000002\r\n\r\n"
+        body = gzip.compress(b"a" * 2000 + smuggled)
+        head = b"POST /onre/upload HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Encoding: gzip\r\n"
+        answer = await exchange(h, head + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+        assert status_of(answer) == 200
+        assert b"smuggled" not in received and received.endswith(b"\r\n\r\n" + body)
+        assert b"Content-Length: %d\r\n" % len(body) in received
+    finally:
+        await h.close()
+        server.close()
+        await server.wait_closed()
 
 
 async def test_chunked_body_alone_is_fine(gw: Harness) -> None:
@@ -334,6 +430,110 @@ async def test_slowloris_body_is_cut_off(gw: Harness) -> None:
     await still_serving(gw)
 
 
+def gateway_errors(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """Error lines and tracebacks the gateway logged (the demo backends, in-process, may log their own)."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if (r.exc_info or r.levelno >= logging.ERROR)
+        and "demobackend" not in "".join(traceback.format_tb(r.exc_info[2] if r.exc_info else None))
+    ]
+
+
+def refusals(reason: str) -> float:
+    return REGISTRY.get_sample_value("gateway_refusals_total", {"reason": reason}) or 0.0
+
+
+def tdnet_5xx() -> float:
+    return REGISTRY.get_sample_value("gateway_requests_total", {"backend": "tdnet", "status": "5xx"}) or 0.0
+
+
+async def stall_body(h: Harness, path: str) -> None:
+    """POST announcing 1000 bytes, send 10, then silence until the gateway hangs up."""
+    reader, writer = await connect(h)
+    try:
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n".encode())
+        writer.write(b"Content-Type: application/x-www-form-urlencoded\r\nUser-Agent: staller\r\n\r\nuserId=LC0")
+        await writer.drain()
+        assert await closed_within(reader, 5) < 3.5
+    finally:
+        writer.close()
+
+
+def assert_client_timeout(h: Harness, event: Any) -> None:
+    """The stalled client is named: its address and its certificate."""
+    assert (event.event, event.reason) == ("request_refused", "client_timeout")
+    assert (event.client_ip, event.cert_subject) == ("127.0.0.1", "LC000001")
+    assert event.cert_serial == format(h.pki.clients["LC000001"].certificate.serial_number, "X")
+    assert event.client_port and event.tls_version.startswith("TLS")
+
+
+async def test_stalled_upload_is_the_clients_timeout_not_a_backend_failure(
+    gw: Harness, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    before = (refusals("backend_unavailable"), refusals("client_timeout"), tdnet_5xx(), timeouts("body_timeout"))
+    await stall_body(gw, "/onre/upload")
+    await asyncio.sleep(0.2)
+    assert [e.reason for e in gw.audit.events] == ["client_timeout"]
+    event = gw.audit.events[0]
+    assert_client_timeout(gw, event)
+    assert (event.method, event.path, event.backend, event.user_agent) == ("POST", "/onre/upload", "tdnet", "staller")
+    assert "limits.body_timeout_seconds" in event.detail
+    after = (refusals("backend_unavailable"), refusals("client_timeout"), tdnet_5xx(), timeouts("body_timeout"))
+    assert after == (before[0], before[1] + 1, before[2], before[3] + 1)
+    access = [r for r in caplog.records if r.getMessage() == "access"]
+    assert [r.status for r in access] == [408]  # type: ignore[attr-defined]
+    assert gateway_errors(caplog) == []
+    await still_serving(gw)
+
+
+async def test_stalled_passthrough_login_body_is_the_clients_timeout(
+    tmp_path: Path, pki: ThrowawayPki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The login reads its body itself: a stall there is the client's too, and not a 500 with a traceback."""
+    h = await start_harness(tmp_path, pki, access_factory=LoginAccess, extra=FAST)
+    try:
+        await stall_body(h, "/onre/login")
+        await asyncio.sleep(0.2)
+        assert [e.reason for e in h.audit.events] == ["client_timeout"]
+        assert_client_timeout(h, h.audit.events[0])
+        assert h.audit.events[0].path == "/onre/login"
+        assert gateway_errors(caplog) == []
+        await still_serving(h)
+    finally:
+        await h.close()
+
+
+async def test_stalled_head_is_audited_with_the_client_and_its_certificate(gw: Harness) -> None:
+    reader, writer = await connect(gw)
+    try:
+        writer.write(b"GET /onre/a HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: a")
+        await writer.drain()
+        assert await closed_within(reader, 5) < 3
+    finally:
+        writer.close()
+    await asyncio.sleep(0.1)
+    assert [e.reason for e in gw.audit.events] == ["client_timeout"]
+    event = gw.audit.events[0]
+    assert_client_timeout(gw, event)
+    assert (event.method, event.path) == ("", "")
+    assert "limits.header_timeout_seconds" in event.detail
+
+
+async def test_silent_connection_is_closed_and_counted_but_not_audited(gw: Harness) -> None:
+    """The twin: a connection that never sends a byte (a browser's preconnect) is no one's refusal."""
+    before = timeouts("header_timeout")
+    reader, writer = await connect(gw)
+    try:
+        assert await closed_within(reader, 5) < 3
+    finally:
+        writer.close()
+    await asyncio.sleep(0.1)
+    assert timeouts("header_timeout") == before + 1
+    assert gw.audit.events == []
+
+
 async def test_slow_but_steady_body_is_served(gw: Harness) -> None:
     reader, writer = await connect(gw)
     try:
@@ -399,3 +599,4 @@ async def test_client_vanishing_mid_upload_leaves_the_worker_serving(gw: Harness
     await still_serving(gw)
     async with aiohttp.ClientSession() as s, s.get(gw.admin_url("/healthz")) as r:
         assert r.status == 200
+    assert "backend_unavailable" not in gw.audit.reasons()  # the client left: not the backend's failure

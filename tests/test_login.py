@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from gateway.accounts import MAX_FORM_BYTES
 from gateway.config import Config
 from gateway.login import LoginAccess
 from gateway.passwords import hash_password
@@ -395,6 +396,130 @@ async def test_passthrough_binding_cannot_be_sidestepped(
                 assert (await r.json())["error"] == "subject_mismatch"
             async with s.get(h.url("/onre/other?userId=LC000001"), headers={"Accept": "application/json"}) as r:
                 assert r.status == 200  # the accept twin: the certificate's own user ID passes
+    finally:
+        await h.close()
+
+
+def multipart(fields: list[tuple[str, str]], boundary: str = "b0undary") -> tuple[bytes, str]:
+    """A multipart/form-data body as browsers (and ``curl -F``) send it."""
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n' for name, value in fields
+    ]
+    return ("".join(parts) + f"--{boundary}--\r\n").encode(), f"multipart/form-data; boundary={boundary}"
+
+
+LOGIN_FORMS = {
+    "multipart": multipart([("userId", "{user}"), ("password", "x")]),
+    "multipart-charset": (
+        multipart([("userId", "{user}"), ("password", "x")])[0],
+        'multipart/form-data; charset=UTF-8; boundary="b0undary"',
+    ),
+    "urlencoded": (b"userId={user}&password=x", "application/x-www-form-urlencoded"),
+    "urlencoded-charset": (b"userId={user}&password=%82%A0", "application/x-www-form-urlencoded; charset=Shift_JIS"),
+    "urlencoded-utf8": (b"password=%E3%81%82&userId={user}", "application/x-www-form-urlencoded;charset=utf-8"),
+}
+
+
+@pytest.mark.parametrize(("body", "content_type"), LOGIN_FORMS.values(), ids=LOGIN_FORMS.keys())
+async def test_passthrough_login_reads_every_form_encoding(
+    tmp_path: Path, pki: ThrowawayPki, body: bytes, content_type: str
+) -> None:
+    """The certificate's user ID is forwarded with the body intact; another user ID is refused and audited."""
+    h = await start_harness(tmp_path, pki, login_mode="passthrough", access_factory=LoginAccess)
+    try:
+        async with h.session("LC000001") as s:
+            for user, status in (("LC000001", 200), ("LC000002", 403)):
+                data = body.replace(b"{user}", user.encode())
+                headers = {"Content-Type": content_type, "Accept": "application/json"}
+                async with s.post(h.url("/onre/login"), data=data, headers=headers) as r:
+                    assert r.status == status, await r.text()
+                    answer = await r.json()
+                if status == 200:
+                    assert answer["body_bytes"] == len(data)  # forwarded as sent, not re-encoded
+                    assert answer["headers"]["Content-Type"] == content_type
+                else:
+                    assert answer["error"] == "subject_mismatch"
+                    event = h.audit.events[-1]
+                    assert (event.event, event.reason, event.support_id) == (
+                        "login_refused",
+                        "subject_mismatch",
+                        answer["support_id"],
+                    )
+                    assert (event.user_id, event.cert_subject, event.client_ip) == ("LC000002", "LC000001", "127.0.0.1")
+    finally:
+        await h.close()
+
+
+NOT_FORMS = {
+    "json": (b'{"userId": "LC000001"}', "application/json"),
+    "text-plain-form": (b"userId=LC000001\r\n", "text/plain"),
+    "no-content-type": (b"userId=LC000001", None),
+    "unknown-charset": (b"userId=LC000001", "application/x-www-form-urlencoded; charset=x-no-such"),
+    "undecodable": (b"userId=LC000001&password=%FF", "application/x-www-form-urlencoded"),
+    "no-boundary": (multipart([("userId", "LC000001")])[0], "multipart/form-data"),
+    "wrong-boundary": (multipart([("userId", "LC000001")])[0], "multipart/form-data; boundary=other"),
+    "name-star": (
+        b"--b\r\nContent-Disposition: form-data; name=\"x\"; name*=UTF-8''userId\r\n\r\nLC000001\r\n--b--\r\n",
+        "multipart/form-data; boundary=b",
+    ),
+    "transfer-encoded-part": (
+        b'--b\r\nContent-Disposition: form-data; name="userId"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+        b"TEMwMDAwMDE=\r\n--b--\r\n",
+        "multipart/form-data; boundary=b",
+    ),
+}
+
+
+@pytest.mark.parametrize(("body", "content_type"), NOT_FORMS.values(), ids=NOT_FORMS.keys())
+async def test_passthrough_login_body_that_is_not_a_readable_form_is_bad_request(
+    tmp_path: Path, pki: ThrowawayPki, body: bytes, content_type: str | None
+) -> None:
+    h = await start_harness(tmp_path, pki, login_mode="passthrough", access_factory=LoginAccess)
+    try:
+        async with h.session("LC000001") as s:
+            headers = {"Accept": "application/json", **({"Content-Type": content_type} if content_type else {})}
+            async with s.post(
+                h.url("/onre/login"), data=body, headers=headers, skip_auto_headers=["Content-Type"]
+            ) as r:
+                assert r.status == 400, await r.text()
+                answer = await r.json()
+            assert answer["error"] == "bad_request"
+            event = h.audit.events[-1]
+            assert (event.reason, event.support_id, event.cert_subject) == (
+                "bad_request",
+                answer["support_id"],
+                "LC000001",
+            )
+            assert event.detail.startswith("login body: ")
+            # The twin: the same user ID as a form passes.
+            twin = {"Accept": "application/json"}
+            async with s.post(h.url("/onre/login"), data={"userId": "LC000001"}, headers=twin) as r:
+                assert r.status == 200
+    finally:
+        await h.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_passthrough_login_body_over_the_form_limit_is_refused(
+    tmp_path: Path, pki: ThrowawayPki, chunked: bool
+) -> None:
+    h = await start_harness(tmp_path, pki, login_mode="passthrough", access_factory=LoginAccess)
+    try:
+        big = b"userId=LC000001&pad=" + b"a" * (MAX_FORM_BYTES + 1)
+
+        async def stream() -> Any:
+            yield big
+
+        async with h.session("LC000001") as s:
+            headers = {"Accept": "application/json", "Content-Type": "application/x-www-form-urlencoded"}
+            async with s.post(h.url("/onre/login"), data=stream() if chunked else big, headers=headers) as r:
+                assert r.status == 413, await r.text()
+                assert (await r.json())["error"] == "payload_too_large"
+            assert h.audit.events[-1].reason == "payload_too_large"
+            just_fits = big[: MAX_FORM_BYTES - 1]
+            async with s.post(h.url("/onre/login"), data=just_fits, headers=headers) as r:
+                assert r.status == 200, await r.text()
+                assert (await r.json())["body_bytes"] == len(just_fits)
     finally:
         await h.close()
 

@@ -240,6 +240,8 @@ async def test_login_leads_to_the_main_menu_with_four_items(portal: Portal) -> N
     assert headers["Cache-Control"] == "no-store"
     assert headers["X-Frame-Options"] == "DENY"
     assert "frame-ancestors 'none'" in headers["Content-Security-Policy"]
+    assert "Server" not in headers  # aiohttp's "Python/x aiohttp/y" is removed
+    assert headers["Strict-Transport-Security"] == "max-age=31536000"
     assert [e.user_id for e in portal.events("login")] == ["LC000001"]
 
 
