@@ -67,9 +67,9 @@ def plan_from(args: argparse.Namespace) -> Plan:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    for tool in ("nginx", "stunnel4", "wrk", "openssl", "curl"):
+    for tool in ("nginx", "openssl", "curl", "node", "npm"):
         if shutil.which(tool) is None:
-            print(f"bench: {tool} not found; run ./dev.sh bench (installs nginx stunnel4 wrk) as root", file=sys.stderr)
+            print(f"bench: {tool} not found; run ./dev.sh bench (installs nginx nodejs npm) as root", file=sys.stderr)
             return 2
     plan = plan_from(args)
     OUT.mkdir(parents=True, exist_ok=True)
