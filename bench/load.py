@@ -25,8 +25,9 @@ from bench.fixtures import OUT, BenchPki
 
 AUTOCANNON_VERSION = "8.0.0"
 NODE_TOOLS = OUT / "node"
-# Node's event loop is one core; two worker threads lift the ceiling (README: measured ceilings).
-AUTOCANNON_THREADS = 2
+# One thread (Node's event loop): the same ceiling as two worker threads at 50 connections on 2 cores, and
+# less CPU taken from the server per request (bench/README.md, "Why autocannon"); --loadgen-threads changes it.
+AUTOCANNON_THREADS = 1
 
 WRK_LUA = """\
 local threads = {}
@@ -169,9 +170,10 @@ def autocannon(
     """autocannon over HTTP/1.1 keep-alive, presenting LC000001's certificate itself (no TLS proxy in between)."""
     argv = [
         str(autocannon_bin()), "--json", "-c", str(connections), "-d", str(max(1, int(seconds))),
-        "-t", "10", "-w", str(threads), "--cert", str(pki.client_cert), "--key", str(pki.client_key),
-        "--ca", str(pki.ca_cert),
+        "-t", "10", "--cert", str(pki.client_cert), "--key", str(pki.client_key), "--ca", str(pki.ca_cert),
     ]  # fmt: skip
+    if threads > 1:
+        argv += ["-w", str(threads)]  # worker threads; without -w autocannon runs on Node's main thread
     for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]
     argv.append(url)

@@ -1,15 +1,15 @@
 """One figure, fast: logged-in keep-alive through one system, or the cost of a loopback send.
 
-python -m bench.probe gateway|nginx|ceiling|hello|aiohttp-proxy|upstream-proxy [--conns 50] [--seconds 8]
-                      [--tool autocannon|autocannon-1|wrk-stunnel]
+python -m bench.probe gateway|nginx|loadgen-ceiling|hello|aiohttp-proxy|upstream-proxy [--conns 50] [--seconds 8]
+                      [--tool autocannon|autocannon-2|wrk-stunnel]
 python -m bench.probe send-cost
 
 The first form is figure 2 of ``python -m bench`` for one system and one connection count
 (autocannon presenting LC000001's certificate -> system -> the bench backend) and prints the CPU
 µs per request of the system, the backend and the load generator, then req/s and p50/p99.
-``ceiling`` is nginx answering ``return 200`` itself: the load generator's ceiling. ``--tool``
-compares load generators on the same figure: autocannon with its default two worker threads, with
-one (``autocannon-1``), or wrk behind a local stunnel that presents the certificate (the previous
+``loadgen-ceiling`` is nginx answering ``return 200`` itself: the load generator's ceiling. ``--tool``
+compares load generators on the same figure: autocannon on one thread (the bench's default), with two
+worker threads (``autocannon-2``), or wrk behind a local stunnel that presents the certificate (the previous
 method). ``hello`` and the two ``*-proxy`` kinds are the floors in :mod:`bench.ceiling`. Run
 systems back to back (the box is shared) when comparing. ``send-cost`` times a 200-byte ``send()``
 on loopback TCP to an echoing peer process: the kernel's share of every proxied request.
@@ -32,7 +32,7 @@ from bench.run import DIRECT, keepalive_row, log
 from bench.servers import PY, Backend, Gateway, Nginx, Server, Stunnel, _env
 
 CEILINGS = ("hello", "aiohttp-proxy", "upstream-proxy")
-TOOLS = ("autocannon", "autocannon-1", "wrk-stunnel")
+TOOLS = ("autocannon", "autocannon-2", "wrk-stunnel")
 
 
 class Ceiling(Server):
@@ -56,10 +56,10 @@ def keepalive(system: str, conns: int, seconds: float, tool: str) -> None:
     crl = ensure_crl(pki, 0, log=log)
     backend = Backend(workdir).start()
     server: Server
-    path = DIRECT if system == "ceiling" else "/onre/tiny"
+    path = DIRECT if system == "loadgen-ceiling" else "/onre/tiny"
     if system == "gateway":
         server = Gateway(workdir, pki, backend.port, 1, crl).start()
-    elif system in ("nginx", "ceiling"):
+    elif system in ("nginx", "loadgen-ceiling"):
         server = Nginx(workdir, pki, backend.port, 1, crl).start()
     else:
         server = Ceiling(system, workdir, pki, backend.port)
@@ -86,7 +86,7 @@ def drive(
 ) -> load.KeepAliveResult:
     """One keep-alive run with the chosen load generator; stunnel's CPU is counted as the load generator's."""
     if tool.startswith("autocannon"):
-        threads = 1 if tool == "autocannon-1" else load.AUTOCANNON_THREADS
+        threads = 2 if tool == "autocannon-2" else 1
         return load.autocannon(f"https://127.0.0.1:{server.port}{path}", conns, seconds, headers, pki, threads=threads)
     stunnel = Stunnel(work, pki, server.port).start()
     try:
@@ -123,7 +123,7 @@ def send_cost(count: int = 20_000) -> None:
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="python -m bench.probe", description=__doc__.splitlines()[0])
-    p.add_argument("system", choices=("gateway", "nginx", "ceiling", *CEILINGS, "send-cost"))
+    p.add_argument("system", choices=("gateway", "nginx", "loadgen-ceiling", *CEILINGS, "send-cost"))
     p.add_argument("--tool", choices=TOOLS, default="autocannon", help="the keep-alive load generator")
     p.add_argument("--conns", type=int, default=50)
     p.add_argument("--seconds", type=float, default=8.0)

@@ -260,13 +260,18 @@ def _reload_table(reload: dict[str, Any], plan: dict[str, Any]) -> list[str]:
 Row = tuple[str, str, bool | None]
 
 
+def _keepalive_keys(figures: dict[str, Any]) -> list[str]:
+    """``keepalive_50``, ``keepalive_200``: by connection count, not as strings."""
+    return sorted((k for k in figures if k.startswith("keepalive_")), key=lambda k: int(k.split("_")[1]))
+
+
 def _cpu_targets(base: dict[str, Any]) -> list[Row]:
     """Gateway CPU per unit of work against nginx's in the same run: the primary comparison."""
     rows: list[Row] = []
     limits = (("full", "full handshake + GET", 1.25), ("resumed", "resumed handshake + GET", 1.5))
     for workers, row in base.items():
         g, n = row.get("gateway", {}), row.get("nginx", {})
-        for key in sorted(k for k in g if k.startswith("keepalive_")):
+        for key in _keepalive_keys(g):
             gc, nc = g[key].get("server_cpu_us"), n.get(key, {}).get("server_cpu_us")
             if gc and nc:
                 conns = key.split("_")[1]
@@ -310,7 +315,7 @@ def _targets(figs: dict[str, Any]) -> list[str]:
             if int(entries) == 1_000_000 and gm:
                 rows.append((f"RSS/worker at 1,000,000 <= 120 MiB (w={workers})", f"{gm:.0f} MiB", gm <= 120))
     for workers, row in base.items():
-        for key in sorted(k for k in row.get("gateway", {}) if k.startswith("keepalive_")):
+        for key in _keepalive_keys(row.get("gateway", {})):
             g, n = row["gateway"][key], row.get("nginx", {}).get(key)
             if not n:
                 continue

@@ -37,6 +37,7 @@ class Plan:
     reload_seconds: float
     loop: str
     quick: bool
+    loadgen_threads: int = load.AUTOCANNON_THREADS
 
 
 def log(msg: str) -> None:
@@ -94,12 +95,13 @@ class Runner:
         """autocannon straight at the server (it presents the client certificate itself), after a 1 s warm-up."""
         url = f"https://127.0.0.1:{server.port}{path}"
         headers = {"Cookie": self.cookie(server)}
-        load.autocannon(url, connections, 1, headers, self.pki)  # warm-up: connections, caches, the JIT
+        threads = self.plan.loadgen_threads
+        load.autocannon(url, connections, 1, headers, self.pki, threads=threads)  # warm-up: caches, the JIT
         assert self.backend is not None and self.backend.proc is not None
         meters = {"server": procs.CpuMeter(server.all_pids()), "backend": procs.CpuMeter([self.backend.proc.pid])}
         for meter in meters.values():
             meter.start()
-        res = load.autocannon(url, connections, seconds, headers, self.pki)
+        res = load.autocannon(url, connections, seconds, headers, self.pki, threads=threads)
         for meter in meters.values():
             meter.stop()
         return keepalive_row(res, meters["server"], meters["backend"])
@@ -139,10 +141,15 @@ class Runner:
         log("load generator check: the bare backend")
         assert self.backend is not None
         plain = load.autocannon(
-            f"http://127.0.0.1:{self.backend.port}/onre/tiny", 50, self.plan.keepalive_seconds, {}, self.pki
+            f"http://127.0.0.1:{self.backend.port}/onre/tiny",
+            50,
+            self.plan.keepalive_seconds,
+            {},
+            self.pki,
+            threads=self.plan.loadgen_threads,
         )
         out: dict[str, Any] = {
-            "tool": f"autocannon {load.AUTOCANNON_VERSION}, {load.AUTOCANNON_THREADS} worker threads",
+            "tool": f"autocannon {load.AUTOCANNON_VERSION}, {self.plan.loadgen_threads} thread(s)",
             "bare_backend_rps": plain.requests_per_second,
             "bare_backend_p99_ms": plain.p99_ms,
         }
