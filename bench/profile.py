@@ -37,48 +37,41 @@ from bench.servers import PY, Backend, Gateway
 PY_SPY_VERSION = "0.4.1"
 SUMMARIES = Path(__file__).resolve().parent / "profiles"
 
+# A stack with one of these frames is a thread waiting (an idle executor thread, the loop in epoll): not CPU.
+WAITING = re.compile(r"^(epoll_p?wait|PyThread_acquire_lock_timed|_queue_SimpleQueue_get\w*|pthread_cond_\w*wait) ")
+GC = re.compile(r"^gc_collect_main ")
 # (layer, pattern on one frame "function (file:line)" as py-spy prints it), tried innermost frame first.
-# Syscall wrappers first: the kernel's time is spent below them. Frames that name no layer (hashlib,
-# the cryptography package, libcrypto, builtins) pass the sample on to their caller.
+# Frames that name no layer (libcrypto, libpython, hashlib, unnamed addresses) pass the sample to their caller.
 LAYERS: tuple[tuple[str, re.Pattern[str]], ...] = (
     (
-        "kernel (syscalls)",
+        "kernel (system calls)",
         re.compile(
-            r"^(__libc_|__GI___|__send|__recv|__write|__read|epoll_|writev|readv|"
-            r"send|recv|sendmsg|recvmsg|accept4?|close|__close)\b[^(]*\(",
-            re.I,
+            r"^(write|read|writev|readv|send|recv|sendto|recvfrom|sendmsg|recvmsg|fcntl(64)?|epoll_ctl|accept4?|"
+            r"close|shutdown|[gs]etsockopt|ioctl|__libc_\w+|__GI___\w+) \((libc|libpthread)"
         ),
     ),
-    (
-        "TLS (OpenSSL, ssl, sslproto)",
-        re.compile(
-            r"(^(SSL_|ssl3_|ssl_|tls_|tls13_|ossl_statem|dtls|"
-            r"state_machine|read_state|write_state)|\bssl\.py|sslproto|libssl)"
-        ),
-    ),
-    ("session lookup", re.compile(r"gateway/(\w+/)*session")),
-    ("upstream client", re.compile(r"(gateway/(\w+/)*(upstream|proxy)|aiohttp/client)")),
-    ("certificate and revocation checks", re.compile(r"gateway/(\w+/)*(cert|revocation|crl|tls|pki)")),
-    ("audit", re.compile(r"gateway/(\w+/)*audit")),
-    ("gateway middleware and handlers", re.compile(r"gateway/")),
-    (
-        "aiohttp HTTP parser and writer",
-        re.compile(
-            r"(aiohttp/(_?http_parser|_?http_writer|http_)|httptools|"
-            r"llhttp|_http_parser)"
-        ),
-    ),
-    ("aiohttp server (protocol, request, response)", re.compile(r"aiohttp/(web|helpers|streams|base_protocol)")),
-    ("event loop (uvloop, asyncio)", re.compile(r"(uvloop|asyncio/|uv__|uv_run)")),
+    ("TLS (OpenSSL, ssl, uvloop's SSLProtocol)", re.compile(r"(SSLProtocol|^SSL_|\(libssl|\(_ssl\.c|\(ssl\.py)")),
+    ("session lookup", re.compile(r"\(gateway/(\w+/)*\w*session")),
+    ("upstream client (gateway.upstream)", re.compile(r"\((gateway/(\w+/)*upstream|aiohttp/client)")),
+    ("proxying: headers and relay (gateway.proxy)", re.compile(r"\(gateway/(\w+/)*proxy")),
+    ("certificate and revocation checks", re.compile(r"\(gateway/(\w+/)*\w*(cert|revocation|crl|tls|pki)")),
+    ("audit", re.compile(r"\(gateway/(\w+/)*\w*audit")),
+    ("gateway middleware and handlers", re.compile(r"\(gateway/")),
+    ("aiohttp HTTP parser and writer", re.compile(r"(\(aiohttp/_?http_|httptools|llhttp)")),
+    ("aiohttp server (protocol, routing, request, response)", re.compile(r"\(aiohttp/")),
+    ("event loop (uvloop, asyncio)", re.compile(r"(\(loop\.c|\(asyncio/|\(_asynciomodule|^uv_|^uv__|\(libuv)")),
 )
 OTHER = "other (interpreter, allocator, unnamed C)"
+GARBAGE = "garbage collector"
 
 
 @dataclass(frozen=True)
 class Summary:
-    samples: int
+    samples: int  # samples of a running thread (the shares are of these)
+    waiting: int  # samples of threads waiting (executor threads, the loop in epoll)
     layers: list[tuple[str, int]]
     leaves: list[tuple[str, int]]
+    inclusive: list[tuple[str, int]]
 
 
 def ensure_py_spy() -> Path:
@@ -91,8 +84,16 @@ def ensure_py_spy() -> Path:
     return binary
 
 
-def classify(frames: list[str]) -> str:
-    """The layer of the innermost frame that names one (frames are outermost first)."""
+def classify(frames: list[str]) -> str | None:
+    """The layer of one stack (frames outermost first); None for a waiting thread.
+
+    The garbage collector counts as itself wherever it was triggered (the objects it traverses name other
+    layers); otherwise the innermost frame that names a layer decides.
+    """
+    if any(WAITING.search(frame) for frame in frames):
+        return None
+    if any(GC.search(frame) for frame in frames):
+        return GARBAGE
     for frame in reversed(frames):
         for layer, pattern in LAYERS:
             if pattern.search(frame):
@@ -113,19 +114,39 @@ def parse_collapsed(text: str) -> list[tuple[list[str], int]]:
 def summarise(text: str, top: int = 15) -> Summary:
     layers: Counter[str] = Counter()
     leaves: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    waiting = 0
     for frames, count in parse_collapsed(text):
-        layers[classify(frames)] += count
-        leaves[re.sub(r":\d+\)$", ")", frames[-1])] += count
-    return Summary(sum(layers.values()), layers.most_common(), leaves.most_common(top))
+        layer = classify(frames)
+        if layer is None:
+            waiting += count
+            continue
+        names = [re.sub(r":\d+\)$", ")", frame) for frame in frames]
+        layers[layer] += count
+        leaves[names[-1]] += count
+        for name in set(names):
+            inclusive[name] += count
+    samples = sum(layers.values())
+    # Frames on (nearly) every stack, unnamed ones and the event loop's plumbing say nothing: left out.
+    loop = dict(LAYERS)["event loop (uvloop, asyncio)"]
+    spread = [
+        (name, n)
+        for name, n in inclusive.most_common()
+        if n < 0.9 * samples and not name.startswith("0x") and not loop.search(name)
+    ]
+    return Summary(samples, waiting, layers.most_common(), leaves.most_common(top), spread[: 2 * top])
 
 
 def render(kind: str, summary: Summary, note: str) -> str:
     n = max(1, summary.samples)
-    out = [f"# Gateway profile: {kind}", "", note, "", f"{summary.samples:,} samples.", ""]
-    out += ["| layer | share of samples |", "|---|---|"]
+    out = [f"# Gateway profile: {kind}", "", note, ""]
+    out.append(f"{summary.samples:,} samples of running code ({summary.waiting:,} of waiting threads left out).")
+    out += ["", "| layer | share of samples |", "|---|---|"]
     out += [f"| {layer} | {100 * count / n:.1f} % |" for layer, count in summary.layers]
     out += ["", "Hottest innermost frames (self time):", "", "| frame | share |", "|---|---|"]
     out += [f"| `{frame}` | {100 * count / n:.1f} % |" for frame, count in summary.leaves]
+    out += ["", "Frames by inclusive share (the frame and everything it called):", "", "| frame | share |", "|---|---|"]
+    out += [f"| `{frame}` | {100 * count / n:.1f} % |" for frame, count in summary.inclusive]
     return "\n".join(out) + "\n"
 
 
@@ -170,8 +191,10 @@ def profile(kind: str, seconds: float, rate: int, native: bool) -> Path:
     note = (
         f"`python -m bench.profile {kind}`, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}: one-worker "
         f"`gateway serve` under {load_desc}; py-spy {PY_SPY_VERSION} `record {'--native ' if native else ''}"
-        f"--rate {rate}` for {seconds:.0f} s (samples of the worker while it runs; idle waits are not sampled). "
-        "Each sample counts for the innermost frame naming a layer (bench/profile.py `LAYERS`)."
+        f"--rate {rate}` for {seconds:.0f} s. Samples of waiting threads (executor threads on their queue, the loop in "
+        "`epoll_wait`) are left out; each other sample counts for the innermost frame naming a layer "
+        "(bench/profile.py `LAYERS`), frames of libcrypto, libpython or unnamed C pass it to their caller. "
+        "The figures vary run to run on a shared box; read the shares, not the sample counts."
     )
     SUMMARIES.mkdir(exist_ok=True)
     summary_path = SUMMARIES / f"{kind}.md"

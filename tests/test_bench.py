@@ -1,15 +1,16 @@
-"""The bench's reading of autocannon's output and its ceiling rule, on captured real output (no network).
+"""The bench's reading of its tools' output, its ceiling rule and its profile summary (captured output, no network).
 
-The samples under tests/samples/ are autocannon 8.0.0 ``--json`` reports captured from real runs:
-nginx ``return 200`` with the client certificate, the gateway answering 303 to an expired session,
-nginx answering 400 to a client without a certificate, and a refused port.
+Under tests/samples/: autocannon 8.0.0 ``--json`` reports captured from real runs (nginx ``return 200``
+with the client certificate, the gateway answering 303 to an expired session, nginx answering 400 to a
+client without a certificate, a refused port), and lines of py-spy 0.4.1 ``record --native --format raw``
+captured from a gateway worker under keep-alive load.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from bench import load, report
+from bench import load, profile, report
 
 SAMPLES = Path(__file__).parent / "samples"
 
@@ -114,3 +115,28 @@ def test_table_marks_the_ratio_not_measurable_under_a_low_ceiling() -> None:
     # the handshake ceiling (600/s) is below twice the gateway's 400/s as well; the CPU ratio stays
     full = next(line for line in text.splitlines() if line.startswith("| 1 | full |"))
     assert full == "| 1 | full | 1.50 | 1.00 | 1.50 | 400 | 500 | 600 | not measurable | – |"
+
+
+def test_profile_stacks_are_sorted_into_layers() -> None:
+    """py-spy ``--native --format raw`` lines captured from a gateway worker under keep-alive load."""
+    stacks = profile.parse_collapsed((SAMPLES / "py-spy-raw-keepalive.txt").read_text())
+    layers = [(profile.classify(frames), count) for frames, count in stacks]
+    assert layers == [
+        (None, 8),  # an executor thread waiting on its queue: not CPU
+        (profile.GARBAGE, 1),  # gc traversing an httptools parser counts as gc, not as the parser
+        ("kernel (system calls)", 112),  # write() under uvloop's stream write
+        ("TLS (OpenSSL, ssl, uvloop's SSLProtocol)", 1),  # SSL_read_ex via the ssl module
+        ("session lookup", 3),
+        ("aiohttp server (protocol, routing, request, response)", 2),
+        (None, 15),  # the event loop in epoll_pwait: waiting
+        ("aiohttp HTTP parser and writer", 1),  # llhttp under feed_data
+    ]
+
+
+def test_profile_summary_leaves_waiting_threads_out_of_the_shares() -> None:
+    summary = profile.summarise((SAMPLES / "py-spy-raw-keepalive.txt").read_text())
+    assert (summary.samples, summary.waiting) == (120, 23)
+    assert summary.layers[0] == ("kernel (system calls)", 112)
+    text = profile.render("keepalive", summary, "note")
+    assert "| kernel (system calls) | 93.3 % |" in text
+    assert "120 samples of running code (23 of waiting threads left out)." in text
