@@ -68,6 +68,25 @@ def test_ratio_is_an_upper_bound_when_only_nginx_is_near_the_ceiling() -> None:
     assert report.throughput_ratio(8_000, 20_000, 30_000) == "≤ 0.40"
 
 
+def test_ratio_is_a_lower_bound_when_only_the_gateway_is_near_the_ceiling() -> None:
+    """The sequential s_time client holds the gateway at 168/s while nginx with a big CRL does 64/s."""
+    assert report.throughput_ratio(168, 64, 227) == "not measurable (≥ 2.62)"
+    assert report.throughput_ratio(168, 150, 227) == report.NOT_MEASURABLE
+
+
+def test_throughput_target_decided_by_a_bound_only_in_the_bound_direction() -> None:
+    name = "target"
+    assert report.throughput_target(name, 168, 64, 227, 2.0) == (name, "≥ 2.62x (gateway held by the load tool)", True)
+    assert report.throughput_target(name, 168, 100, 227, 2.0)[2] is None  # lower bound 1.68 says nothing of >= 2
+    assert report.throughput_target(name, 8_000, 20_000, 30_000, 0.5) == (
+        name,
+        "≤ 0.40x (nginx held by the load tool)",
+        False,
+    )
+    assert report.throughput_target(name, 8_000, 15_500, 30_000, 0.5)[2] is None  # upper bound 0.52 says nothing
+    assert report.throughput_target(name, 8_000, 14_000, 40_000, 0.5) == (name, "0.57x", True)
+
+
 def test_ratio_without_a_ceiling_is_printed_as_before() -> None:
     assert report.throughput_ratio(8_000, 20_000, None) == "0.40"
 
@@ -111,7 +130,8 @@ def test_table_marks_the_ratio_not_measurable_under_a_low_ceiling() -> None:
     text = report.render(_results(ceiling_rps=12_000), {"date": "now"}, "./dev.sh bench --quick")
     keepalive = next(line for line in text.splitlines() if line.startswith("| 1 | 50 |"))
     assert "| 12,000 | not measurable |" in keepalive
-    assert "| keep-alive req/s >= 50 % of nginx (w=1, c=50) | gateway 8,000, ceiling 12,000 | not measurable |" in text
+    target = "| keep-alive req/s >= 50 % of nginx (w=1, c=50) | 0.40x as measured; ceiling 12,000 | not measurable |"
+    assert target in text
     # the handshake ceiling (600/s) is below twice the gateway's 400/s as well; the CPU ratio stays
     full = next(line for line in text.splitlines() if line.startswith("| 1 | full |"))
     assert full == "| 1 | full | 1.50 | 1.00 | 1.50 | 400 | 500 | 600 | not measurable | – |"
