@@ -11,11 +11,14 @@ PY="$(command -v python3.11 || command -v python3)"
 
 # Debian packages the tests and benchmarks drive for real.
 APT_TEST=(openssl chromium chromium-driver libnss3-tools)
-APT_BENCH=(openssl nginx stunnel4 wrk)
+# nodejs + npm: autocannon (npm registry, pinned in bench/load.py) drives keep-alive load with the client
+# certificate; stunnel4 + wrk only for `python -m bench.probe --tool wrk-stunnel` (the previous method).
+APT_BENCH=(openssl curl nginx nodejs npm stunnel4 wrk)
 
 need_apt() {
     local missing=()
-    for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+    # A command of the package's name on PATH counts too: a nodejs build that bundles npm conflicts with Debian's npm.
+    for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || command -v "$pkg" >/dev/null || missing+=("$pkg"); done
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
         echo "==> installing ${missing[*]} (apt)" >&2

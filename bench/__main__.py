@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import machine, report, servers
+from bench import load, machine, report, servers
 from bench.fixtures import OUT, load_pki
 from bench.run import Plan, Runner, log
 
@@ -42,6 +42,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="the gateway's event loop: uvloop (default: what `gateway serve` picks by itself when uvloop is "
         "installed) or asyncio (uvloop hidden, for comparison)",
     )
+    p.add_argument(
+        "--loadgen-threads",
+        type=int,
+        default=load.AUTOCANNON_THREADS,
+        help="autocannon threads for keep-alive load and its ceiling (default 1; see bench/README.md)",
+    )
     p.add_argument("--no-save", action="store_true", help="print the table but leave bench/RESULTS.md alone")
     p.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs) for inspection")
     return p.parse_args(argv)
@@ -62,14 +68,15 @@ def plan_from(args: argparse.Namespace) -> Plan:
         reload_seconds=max(6.0, seconds * 2),
         loop=args.loop,
         quick=quick,
+        loadgen_threads=args.loadgen_threads,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    for tool in ("nginx", "stunnel4", "wrk", "openssl", "curl"):
+    for tool in ("nginx", "openssl", "curl", "node", "npm"):
         if shutil.which(tool) is None:
-            print(f"bench: {tool} not found; run ./dev.sh bench (installs nginx stunnel4 wrk) as root", file=sys.stderr)
+            print(f"bench: {tool} not found; run ./dev.sh bench (installs nginx nodejs npm) as root", file=sys.stderr)
             return 2
     plan = plan_from(args)
     OUT.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ import ssl
 import subprocess
 from pathlib import Path
 
+from bench.load import AUTOCANNON_VERSION
+
 
 def _first(pattern: str, text: str, default: str = "?") -> str:
     match = re.search(pattern, text, re.MULTILINE)
@@ -48,6 +50,6 @@ def describe() -> dict[str, str]:
         "nginx": _version(["nginx", "-v"], r"nginx/(\S+)"),
         "aiohttp": aiohttp.__version__,
         "uvloop": uv,
-        "wrk": _version(["wrk", "-v"], r"^(wrk \S+)"),
-        "stunnel": _version(["stunnel4", "-version"], r"^(stunnel \S+)"),
+        "node": _version(["node", "--version"], r"^(v\S+)"),
+        "autocannon": AUTOCANNON_VERSION,
     }

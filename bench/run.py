@@ -20,7 +20,9 @@ from typing import Any
 
 from bench import load, procs
 from bench.fixtures import BenchPki, ensure_crl, upload_file
-from bench.servers import Backend, Gateway, Nginx, Server, Stunnel
+from bench.servers import Backend, Gateway, Nginx, Server
+
+DIRECT = "/bench-direct"  # nginx answers ``return 200 "ok"`` itself: the load generator's ceiling
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Plan:
     reload_seconds: float
     loop: str
     quick: bool
+    loadgen_threads: int = load.AUTOCANNON_THREADS
 
 
 def log(msg: str) -> None:
@@ -70,9 +73,11 @@ class Runner:
         # nginx ignores the cookie; it gets the same request bytes as the gateway.
         return server.cookie or self.results.get("cookie", "__Host-gw_session=none")
 
-    def measure_handshakes(self, server: Server, *, reuse: bool, seconds: float) -> dict[str, Any]:
+    def measure_handshakes(
+        self, server: Server, *, reuse: bool, seconds: float, path: str = "/onre/tiny"
+    ) -> dict[str, Any]:
         meter = procs.CpuMeter(server.all_pids()).start()
-        res = load.s_time(server.port, self.pki, self.cookie(server), seconds, reuse=reuse)
+        res = load.s_time(server.port, self.pki, self.cookie(server), seconds, reuse=reuse, path=path)
         meter.stop()
         return {
             "per_second": res.per_second,
@@ -84,38 +89,22 @@ class Runner:
             "client_cpu_share": res.client_cpu / res.seconds if res.seconds else 0.0,
         }
 
-    def measure_keepalive(self, server: Server, connections: int, seconds: float) -> dict[str, Any]:
-        stunnel = Stunnel(self.workdir, self.pki, server.port).start()
-        try:
-            url = f"http://127.0.0.1:{stunnel.port}/onre/tiny"
-            load.wrk(url, connections, 1, {"Cookie": self.cookie(server)}, self.workdir)  # warm-up
-            assert stunnel.proc is not None and self.backend is not None and self.backend.proc is not None
-            meters = {
-                "server": procs.CpuMeter(server.all_pids()),
-                "backend": procs.CpuMeter([self.backend.proc.pid]),
-                "stunnel": procs.CpuMeter([stunnel.proc.pid]),
-            }
-            for meter in meters.values():
-                meter.start()
-            res = load.wrk(url, connections, seconds, {"Cookie": self.cookie(server)}, self.workdir)
-            for meter in meters.values():
-                meter.stop()
-        finally:
-            stunnel.stop()
-        total = max(1, res.ok + res.bad)
-        return {
-            "rps": res.requests_per_second,
-            "p50_ms": res.p50_ms,
-            "p99_ms": res.p99_ms,
-            "max_ms": res.max_ms,
-            "ok": res.ok,
-            "non_200": res.bad,
-            "socket_errors": res.errors,
-            "server_cpu_us": 1e6 * meters["server"].cpu / total,
-            "backend_cpu_us": 1e6 * meters["backend"].cpu / total,
-            "loadgen_cpu_us": 1e6 * (meters["stunnel"].cpu + res.client_cpu) / total,
-            "server_cpu_share": meters["server"].cpu / meters["server"].wall,
-        }
+    def measure_keepalive(
+        self, server: Server, connections: int, seconds: float, path: str = "/onre/tiny"
+    ) -> dict[str, Any]:
+        """autocannon straight at the server (it presents the client certificate itself), after a 1 s warm-up."""
+        url = f"https://127.0.0.1:{server.port}{path}"
+        headers = {"Cookie": self.cookie(server)}
+        threads = self.plan.loadgen_threads
+        load.autocannon(url, connections, 1, headers, self.pki, threads=threads)  # warm-up: caches, the JIT
+        assert self.backend is not None and self.backend.proc is not None
+        meters = {"server": procs.CpuMeter(server.all_pids()), "backend": procs.CpuMeter([self.backend.proc.pid])}
+        for meter in meters.values():
+            meter.start()
+        res = load.autocannon(url, connections, seconds, headers, self.pki, threads=threads)
+        for meter in meters.values():
+            meter.stop()
+        return keepalive_row(res, meters["server"], meters["backend"])
 
     def memory(self, server: Server) -> dict[str, Any]:
         workers = server.worker_pids()
@@ -130,6 +119,7 @@ class Runner:
     # -- figures ----------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
+        load.autocannon_bin(log)  # installs it on first use, before any server starts
         self.backend = Backend(self.workdir).start()
         try:
             self.load_generator_check()
@@ -143,27 +133,44 @@ class Runner:
         return self.results
 
     def load_generator_check(self) -> None:
-        """Is wrk + stunnel fast enough? Against the bare backend (plain) and nginx answering itself."""
-        log("load generator check")
+        """Is the backend fast enough to be no limit? autocannon against it alone, plain HTTP.
+
+        The load generator's own ceiling (autocannon, same TLS and certificate, against nginx
+        answering ``return 200`` itself) is measured beside each nginx figure in :meth:`base_figures`.
+        """
+        log("load generator check: the bare backend")
         assert self.backend is not None
-        plain = load.wrk(
-            f"http://127.0.0.1:{self.backend.port}/onre/tiny", 50, self.plan.keepalive_seconds, {}, self.workdir
+        plain = load.autocannon(
+            f"http://127.0.0.1:{self.backend.port}/onre/tiny",
+            50,
+            self.plan.keepalive_seconds,
+            {},
+            self.pki,
+            threads=self.plan.loadgen_threads,
         )
-        out: dict[str, Any] = {"bare_backend_rps": plain.requests_per_second, "bare_backend_p99_ms": plain.p99_ms}
-        with self.running("nginx", 1, self.pki.empty_crl) as nginx:
-            stunnel = Stunnel(self.workdir, self.pki, nginx.port).start()
-            try:
-                direct = load.wrk(
-                    f"http://127.0.0.1:{stunnel.port}/bench-direct", 50, self.plan.keepalive_seconds, {}, self.workdir
-                )
-            finally:
-                stunnel.stop()
-        out["nginx_direct_rps"] = direct.requests_per_second
-        out["nginx_direct_p99_ms"] = direct.p99_ms
+        out: dict[str, Any] = {
+            "tool": f"autocannon {load.AUTOCANNON_VERSION}, {self.plan.loadgen_threads} thread(s)",
+            "bare_backend_rps": plain.requests_per_second,
+            "bare_backend_p99_ms": plain.p99_ms,
+        }
         self.results["figures"]["loadgen"] = out
-        log(
-            f"  bare backend {plain.requests_per_second:.0f} req/s; stunnel+nginx return 200: {direct.requests_per_second:.0f} req/s"  # noqa: E501 - one markdown/log line
-        )
+        log(f"  bare backend {plain.requests_per_second:.0f} req/s")
+
+    def ceiling(self, server: Server) -> dict[str, Any]:
+        """The load tools against nginx ``return 200`` (no backend hop): the highest figure each can show.
+
+        Same TLS settings, certificate and request bytes as the real figures; only the location differs.
+        """
+        out: dict[str, Any] = {
+            "full": self.measure_handshakes(server, reuse=False, seconds=self.plan.handshake_seconds, path=DIRECT),
+            "resumed": self.measure_handshakes(server, reuse=True, seconds=self.plan.handshake_seconds, path=DIRECT),
+        }
+        for conns in self.plan.connections:
+            out[f"keepalive_{conns}"] = self.measure_keepalive(server, conns, self.plan.keepalive_seconds, DIRECT)
+            log(f"  ceiling c={conns}: {out[f'keepalive_{conns}']['rps']:.0f} req/s (autocannon -> nginx return 200)")
+        full, resumed = out["full"]["per_second"], out["resumed"]["per_second"]
+        log(f"  ceiling handshakes (s_time -> nginx return 200): full {full:.0f}/s, resumed {resumed:.0f}/s")
+        return out
 
     def base_figures(self, workers: int) -> None:
         for system in ("gateway", "nginx"):
@@ -182,6 +189,8 @@ class Runner:
                         f"  c={conns}: {k['rps']:.0f} req/s p50 {k['p50_ms']:.1f} ms p99 {k['p99_ms']:.1f} ms non-200 {k['non_200']}"  # noqa: E501 - one markdown/log line
                     )
                 row["memory"] = self.memory(server)
+                if isinstance(server, Nginx):
+                    row["ceiling"] = self.ceiling(server)
                 log(
                     f"  full {row['full']['per_second']:.0f}/s, resumed {row['resumed']['per_second']:.0f}/s "
                     f"({row['resumed']['resumed']}/{row['resumed']['connections']} resumed)"
@@ -277,6 +286,24 @@ def _swap(server: Server, new: Path, live: Path, after: float) -> None:
     os.replace(tmp, live)
     if isinstance(server, Nginx) and server.proc is not None:
         os.kill(server.proc.pid, signal.SIGHUP)
+
+
+def keepalive_row(res: load.KeepAliveResult, server: procs.CpuMeter, backend: procs.CpuMeter) -> dict[str, Any]:
+    """One keep-alive figure: CPU per request first (server, backend, load generator), then throughput."""
+    total = max(1, res.ok + res.bad)
+    return {
+        "server_cpu_us": 1e6 * server.cpu / total,
+        "backend_cpu_us": 1e6 * backend.cpu / total,
+        "loadgen_cpu_us": 1e6 * res.client_cpu / total,
+        "server_cpu_share": server.cpu / server.wall if server.wall else 0.0,
+        "rps": res.requests_per_second,
+        "p50_ms": res.p50_ms,
+        "p99_ms": res.p99_ms,
+        "max_ms": res.max_ms,
+        "ok": res.ok,
+        "non_200": res.bad,
+        "socket_errors": res.errors,
+    }
 
 
 def median(values: list[float]) -> float:
