@@ -253,7 +253,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     host_verdict = check_host(request.headers.get("Host"), _server_name(request), http11=request.version >= (1, 1))
     if not host_verdict.allowed:
         return rt.refuse(request, host_verdict, peer=peer)
-    backend = rt.router.match(request.host, request.path)
+    # The gateway's own namespace never reaches a backend, whatever is mounted at "/" (any method).
+    owned = rt.config.gateway_paths.owns(request.path)
+    backend = None if owned else rt.router.match(request.host, request.path)
     if backend is None:
         return rt.refuse(request, Verdict.deny(Reason.NO_ROUTE), peer=peer)
     request[BACKEND] = backend.name

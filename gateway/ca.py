@@ -226,6 +226,8 @@ class CertificateAuthority:
         write_atomic(directory / CA_CERT, pki.cert_pem(cert))
         write_atomic(directory / CA_CERT_DER, cert.public_bytes(serialization.Encoding.DER))
         ca = cls(directory, cert, key, settings or CaSettings())
+        # The issuance records (who holds which certificate) are the CA's own: 0600 like its key.
+        os.close(os.open(ca.database_path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
         with ca._connect() as conn:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)

@@ -36,3 +36,14 @@ class CaError(GatewayError):
 
 class StoreError(GatewayError):
     """A SQLite store (users, sessions, audit, issuance) failed."""
+
+
+class StartupError(GatewayError):
+    """A service could not start for a reason the operator can fix (a port taken, a worker that died)."""
+
+
+def listener_error(listener: str, host: str, port: int, exc: OSError) -> StartupError:
+    """One line naming the listener and its address: ``admin listener 127.0.0.1:9100: address already in use``."""
+    why = exc.strerror or str(exc) or type(exc).__name__
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return StartupError(f"{listener} listener {address}: {why[:1].lower()}{why[1:]}")
