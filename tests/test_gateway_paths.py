@@ -77,9 +77,7 @@ class RootSystem:
         ctx = ssl.create_default_context(cafile=str(self.pki.ca_cert))
         files = self.pki.clients["LC000001"]
         ctx.load_cert_chain(files.cert, files.key)
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=ctx), cookie_jar=aiohttp.CookieJar(unsafe=True)
-        )
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx), cookie_jar=aiohttp.CookieJar(unsafe=True))
 
 
 @pytest.fixture
