@@ -194,11 +194,11 @@ def client_ssl(pki: BenchPki) -> ssl.SSLContext:
 
 
 async def login(port: int, pki: BenchPki) -> str:
-    """Log LC000001 in through GET/POST /login; return the ``__Host-gw_session`` cookie value."""
+    """Log LC000001 in through GET/POST /_gateway/login; return the ``__Host-gw_session`` cookie value."""
     base = f"https://127.0.0.1:{port}"
     jar = aiohttp.DummyCookieJar()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl(pki)), cookie_jar=jar) as http:
-        async with http.get(base + "/login") as resp:
+        async with http.get(base + "/_gateway/login") as resp:
             page = await resp.text()
             csrf_cookie = resp.cookies["__Host-gw_csrf"].value
         match = re.search(r'name="csrf" value="([^"]+)"', page)
@@ -206,7 +206,7 @@ async def login(port: int, pki: BenchPki) -> str:
             raise RuntimeError("login page has no csrf field")
         form = {"user_id": USER, "password": PASSWORD, "csrf": match.group(1)}
         headers = {"Cookie": f"__Host-gw_csrf={csrf_cookie}"}
-        async with http.post(base + "/login", data=form, headers=headers, allow_redirects=False) as resp:
+        async with http.post(base + "/_gateway/login", data=form, headers=headers, allow_redirects=False) as resp:
             if resp.status != 303 or "__Host-gw_session" not in resp.cookies:
                 raise RuntimeError(f"login failed: HTTP {resp.status} {(await resp.text())[:300]}")
             session = resp.cookies["__Host-gw_session"].value

@@ -8,7 +8,7 @@ per kind, paced so the box is busy but not saturated:
 * **handshake**: a new TLS connection per request (certificate-only backend);
 * **keepalive**: logged-in users on kept-alive connections (gateway login);
 * **refused**: a revoked certificate (403 ``certificate_revoked``, audited);
-* **login**: a full login (GET /login, POST /login; audited ``login``).
+* **login**: a full login (GET /_gateway/login, POST /_gateway/login; audited ``login``).
 
 Meanwhile a new CRL is published every 20 s (the gateway refreshes every
 5 s) and the supervisor gets SIGHUP at 1/3 and 2/3 of the run. Reported:
@@ -260,13 +260,13 @@ class Soak:
             await asyncio.sleep(0.02)
 
     async def login(self, session: aiohttp.ClientSession, user: str) -> int:
-        async with session.get(self.url("/login")) as r:
+        async with session.get(self.url("/_gateway/login")) as r:
             page = await r.text()
         token = re.search(r'name="csrf" value="([^"]+)"', page)
         if token is None:
             return 0
         form = {"user_id": user, "password": PASSWORD, "csrf": token.group(1), "next": ""}
-        async with session.post(self.url("/login"), data=form, allow_redirects=False) as r:
+        async with session.post(self.url("/_gateway/login"), data=form, allow_redirects=False) as r:
             await r.read()
             return r.status
 

@@ -42,11 +42,11 @@ from gateway.certpolicy import (
     issued_by_trusted_ca,
     parse_peer,
 )
-from gateway.config import Backend, Config
+from gateway.config import FAVICON_PATH, Backend, Config
 from gateway.deadlines import ClientDeadlines, peer_address, request_deadlines
 from gateway.keys import BACKEND, PEER, USER
 from gateway.proxy import BodyTooLarge, forward, identity_headers, make_client_session
-from gateway.responses import FAVICON_PATH, favicon, refusal
+from gateway.responses import favicon, refusal
 from gateway.revocation import CrlRefresher
 from gateway.routing import Router, check_host, check_path
 from gateway.tls import server_name_of
@@ -334,7 +334,9 @@ async def proxy_handler(request: web.Request) -> web.StreamResponse:
     host_verdict = check_host(request.headers.get("Host"), _server_name(request), http11=request.version >= (1, 1))
     if not host_verdict.allowed:
         return rt.refuse(request, host_verdict, peer=peer)
-    backend = rt.router.match(request.host, request.path)
+    # The gateway's own namespace never reaches a backend, whatever is mounted at "/" (any method).
+    owned = rt.config.gateway_paths.owns(request.path)
+    backend = None if owned else rt.router.match(request.host, request.path)
     if backend is None:
         return rt.refuse(request, Verdict.deny(Reason.NO_ROUTE), peer=peer)
     request[BACKEND] = backend.name

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import sqlite3
 import threading
 import time
@@ -137,6 +138,10 @@ class AuditStore:
             raise StoreError(
                 f"no audit database at {self.path} (nothing recorded yet, or audit.database points elsewhere)"
             )
+        if not self.readonly and not self.path.exists():
+            # 0600 like gateway.db: the trail names users, addresses and certificates (SQLite
+            # gives the -wal and -shm files the same mode).
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
         conn = sqlite3.connect(
             self.path,
             timeout=BUSY_TIMEOUT_MS / 1000,

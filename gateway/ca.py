@@ -226,6 +226,8 @@ class CertificateAuthority:
         write_atomic(directory / CA_CERT, pki.cert_pem(cert))
         write_atomic(directory / CA_CERT_DER, cert.public_bytes(serialization.Encoding.DER))
         ca = cls(directory, cert, key, settings or CaSettings())
+        # The issuance records (who holds which certificate) are the CA's own: 0600 like its key.
+        os.close(os.open(ca.database_path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
         with ca._connect() as conn:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.executescript(_SCHEMA)
@@ -309,6 +311,7 @@ class CertificateAuthority:
         out_cert: Path | None = None,
         out_key: Path | None = None,
         key_type: pki.KeyType = "ec-p256",
+        force: bool = False,
     ) -> ServerFiles:
         """Issue a TLS server certificate for the gateway or the portal and write it.
 
@@ -318,13 +321,19 @@ class CertificateAuthority:
         """
         if not hostnames:
             raise CaError("a server certificate needs at least one host name")
+        problems = [p for p in map(pki.server_name_problem, hostnames) if p]
+        if problems:
+            raise CaError("; ".join(problems))
+        cert_path = out_cert or self.directory / SERVER_CERT
+        key_path = out_key or self.directory / SERVER_KEY
+        for path in (key_path, cert_path):
+            if path.exists() and not force:
+                raise CaError(f"{path}: exists; refusing to overwrite it (--force replaces it)")
         key = pki.generate_key(key_type)
         cert = pki.build_server_cert(self.certificate, self._key, key.public_key(), hostnames, now=now)
         record = _record_of(cert, "server", user_id=hostnames[0], now=now, by=requested_by, windows_login=None)
         with self._transaction() as conn:
             _insert(conn, record, cert)
-        cert_path = out_cert or self.directory / SERVER_CERT
-        key_path = out_key or self.directory / SERVER_KEY
         write_atomic(key_path, pki.key_pem(key), mode=0o600)
         write_atomic(cert_path, pki.cert_pem(cert) + pki.cert_pem(self.certificate))
         return ServerFiles(record, cert_path, key_path)

@@ -3,7 +3,8 @@
 Each concern registers its own sub-commands (``register(subparsers)`` in
 ``cli_*`` modules) so this file stays the table of contents. Errors of the
 :class:`GatewayError` family print one line (several for config problems)
-and exit 2; tracebacks only with ``--debug``.
+and exit 2, or 1 for a service (``serve``, ``portal``, ``demo``) that could
+not start (its ``failure_status``); tracebacks only with ``--debug``.
 """
 
 from __future__ import annotations
@@ -67,11 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"error: {line}", file=sys.stderr)
         if args.debug:
             raise
-        return 2
+        return int(getattr(args, "failure_status", 2))
     except GatewayError as exc:
         print(f"error: {exc}", file=sys.stderr)
         if args.debug:
             raise
-        return 2
+        return int(getattr(args, "failure_status", 2))
     except KeyboardInterrupt:
         return 130

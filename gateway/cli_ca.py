@@ -52,6 +52,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("hostnames", nargs="+", metavar="HOSTNAME", help="DNS name or IP address")
     p.add_argument("--out-cert", type=Path, help="certificate chain file (default: DIR/server.pem)")
     p.add_argument("--out-key", type=Path, help="private key file, 0600 (default: DIR/server.key)")
+    p.add_argument("--force", action="store_true", help="replace existing certificate and key files")
     p.set_defaults(func=cmd_server_cert)
 
     p = _command(commands, "issue", "issue a user's client certificate as a PKCS#12 file")
@@ -119,7 +120,9 @@ def cmd_server_cert(args: argparse.Namespace) -> int:
     target = _target(args)
     ca = CertificateAuthority.open(target.directory, target.settings)
     now = dt.datetime.now(dt.UTC)
-    files = ca.issue_server(args.hostnames, now, _actor(), out_cert=args.out_cert, out_key=args.out_key)
+    files = ca.issue_server(
+        args.hostnames, now, _actor(), out_cert=args.out_cert, out_key=args.out_key, force=args.force
+    )
     _record(target, _event(EventKind.CERTIFICATE_ISSUED, files.record, detail="server"))
     print(f"issued server certificate {files.record.serial_hex} for {', '.join(args.hostnames)}")
     print(f"  expires {issuance.format_jst(files.record.not_after)} JST")

@@ -8,14 +8,14 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from gateway.config import load_config, require_gateway, require_portal
+from gateway.config import load_config, shadowed_paths
 from gateway.errors import ConfigError, GatewayError
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     p = sub.add_parser("serve", help="run the gateway in the foreground (SIGTERM/SIGINT stop, SIGHUP reloads)")
     p.add_argument("--config", required=True, help="YAML config file")
-    p.set_defaults(func=_serve)
+    p.set_defaults(func=_serve, failure_status=1)
 
     p = sub.add_parser("check-config", help="validate a config file; one line per problem")
     p.add_argument("--config", required=True, help="YAML config file")
@@ -28,13 +28,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
     p = sub.add_parser("portal", help="run the TSE-CA certificate issuance service")
     p.add_argument("--config", required=True, help="YAML config file (ca:, portal:, users:)")
-    p.set_defaults(func=_portal)
+    p.set_defaults(func=_portal, failure_status=1)
 
     p = sub.add_parser("demo", help="run a self-contained demo: throwaway CA, backends, gateway, portal")
     p.add_argument("--dir", default=None, help="where to write the demo's PKI and databases (default: a temp dir)")
     p.add_argument("--port", type=int, default=8443, help="gateway port (portal: +1, admin: 9100)")
     p.add_argument("--once", action="store_true", help="start, print the instructions, self-check and exit")
-    p.set_defaults(func=_demo)
+    p.set_defaults(func=_demo, failure_status=1)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -44,36 +44,24 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
+    """The start-up checks of ``serve`` (and of ``portal``), the same functions: same refusals, same lines."""
+    from gateway.startup import GATEWAY_CHECKS, PORTAL_CHECKS, startup_problems
+
     config = load_config(args.config)
     problems: list[str] = []
     gateway_wanted = config.tls is not None or config.backends or config.revocation is not None or config.portal is None
-    for wanted, check in (
-        (gateway_wanted, require_gateway),
-        (args.portal or config.portal is not None, require_portal),
+    for wanted, checks in (
+        (gateway_wanted, GATEWAY_CHECKS),
+        (args.portal or config.portal is not None, PORTAL_CHECKS),
     ):
-        if not wanted:
-            continue
-        try:
-            check(config)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-    if config.tls is not None and not problems:
-        problems.extend(_check_tls_files(config))
+        if wanted:
+            problems += [line for line in startup_problems(config, checks) if line not in problems]
     if problems:
         raise ConfigError(problems)
+    for note in shadowed_paths(config):
+        print(f"note: {note}")
     print(f"{config.path}: OK")
     return 0
-
-
-def _check_tls_files(config: Any) -> list[str]:
-    """Load the certificate, key and CA bundle as serve would, to catch bad files now."""
-    from gateway.server import load_tls_state
-
-    try:
-        load_tls_state(config)
-    except GatewayError as exc:
-        return [f"{config.path}: tls: {exc}"]
-    return []
 
 
 def _reload(args: argparse.Namespace) -> int:
@@ -95,9 +83,10 @@ def _reload(args: argparse.Namespace) -> int:
 
 def _portal(args: argparse.Namespace) -> int:
     from gateway.portal import run_portal
+    from gateway.startup import PORTAL_CHECKS, check_startup
 
     config = load_config(args.config)
-    require_portal(config)
+    check_startup(config, PORTAL_CHECKS)
     return run_portal(config)
 
 

@@ -11,6 +11,7 @@ portal and the CLI all read the same file; :func:`require_gateway` and
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +133,51 @@ class PortalConfig:
     key: Path
 
 
+# Browsers ask every site for this; the gateway answers it itself, whatever backend sits at ``/``.
+FAVICON_PATH = "/favicon.ico"
+DEFAULT_GATEWAY_PREFIX = "/_gateway/"
+
+
+@dataclass(frozen=True)
+class GatewayPaths:
+    """The gateway's own pages, all under one reserved prefix (``gateway_paths.prefix``).
+
+    One prefix rather than fixed paths like ``/login``, so a system mounted
+    at ``/`` keeps every path but this one namespace (and ``/favicon.ico``),
+    and no backend's own ``/login`` is shadowed.
+    """
+
+    prefix: str = DEFAULT_GATEWAY_PREFIX
+
+    @property
+    def landing(self) -> str:
+        return self.prefix
+
+    @property
+    def login(self) -> str:
+        return self.prefix + "login"
+
+    @property
+    def logout(self) -> str:
+        return self.prefix + "logout"
+
+    @property
+    def password(self) -> str:
+        return self.prefix + "password"
+
+    @property
+    def notice(self) -> str:
+        return self.prefix + "notice"
+
+    def owns(self, path: str) -> bool:
+        """Is ``path`` in the reserved namespace (the prefix, with or without its final slash)?"""
+        return path.startswith(self.prefix) or path == self.prefix[:-1]
+
+    def reserved(self, path: str) -> bool:
+        """Does the gateway answer ``path`` itself (so no backend ever sees it)?"""
+        return self.owns(path) or path == FAVICON_PATH
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole file. Sections a command does not need may be absent (None)."""
@@ -151,6 +197,7 @@ class Config:
     ca: CaConfig | None
     portal: PortalConfig | None
     log_level: str = "info"
+    gateway_paths: GatewayPaths = field(default_factory=GatewayPaths)
 
 
 class _Reader:
@@ -590,7 +637,56 @@ TOP_LEVEL = {
     "ca",
     "portal",
     "log_level",
+    "gateway_paths",
 }
+
+
+def _gateway_prefix(raw: Any) -> str:
+    text = _prefix(raw)
+    if text == "/":
+        raise ValueError("'/' would leave no path to the backends")
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+/", text):
+        raise ValueError("only letters, digits and . _ ~ - between the slashes")
+    return text
+
+
+def _gateway_paths(r: _Reader, data: Mapping[str, Any] | None) -> GatewayPaths:
+    data = data or {}
+    r.unknown_keys(data, {"prefix"}, "gateway_paths")
+    prefix = r.get(
+        data, "prefix", "gateway_paths.prefix", _gateway_prefix, "a path prefix like /_gateway/", DEFAULT_GATEWAY_PREFIX
+    )
+    return GatewayPaths(prefix or DEFAULT_GATEWAY_PREFIX)
+
+
+def _reserved_path_problems(r: _Reader, backends: tuple[Backend, ...], paths: GatewayPaths) -> None:
+    """A backend prefix or passthrough login path the gateway answers itself could never be reached: refuse it."""
+    for i, backend in enumerate(backends):
+        for key, value in (("prefix", backend.prefix), ("login.path", backend.login.path)):
+            if value and (paths.reserved(value) or paths.reserved(value.rstrip("/"))):
+                r.problem(
+                    f"backends[{i}].{key}",
+                    f"{value!r} lies under the gateway's own paths ({paths.prefix}, {FAVICON_PATH}): "
+                    "no request would reach the backend; use another path or change gateway_paths.prefix",
+                )
+
+
+def shadowed_paths(config: Config) -> list[str]:
+    """Notes for backends whose prefix contains the gateway's own paths (a system at ``/``, say).
+
+    Not an error: a system at ``/`` is the common deployment. The operator is
+    told which of its paths the gateway answers itself.
+    """
+    notes = []
+    paths = config.gateway_paths
+    for i, backend in enumerate(config.backends):
+        shadowed = [p for p in (paths.prefix, FAVICON_PATH) if p.startswith(backend.prefix)]
+        if shadowed and not paths.reserved(backend.prefix):
+            notes.append(
+                f"{config.path}: backends[{i}].prefix: {backend.prefix!r}: the gateway answers "
+                f"{' and '.join(shadowed)} itself; backend {backend.name!r} never sees those paths"
+            )
+    return notes
 
 
 def parse_config(data: Any, file: Path) -> Config:
@@ -651,6 +747,9 @@ def parse_config(data: Any, file: Path) -> Config:
     ca_data = r.section(data, "ca", "ca")
     portal_data = r.section(data, "portal", "portal")
     level = r.get(data, "log_level", "log_level", _log_level, "debug, info, warning or error", "info")
+    gateway_paths = _gateway_paths(r, r.section(data, "gateway_paths", "gateway_paths"))
+    backends = _backends(r, data.get("backends"))
+    _reserved_path_problems(r, backends, gateway_paths)
     config = Config(
         path=file,
         listen=listen,
@@ -658,7 +757,7 @@ def parse_config(data: Any, file: Path) -> Config:
         admin=admin,
         tls=_tls(r, tls_data) if tls_data is not None else None,
         revocation=_revocation(r, rev_data) if rev_data is not None else None,
-        backends=_backends(r, data.get("backends")),
+        backends=backends,
         limits=_limits(r, r.section(data, "limits", "limits")),
         users=UsersConfig(users_db),
         session=SessionConfig(secret, idle, absolute),
@@ -667,6 +766,7 @@ def parse_config(data: Any, file: Path) -> Config:
         ca=_ca(r, ca_data) if ca_data is not None else None,
         portal=_portal(r, portal_data) if portal_data is not None else None,
         log_level=level or "info",
+        gateway_paths=gateway_paths,
     )
     if r.problems:
         raise ConfigError(r.problems)

@@ -28,7 +28,7 @@ import yaml
 from aiohttp import web
 
 from gateway.ca import CertificateAuthority
-from gateway.config import Config, load_config
+from gateway.config import Config, GatewayPaths, load_config
 from gateway.demobackend import build_backend
 from gateway.logs import setup_logging
 from gateway.passwords import hash_password
@@ -121,6 +121,9 @@ async def _start_backends() -> tuple[list[web.AppRunner], dict[str, int]]:
     return runners, ports
 
 
+LOGIN_PAGE = GatewayPaths().login  # the demo's config keeps the default gateway_paths.prefix
+
+
 def instructions(files: DemoFiles, gateway_port: int, admin_port: int, portal_port: int | None) -> str:
     cert, key, p12 = files.client_pem["LC000001"]
     ca = files.ca.cert_path
@@ -129,7 +132,8 @@ def instructions(files: DemoFiles, gateway_port: int, admin_port: int, portal_po
         "",
         "TSE SSO gateway demo is running. Ctrl-C stops everything.",
         f"  files:   {files.directory}",
-        f"  gateway: {base}/  (admin: http://127.0.0.1:{admin_port}/healthz, /metrics, /audit)",
+        f"  gateway: {base}/  (its own pages: {base}{GatewayPaths().landing}; admin: "
+        f"http://127.0.0.1:{admin_port}/healthz, /metrics, /audit)",
     ]
     if portal_port:
         lines.append(f"  portal:  https://localhost:{portal_port}/  (TSE-CA 証明書発行サービス;")
@@ -143,7 +147,7 @@ def instructions(files: DemoFiles, gateway_port: int, admin_port: int, portal_po
         f"  curl --cacert {ca} -H 'Accept: application/json' {base}/onre/",
         f"  curl --cacert {ca} --cert {cert} --key {key} -H 'X-Authenticated-User: ADMIN' {base}/onre/",
         "      # the forged header is dropped: the backend shows no authenticated user",
-        f"  curl --cacert {ca} --cert {cert} --key {key} {base}/nt/   # J-IRISS needs a login: 303 to /login",
+        f"  curl --cacert {ca} --cert {cert} --key {key} {base}/nt/   # J-IRISS needs a login: 303 to {LOGIN_PAGE}",
         "",
         "In a browser: import the CA and the PKCS#12 (empty password), restart the browser, open",
         f"  {base}/nt/   and log in as LC000001.",
@@ -188,8 +192,9 @@ async def _run(directory: Path, port: int, once: bool) -> int:
     audit = AuditLog(config.audit, worker=0)
     await audit.start()
     worker = GatewayWorker(config, audit, access_factory=LoginAccess)
-    portal_runner, portal_port = await _start_portal(config, audit)
+    portal_runner: Any = None
     try:
+        portal_runner, portal_port = await _start_portal(config, audit)
         await worker.start()
         print(instructions(files, worker.port, worker.admin_port, portal_port), flush=True)
         if once:

@@ -7,6 +7,7 @@ can act on; ``gateway.cli.main`` catches :class:`GatewayError` once.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 
@@ -36,3 +37,15 @@ class CaError(GatewayError):
 
 class StoreError(GatewayError):
     """A SQLite store (users, sessions, audit, issuance) failed."""
+
+
+class StartupError(GatewayError):
+    """A service could not start for a reason the operator can fix (a port taken, a worker that died)."""
+
+
+def listener_error(listener: str, host: str, port: int, exc: OSError) -> StartupError:
+    """One line naming the listener and its address: ``admin listener 127.0.0.1:9100: address already in use``."""
+    # asyncio wraps bind errors ("error while attempting to bind on address ..."): say only the cause.
+    why = os.strerror(exc.errno) if exc.errno else str(exc) or type(exc).__name__
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return StartupError(f"{listener} listener {address}: {why[:1].lower()}{why[1:]}")

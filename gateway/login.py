@@ -1,9 +1,12 @@
 """The login layer: user ID + password + certificate, sessions pinned to the certificate.
 
 This is the aiohttp edge of :mod:`gateway.loginpolicy` (the decisions),
-:mod:`gateway.users` and :mod:`gateway.sessions` (the stores). It serves
-``/login``, ``/logout``, ``/password`` and ``/`` and, as the gateway's
-:class:`~gateway.app.AccessLayer`, decides for every backend request:
+:mod:`gateway.users` and :mod:`gateway.sessions` (the stores). It serves the
+gateway's own pages under one reserved prefix (``gateway_paths.prefix``,
+default ``/_gateway/``: ``login``, ``logout``, ``password``, ``notice`` and
+the landing page at the prefix itself) and answers a bare ``/`` with the
+landing page unless a backend is mounted there. As the gateway's
+:class:`~gateway.app.AccessLayer`, it decides for every backend request:
 
 * ``gateway`` mode (default): a valid session made with *this* certificate,
   for a user allowed on the backend's system; else a 303 to the login page
@@ -40,7 +43,7 @@ from gateway.accounts import (
     read_capped,
     see_other,
 )
-from gateway.app import RUNTIME, forward_to
+from gateway.app import RUNTIME, forward_to, proxy_handler
 from gateway.audit import EventKind
 from gateway.certpolicy import PeerCertificate
 from gateway.config import SYSTEMS, Backend, Config
@@ -82,7 +85,6 @@ from gateway.verdict import Reason, Verdict
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 SYSTEM_LABELS = {"tdnet": "TDnet", "j-iriss": "J-IRISS", "clearing": "清算受渡 / Clearing"}
-LOGIN_LINK = (("/login", "ログイン画面へ", "Back to login"),)
 
 
 def _jst(when: dt.datetime) -> str:
@@ -95,6 +97,8 @@ class LoginAccess:
     def __init__(self, config: Config, audit: Any) -> None:
         self.config = config
         self.audit = audit
+        self.paths = config.gateway_paths
+        self.login_link = ((self.paths.login, "ログイン画面へ", "Back to login"),)
         self.key = load_session_key(config.session.secret_file)
         self.users = UserStore(config.users.database)
         self.sessions = SessionStore(config.users.database)  # writes, from the pool
@@ -113,14 +117,17 @@ class LoginAccess:
         return await asyncio.get_running_loop().run_in_executor(self.pool, func, *args)
 
     def setup_routes(self, app: web.Application) -> None:
-        app.router.add_get("/login", self.login_page)
-        app.router.add_post("/login", self.login_post)
-        app.router.add_get("/logout", self.logout_page)
-        app.router.add_post("/logout", self.logout)
-        app.router.add_get("/password", self.password_page)
-        app.router.add_post("/password", self.password_post)
-        app.router.add_get("/notice", self.notice_page)
-        app.router.add_get("/", self.landing)
+        paths = self.paths
+        app.router.add_get(paths.login, self.login_page)
+        app.router.add_post(paths.login, self.login_post)
+        app.router.add_get(paths.logout, self.logout_page)
+        app.router.add_post(paths.logout, self.logout)
+        app.router.add_get(paths.password, self.password_page)
+        app.router.add_post(paths.password, self.password_post)
+        app.router.add_get(paths.notice, self.notice_page)
+        app.router.add_get(paths.landing, self.landing)
+        app.router.add_get(paths.landing.rstrip("/"), self.to_landing)
+        app.router.add_get("/", self.root)
         app.on_startup.append(self._warm)
         app.cleanup_ctx.append(self._housekeeping)
         app.on_cleanup.append(self._close)
@@ -209,17 +216,17 @@ class LoginAccess:
             self._record(request, EventKind.SESSION_ENDED, reason, user_id=session.user_id, detail=verdict.detail)
         navigation = request.method in ("GET", "HEAD") and not wants_json(request)
         if reason in (Reason.LOGIN_REQUIRED, Reason.SESSION_EXPIRED) and navigation:
-            target = "/login?next=" + quote(request.path_qs, safe="/")
+            target = self.paths.login + "?next=" + quote(request.path_qs, safe="/")
             return see_other(target, headers=NO_STORE)
         if reason is Reason.PASSWORD_CHANGE_REQUIRED and navigation:
-            return see_other("/password", headers=NO_STORE)
+            return see_other(self.paths.password, headers=NO_STORE)
         user = session.user_id if session else ""
         extra = (
             {"Set-Cookie": clear_cookie_header(SESSION_COOKIE)}
             if reason is Reason.SESSION_CERTIFICATE_MISMATCH
             else None
         )
-        return rt.refuse(request, verdict, peer=peer, user_id=user, links=LOGIN_LINK, headers=extra)
+        return rt.refuse(request, verdict, peer=peer, user_id=user, links=self.login_link, headers=extra)
 
     async def _passthrough(
         self, request: web.Request, backend: Backend, peer: PeerCertificate
@@ -285,7 +292,11 @@ class LoginAccess:
 
     def _page(self, template: str, status: int = 200, cookies: tuple[str, ...] = (), **ctx: Any) -> web.Response:
         response = web.Response(
-            text=render(template, **ctx), status=status, content_type="text/html", charset="utf-8", headers=NO_STORE
+            text=render(template, paths=self.paths, **ctx),
+            status=status,
+            content_type="text/html",
+            charset="utf-8",
+            headers=NO_STORE,
         )
         for cookie in cookies:
             response.headers.add("Set-Cookie", cookie)
@@ -337,16 +348,24 @@ class LoginAccess:
             self._record(request, EventKind.ACCOUNT_LOCKED, Reason.ACCOUNT_LOCKED, user_id=user_id, detail=detail)
         if not outcome.verdict.allowed:
             return rt.refuse(
-                request, outcome.verdict, peer=peer, kind=EventKind.LOGIN_REFUSED, user_id=user_id, links=LOGIN_LINK
+                request,
+                outcome.verdict,
+                peer=peer,
+                kind=EventKind.LOGIN_REFUSED,
+                user_id=user_id,
+                links=self.login_link,
             )
         assert user is not None
         session_id, _csrf = await self._run(
             self.sessions.create, user_id, peer.fingerprint, user.systems, outcome.must_change_password, now
         )
         self._record(request, EventKind.LOGIN, Reason.OK, user_id=user_id, detail=outcome.verdict.detail)
-        target = "/password" if outcome.must_change_password else self._landing_target(request, user.systems, form)
+        if outcome.must_change_password:
+            target = self.paths.password
+        else:
+            target = self._landing_target(request, user.systems, form)
         if not outcome.must_change_password and (peer.not_after - now).days < self.config.login.expiry_notice_days:
-            target = "/notice?next=" + quote(target, safe="/")
+            target = self.paths.notice + "?next=" + quote(target, safe="/")
         response = see_other(target, headers=NO_STORE)
         response.headers.add("Set-Cookie", set_cookie_header(SESSION_COOKIE, sign(session_id, self.key)))
         response.headers.add("Set-Cookie", clear_cookie_header(LOGIN_CSRF_COOKIE))
@@ -361,22 +380,36 @@ class LoginAccess:
             backend = router.for_system(system, request.host) if system in systems else None
             if backend is not None:
                 return backend.prefix
-        return "/"
+        return self.paths.landing
+
+    async def root(self, request: web.Request) -> web.StreamResponse:
+        """``/``: the backend mounted there if there is one (a system at ``/``), else the landing page."""
+        if request.app[RUNTIME].router.match(request.host, "/") is not None:
+            return await proxy_handler(request)
+        return await self.landing(request)
+
+    async def to_landing(self, request: web.Request) -> web.StreamResponse:
+        return see_other(self.paths.landing, headers=NO_STORE)
 
     async def landing(self, request: web.Request) -> web.StreamResponse:
+        """After login: the first system the user may use; never a redirect to itself."""
         session = self._live_session(request)
         if session is None:
-            return see_other("/login", headers=NO_STORE)
+            return see_other(self.paths.login, headers=NO_STORE)
         if session.must_change_password:
-            return see_other("/password", headers=NO_STORE)
-        return see_other(self._landing_target(request, session.systems, {}), headers=NO_STORE)
+            return see_other(self.paths.password, headers=NO_STORE)
+        target = self._landing_target(request, session.systems, {})
+        if target == self.paths.landing:  # no system of this user is routed here: say so, do not loop
+            verdict = Verdict.deny(Reason.NOT_AUTHORIZED, "no backend for any of the user's systems")
+            return request.app[RUNTIME].refuse(request, verdict, peer=request[PEER], user_id=session.user_id)
+        return see_other(target, headers=NO_STORE)
 
     async def notice_page(self, request: web.Request) -> web.Response:
         peer: PeerCertificate = request[PEER]
         now = self._now(request)
         return self._page(
             "notice.html",
-            next=safe_next(request.query.get("next")) or "/",
+            next=safe_next(request.query.get("next")) or self.paths.landing,
             cert_expiry=_jst(peer.not_after),
             days_left=max((peer.not_after - now).days, 0),
         )
@@ -384,7 +417,7 @@ class LoginAccess:
     async def logout_page(self, request: web.Request) -> web.StreamResponse:
         session = self._live_session(request)
         if session is None:
-            return see_other("/login", headers=NO_STORE)
+            return see_other(self.paths.login, headers=NO_STORE)
         return self._page("logout.html", csrf=session.csrf_token, user_id=session.user_id)
 
     async def logout(self, request: web.Request) -> web.StreamResponse:
@@ -396,7 +429,7 @@ class LoginAccess:
                 request,
                 Verdict.deny(Reason.CSRF_FAILED, "logout without a valid session token"),
                 peer=request[PEER],
-                links=LOGIN_LINK,
+                links=self.login_link,
             )
         await self._run(self.sessions.delete, session.session_id)
         self._record(request, EventKind.LOGOUT, Reason.OK, user_id=session.user_id)
@@ -410,7 +443,7 @@ class LoginAccess:
     ) -> web.Response:
         session = self._live_session(request)
         if session is None:
-            return see_other("/login?next=/password", headers=NO_STORE)
+            return see_other(f"{self.paths.login}?next={self.paths.password}", headers=NO_STORE)
         return self._page(
             "password.html",
             status=status,
@@ -427,7 +460,7 @@ class LoginAccess:
         now = self._now(request)
         session = self._live_session(request)
         if session is None:
-            return see_other("/login?next=/password", headers=NO_STORE)
+            return see_other(f"{self.paths.login}?next={self.paths.password}", headers=NO_STORE)
         form = await request.post() if (request.content_length or 0) <= MAX_FORM_BYTES else {}
         if not check_session_csrf(session, form_text(form.get("csrf"))):
             return rt.refuse(request, Verdict.deny(Reason.CSRF_FAILED), peer=peer, user_id=session.user_id)

@@ -73,6 +73,9 @@ WORKERS_LISTENING = Gauge(
     "gateway_workers_listening", "Worker processes accepting connections", multiprocess_mode="livesum"
 )
 RELOADS = Counter("gateway_reloads_total", "Configuration reloads, by result", ["result"])
+WORKER_RESTARTS = Counter(
+    "gateway_worker_restarts_total", "Worker processes the supervisor restarted after they exited", ["worker"]
+)
 
 
 def render() -> tuple[bytes, str]:

@@ -10,6 +10,7 @@ Windows/Chrome all accept the result (see ``build_client_cert``).
 from __future__ import annotations
 
 import datetime as dt
+import re
 import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -140,6 +141,53 @@ def _leaf_builder(
     )
 
 
+MAX_CN_LENGTH = 64  # RFC 5280 ub-common-name
+MAX_DNS_NAME = 253
+_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def server_name_problem(name: str) -> str | None:
+    """Why ``name`` is neither an IP address nor an RFC 1123 host name, or None when it is one.
+
+    Host names: labels of letters, digits and inner hyphens, 1 to 63
+    characters each, 253 characters in all (a final dot is allowed). IPv4 and
+    IPv6 addresses become IP SANs. Wildcards are not issued.
+    """
+    try:
+        ip_address(name)
+        return None
+    except ValueError:
+        pass
+    if not name:
+        return "empty host name"
+    host = name[:-1] if name.endswith(".") else name
+    if len(host) > MAX_DNS_NAME:
+        return f"host name {name[:40]!r}... is {len(host)} characters; at most {MAX_DNS_NAME}"
+    if all(label.isdigit() for label in host.split(".")):
+        return f"host name {name!r} looks like an IP address but is not one"
+    for label in host.split("."):
+        if len(label) > 63:
+            return f"host name {name!r}: label {label[:20]!r}... is {len(label)} characters; at most 63"
+        if not _DNS_LABEL.fullmatch(label):
+            return (
+                f"host name {name!r} is not a DNS name or IP address "
+                "(labels of letters, digits and inner hyphens, separated by dots)"
+            )
+    return None
+
+
+def server_subject(hostnames: Sequence[str]) -> x509.Name:
+    """CN = the first name that fits the 64-character CN limit; none fits: an empty subject (the SANs name it).
+
+    Clients match host names against the SANs only (RFC 6125); the CN is for
+    people reading the certificate, so a long name costs nothing but the CN.
+    """
+    for host in hostnames:
+        if len(host) <= MAX_CN_LENGTH:
+            return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
+    return x509.Name([])
+
+
 def build_server_cert(
     ca_cert: x509.Certificate,
     ca_key: PrivateKey,
@@ -152,13 +200,17 @@ def build_server_cert(
     """A TLS server certificate for the given DNS names and IP addresses."""
     if not hostnames:
         raise ValueError("a server certificate needs at least one host name")
+    for host in hostnames:
+        problem = server_name_problem(host)
+        if problem:
+            raise ValueError(problem)
     sans: list[x509.GeneralName] = []
     for host in hostnames:
         try:
             sans.append(x509.IPAddress(ip_address(host)))
         except ValueError:
             sans.append(x509.DNSName(host))
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostnames[0])])
+    subject = server_subject(hostnames)
     return (
         _leaf_builder(
             ca_cert,
@@ -168,7 +220,8 @@ def build_server_cert(
             not_after=now + dt.timedelta(days=days),
             serial=random_serial(),
         )
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        # An empty subject makes the SANs the only name, so they must be critical (RFC 5280 4.2.1.6).
+        .add_extension(x509.SubjectAlternativeName(sans), critical=len(subject) == 0)
         .add_extension(
             _leaf_key_usage(key_encipherment=isinstance(public_key, rsa.RSAPublicKey)),
             critical=True,

@@ -62,7 +62,7 @@ from gateway.audit import AuditEvent, EventKind, connection_fields, new_support_
 from gateway.ca import CaSettings, CertificateAuthority, IssuanceRefused
 from gateway.config import Config, PortalConfig
 from gateway.crlpublisher import DEFAULT_INTERVAL, AuditSink, CrlPublisher, crl_event
-from gateway.errors import CaError, ConfigError, PkiError
+from gateway.errors import CaError, ConfigError, PkiError, listener_error
 from gateway.issuance import CertificateRecord, RevocationReason, Status
 from gateway.loginpolicy import LoginSettings, SessionLimits, decide_session, safe_next
 from gateway.pages import render
@@ -866,9 +866,7 @@ async def start_portal(
         await site.start()
     except OSError as exc:
         await runner.cleanup()
-        raise ConfigError(
-            [f"{config.path}: portal.listen: cannot listen on {listen.host}:{listen.port}: {exc}"]
-        ) from exc
+        raise listener_error("portal", listen.host, listen.port, exc) from exc
     port = int(runner.addresses[0][1])
     return runner, port
 

@@ -72,9 +72,6 @@ def refusal(
     return web.Response(text=html, status=code, content_type="text/html", charset="utf-8", headers=all_headers)
 
 
-FAVICON_PATH = "/favicon.ico"
-
-
 @cache
 def _favicon_bytes() -> bytes:
     return files("gateway").joinpath("static/favicon.ico").read_bytes()

@@ -53,7 +53,7 @@ from gateway.audit import AuditEvent, EventKind
 from gateway.certpolicy import TrustAnchors, parse_peer
 from gateway.config import Config, load_config, require_gateway
 from gateway.deadlines import ClientDeadlines, peer_address
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, StartupError, listener_error
 from gateway.listener import BatchListener, listen
 from gateway.logs import JsonAccessLogger, setup_logging
 from gateway.protocol import GatewayRequestHandler
@@ -204,9 +204,13 @@ class GatewayWorker:
         await self._runner.setup()
         loop = asyncio.get_running_loop()
         # Not loop.create_server: uvloop's accepts one connection per loop iteration (see listener.py).
-        self._server = await listen(
-            loop, self._protocol, config.listen.host, config.listen.port, reuse_port=self.reuse_port, backlog=1024
-        )
+        try:
+            self._server = await listen(
+                loop, self._protocol, config.listen.host, config.listen.port, reuse_port=self.reuse_port, backlog=1024
+            )
+        except OSError as exc:
+            await refresher.aclose()
+            raise listener_error("gateway", config.listen.host, config.listen.port, exc) from exc
         self.port = self._server.sockets[0].getsockname()[1]
         metrics.WORKERS_LISTENING.inc()
         self._listening = True
@@ -308,8 +312,7 @@ class GatewayWorker:
         app = build_admin_app(self.health, audit_routes(self.config), reload=self.reload)
         self._admin_runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._admin_runner.setup()
-        site = web.TCPSite(self._admin_runner, self.config.admin.host, self.config.admin.port)
-        await site.start()
+        site = await start_admin_site(self._admin_runner, self.config)
         server = getattr(site, "_server", None)
         if server is not None and server.sockets:
             self.admin_port = server.sockets[0].getsockname()[1]
@@ -408,12 +411,15 @@ def default_access_factory(config: Config, audit: AuditSink) -> AccessLayer | No
     return LoginAccess(config, audit)
 
 
-async def serve_worker(config: Config, worker: int, *, reuse_port: bool, serve_admin: bool, results: Any = None) -> int:
+async def serve_worker(
+    config: Config, worker: int, *, reuse_port: bool, serve_admin: bool, results: Any = None, lifecycle: Any = None
+) -> int:
     """Run one worker until SIGTERM/SIGINT; SIGHUP reloads.
 
     ``results`` (a multiprocessing queue from the supervisor) receives
     ``(pid, ok, message)`` after each reload, so ``gateway reload`` can say
-    whether every worker took the new configuration.
+    whether every worker took the new configuration; ``lifecycle`` receives
+    ``("started", worker, pid)`` once the worker listens.
     """
     audit = make_audit(config, worker)
     await audit.start()
@@ -444,6 +450,8 @@ async def serve_worker(config: Config, worker: int, *, reuse_port: bool, serve_a
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         await gw.start()
+        if lifecycle is not None:
+            lifecycle.put(("started", worker, os.getpid()))
         # Everything loaded so far (CRL index, config, modules, templates) lives until exit: keep
         # it out of the collector's generations, so a full collection walks only what requests
         # made (gen-2 collections took ~17 ms each over ~60,000 start-up objects: p99 spikes).
@@ -457,19 +465,47 @@ async def serve_worker(config: Config, worker: int, *, reuse_port: bool, serve_a
     return 0
 
 
-def _worker_main(config_path: str, worker: int, log_level: str, results: Any) -> None:
+async def start_admin_site(runner: web.AppRunner, config: Config) -> web.TCPSite:
+    """Bind the admin listener; a taken port is one line naming it, not a traceback."""
+    assert config.admin is not None
+    site = web.TCPSite(runner, config.admin.host, config.admin.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise listener_error("admin", config.admin.host, config.admin.port, exc) from exc
+    return site
+
+
+def _worker_main(config: Config, worker: int, log_level: str, results: Any, lifecycle: Any) -> None:
+    """A spawned worker: runs the configuration the supervisor validated, never a re-read of the file.
+
+    A start-up failure the operator can fix goes to the supervisor as one
+    line on ``lifecycle`` (no traceback per worker); the supervisor reports it.
+    """
     setup_logging(log_level, worker)
     install_uvloop()
-    config = load_config(config_path)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides; SIGTERM stops us
-    coro = serve_worker(config, worker, reuse_port=True, serve_admin=False, results=results)
-    raise SystemExit(asyncio.run(coro))
+    coro = serve_worker(config, worker, reuse_port=True, serve_admin=False, results=results, lifecycle=lifecycle)
+    try:
+        code = asyncio.run(coro)
+    except GatewayError as exc:
+        lifecycle.put(("failed", worker, str(exc)))
+        raise SystemExit(1) from None
+    raise SystemExit(code)
 
 
 def run(config: Config) -> int:
-    """``gateway serve``: one worker in-process, or a supervisor with N workers."""
+    """``gateway serve``: one worker in-process, or a supervisor with N workers.
+
+    The start-up checks come first, the very ones ``gateway check-config``
+    runs (:mod:`gateway.startup`), so both refuse the same files with the
+    same lines.
+    """
+    from gateway.startup import check_startup
+
+    check_startup(config)
     setup_logging(config.log_level)
-    require_gateway(config)
     if config.workers <= 1:
         log.info("starting", extra={"workers": 1, "uvloop": install_uvloop()})
         return asyncio.run(serve_worker(config, 0, reuse_port=False, serve_admin=True))
@@ -497,33 +533,80 @@ def _multiprocess_child(counter: Any, *labels: str) -> Any:
         values.ValueClass = saved
 
 
+@dataclass
+class Backoff:
+    """How long to wait before restarting a worker that exited: doubling, capped, reset by a stable run.
+
+    Pure (times are passed in), so the schedule is tested with plain numbers.
+    A worker that crashes at once again and again is restarted after 1, 2,
+    4 ... up to ``ceiling`` seconds, not in a tight loop; one that had run
+    for ``stable`` seconds before it exited starts over at ``first``.
+    """
+
+    first: float = 1.0
+    ceiling: float = 60.0
+    stable: float = 60.0
+    last: float = 0.0
+
+    def next_delay(self, uptime: float) -> float:
+        delay = self.first if uptime >= self.stable or not self.last else min(self.ceiling, self.last * 2)
+        self.last = delay
+        return delay
+
+
+@dataclass
+class _WorkerSlot:
+    """The supervisor's view of one worker index: its process, when it started, its restart schedule."""
+
+    proc: Any
+    started: float
+    backoff: Backoff
+    restart_at: float | None = None
+    restarts: int = 0
+
+
 class Supervisor:
-    """Starts N spawned workers sharing the port; restarts crashes; forwards signals.
+    """Starts N spawned workers sharing the port; restarts crashes with backoff; forwards signals.
 
     Serves the admin listener itself (health from the workers' metrics) and
     coordinates reloads: validate, SIGHUP every worker, wait for each
-    worker's answer on ``results``.
+    worker's answer on ``results``. Workers get the :class:`Config` the
+    supervisor validated (at start, or at the last good reload), pickled
+    into the spawned process: a worker restarted after a crash runs that
+    configuration, whatever the file on disk says by then.
     """
+
+    backoff = Backoff  # a factory, so a test may shorten the schedule
 
     def __init__(self, config: Config) -> None:
         import multiprocessing  # only the supervisor needs it; a single worker never loads it for this
 
         self.config = config
         self.ctx = multiprocessing.get_context("spawn")
-        self.procs: dict[int, Any] = {}
+        self.slots: dict[int, _WorkerSlot] = {}
         self.results: Any = self.ctx.Queue()
+        self.lifecycle: Any = self.ctx.Queue()
         self._reload_lock = asyncio.Lock()
         self._reloads: set[asyncio.Task[tuple[bool, str]]] = set()
         self._refused: Any = None  # set in run(), once the metrics folder exists
 
+    @property
+    def procs(self) -> dict[int, Any]:
+        return {i: slot.proc for i, slot in self.slots.items()}
+
     def spawn(self, i: int) -> None:
         proc = self.ctx.Process(
             target=_worker_main,
-            args=(str(self.config.path), i, self.config.log_level, self.results),
+            args=(self.config, i, self.config.log_level, self.results, self.lifecycle),
             name=f"gateway-worker-{i}",
         )
         proc.start()
-        self.procs[i] = proc
+        now = asyncio.get_running_loop().time()
+        slot = self.slots.get(i)
+        if slot is None:
+            self.slots[i] = _WorkerSlot(proc, now, self.backoff())
+        else:
+            slot.proc, slot.started, slot.restart_at = proc, now, None
 
     async def reload(self) -> tuple[bool, str]:
         """Validate the new files here, then reload every worker and gather their answers."""
@@ -580,40 +663,90 @@ class Supervisor:
         os.environ.setdefault(TICKET_KEYS_ENV, secrets.token_hex(TICKET_KEYS_BYTES))
         self._refused = _multiprocess_child(metrics.RELOADS, "failed")
         config = self.config
-        for i in range(config.workers):
-            self.spawn(i)
-        log.info("supervisor started", extra={"workers": config.workers, "pids": [p.pid for p in self.procs.values()]})
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
         admin_runner = None
-        if config.admin is not None:
-            grace = config.revocation.grace_seconds if config.revocation else 0.0
-            health = health_from_metrics(len(config.backends), grace, config.workers)
-            admin_runner = web.AppRunner(
-                build_admin_app(health, audit_routes(config), reload=self.reload), access_log=None
-            )
-            await admin_runner.setup()
-            await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
         try:
+            if config.admin is not None:  # first: a taken admin port stops us before any worker starts
+                grace = config.revocation.grace_seconds if config.revocation else 0.0
+                health = health_from_metrics(len(config.backends), grace, config.workers)
+                admin_runner = web.AppRunner(
+                    build_admin_app(health, audit_routes(config), reload=self.reload), access_log=None
+                )
+                await admin_runner.setup()
+                await start_admin_site(admin_runner, config)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            for i in range(config.workers):
+                self.spawn(i)
+            await self._until_started(loop, stop)
+            log.info("supervisor started", extra={"workers": config.workers, "pids": self._pids()})
+            loop.add_signal_handler(signal.SIGHUP, self._on_hup)
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), 1.0)
-                for i, proc in list(self.procs.items()):
-                    if not proc.is_alive() and not stop.is_set():
-                        log.error("worker exited; restarting", extra={"worker": i, "exitcode": proc.exitcode})
-                        if proc.pid:  # its CRL gauges must not hold /healthz down
-                            mark_process_dead(proc.pid)  # type: ignore[no-untyped-call]
-                        await asyncio.sleep(0.5)
-                        self.spawn(i)
+                    await asyncio.wait_for(stop.wait(), 0.2)
+                if not stop.is_set():
+                    self._tend(loop.time())
         finally:
             await self._shutdown(loop)
             if admin_runner is not None:
                 await admin_runner.cleanup()
             shutil.rmtree(metrics_dir, ignore_errors=True)
         return 0
+
+    def _pids(self) -> list[int | None]:
+        return [slot.proc.pid for slot in self.slots.values()]
+
+    async def _until_started(self, loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> None:
+        """Wait until every worker listens; the first one that cannot start stops the whole start.
+
+        Its one line (``gateway listener 127.0.0.1:8443: address already in
+        use``) becomes the supervisor's error: one line, not a traceback per worker.
+        """
+        started: set[int] = set()
+        while len(started) < len(self.slots) and not stop.is_set():
+            try:
+                kind, worker, detail = await loop.run_in_executor(None, self.lifecycle.get, True, 0.2)
+            except queue.Empty:
+                dead = [i for i, slot in self.slots.items() if i not in started and not slot.proc.is_alive()]
+                if dead and self.lifecycle.empty():
+                    code = self.slots[dead[0]].proc.exitcode
+                    raise StartupError(f"worker {dead[0]} exited with status {code} before it was listening") from None
+                continue
+            if kind == "failed":
+                raise StartupError(str(detail))
+            started.add(int(worker))
+
+    def _tend(self, now: float) -> None:
+        """Log start-up failures of restarted workers, schedule restarts with backoff, restart the due ones."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                kind, worker, detail = self.lifecycle.get_nowait()
+                if kind == "failed":
+                    log.error("worker could not start", extra={"worker": worker, "error": detail})
+        for i, slot in self.slots.items():
+            if slot.proc.is_alive():
+                continue
+            if slot.restart_at is None:
+                delay = slot.backoff.next_delay(now - slot.started)
+                slot.restart_at = now + delay
+                slot.restarts += 1
+                if slot.proc.pid:  # its CRL gauges must not hold /healthz down
+                    mark_process_dead(slot.proc.pid)  # type: ignore[no-untyped-call]
+                _multiprocess_child(metrics.WORKER_RESTARTS, str(i)).inc()
+                log.error(
+                    "worker exited; restarting",
+                    extra={
+                        "worker": i,
+                        "pid": slot.proc.pid,
+                        "exitcode": slot.proc.exitcode,
+                        "delay_seconds": delay,
+                        "restarts": slot.restarts,
+                    },
+                )
+            elif now >= slot.restart_at:
+                self.spawn(i)
+                log.info("worker restarted", extra={"worker": i, "pid": slot.proc.pid, "restarts": slot.restarts})
 
     async def _shutdown(self, loop: asyncio.AbstractEventLoop) -> None:
         """SIGTERM every worker (each drains on its own) and wait for them."""
@@ -624,3 +757,4 @@ class Supervisor:
         for proc in self.procs.values():
             await loop.run_in_executor(None, proc.join, wait)
         self.results.close()
+        self.lifecycle.close()

@@ -259,3 +259,24 @@ def test_two_processes_write_every_event(tmp_path: Path) -> None:
         details = {e.detail for e in s.query(AuditFilter(limit=10_000))}
         assert s.count() == 4000
     assert details == {f"{t}{i}" for t in "ab" for i in range(2000)}
+
+
+def test_the_audit_database_is_created_0600_like_gateway_db(tmp_path: Path) -> None:
+    """The trail names users, addresses and certificates: only the gateway's user may read it."""
+    import os
+    import stat
+
+    from gateway.users import UserStore
+
+    old = os.umask(0o022)
+    try:
+        with AuditStore(tmp_path / "audit.db") as store:
+            store.append([AuditEvent(event=EventKind.LOGIN, reason="ok", user_id="LC000001")])
+        UserStore(tmp_path / "gateway.db").close()
+    finally:
+        os.umask(old)
+    for name in ("audit.db", "audit.db-wal", "gateway.db"):
+        path = tmp_path / name
+        if path.exists():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
+    assert (tmp_path / "audit.db").exists()

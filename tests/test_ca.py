@@ -693,3 +693,15 @@ def test_nss_imports_pkcs12_with_empty_password(ca: CertificateAuthority, tmp_pa
         check=False,
     )
     assert bad.returncode != 0
+
+
+def test_the_issuance_database_is_0600_like_the_ca_key(tmp_path: Path) -> None:
+    import os
+
+    old = os.umask(0o022)
+    try:
+        ca = CertificateAuthority.init(tmp_path / "ca", now=T0, settings=SETTINGS)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(ca.database_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE((ca.directory / "ca.key").stat().st_mode) == 0o600

@@ -6,6 +6,8 @@ import datetime as dt
 import io
 import json
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -306,3 +308,77 @@ def test_config_without_ca_section(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_dir_without_ca(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(capsys, "ca", "list", "--dir", str(tmp_path))
     assert code == 2 and "gateway ca init" in err
+
+
+# -- server-cert: names are validated, existing files are kept (real CLI, a subprocess) -------------------------
+
+LONG_NAME = "a" * 40 + "." + "b" * 40 + ".example"  # 89 characters: a fine DNS name, too long for a CN
+
+
+def _server_cert(ca_dir: Path, *names: str, force: bool = False) -> subprocess.CompletedProcess[str]:
+    flags = ["--force"] if force else []
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "ca", "server-cert", "--dir", str(ca_dir), *flags, "--", *names],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("", "empty host name"),
+        ("bad name!", "is not a DNS name or IP address"),
+        ("-gw.example", "is not a DNS name or IP address"),
+        ("gw..example", "is not a DNS name or IP address"),
+        ("*.example.jp", "is not a DNS name or IP address"),
+        ("a" * 64 + ".example", "is 64 characters; at most 63"),
+        (".".join(["a" * 63] * 4), "is 255 characters; at most 253"),
+        ("1.2.3.256", "looks like an IP address but is not one"),
+    ],
+)
+def test_server_cert_refuses_a_bad_name_in_one_line(ca_dir: Path, name: str, why: str) -> None:
+    result = _server_cert(ca_dir, name)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and why in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not (ca_dir / "server.pem").exists()
+
+
+@pytest.mark.parametrize(
+    ("names", "common_name", "sans"),
+    [
+        (["gw.example.jp", "127.0.0.1", "::1"], "gw.example.jp", ["gw.example.jp", "127.0.0.1", "::1"]),
+        (["gw.example.jp."], "gw.example.jp.", ["gw.example.jp."]),
+        ([LONG_NAME, "gw.example.jp"], "gw.example.jp", [LONG_NAME, "gw.example.jp"]),
+        ([LONG_NAME], None, [LONG_NAME]),
+    ],
+)
+def test_server_cert_accepts_host_names_and_addresses(
+    ca_dir: Path, names: list[str], common_name: str | None, sans: list[str]
+) -> None:
+    result = _server_cert(ca_dir, *names)
+    assert result.returncode == 0, result.stderr
+    leaf = x509.load_pem_x509_certificates((ca_dir / "server.pem").read_bytes())[0]
+    cns = [a.value for a in leaf.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)]
+    assert cns == ([common_name] if common_name else [])
+    san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    got = [str(v) for v in san.value.get_values_for_type(x509.DNSName)]
+    got += [str(v) for v in san.value.get_values_for_type(x509.IPAddress)]
+    assert sorted(got) == sorted(sans)
+    assert san.critical is (common_name is None)  # no CN: the SANs are the only name (RFC 5280 4.2.1.6)
+
+
+def test_server_cert_keeps_an_existing_key_unless_forced(ca_dir: Path) -> None:
+    assert _server_cert(ca_dir, "gw.example.jp").returncode == 0
+    key_before = (ca_dir / "server.key").read_bytes()
+    again = _server_cert(ca_dir, "gw.example.jp")
+    assert again.returncode == 2
+    assert again.stderr == f"error: {ca_dir}/server.key: exists; refusing to overwrite it (--force replaces it)\n"
+    assert (ca_dir / "server.key").read_bytes() == key_before
+    forced = _server_cert(ca_dir, "gw.example.jp", force=True)
+    assert forced.returncode == 0, forced.stderr
+    assert (ca_dir / "server.key").read_bytes() != key_before
+    assert stat.S_IMODE((ca_dir / "server.key").stat().st_mode) == 0o600

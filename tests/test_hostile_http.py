@@ -348,11 +348,11 @@ async def test_session_for_one_host_routed_system_does_not_open_another(tmp_path
 
 async def login_cookie(h: Harness) -> str:
     async with h.session() as s:
-        async with s.get(h.url("/login")) as r:
+        async with s.get(h.url("/_gateway/login")) as r:
             token = re.search(r'name="csrf" value="([^"]+)"', await r.text())
         assert token
         form = {"user_id": "LC000001", "password": "correct horse battery", "csrf": token.group(1), "next": ""}
-        async with s.post(h.url("/login"), data=form, allow_redirects=False) as r:
+        async with s.post(h.url("/_gateway/login"), data=form, allow_redirects=False) as r:
             assert r.status == 303, await r.text()
             value = r.cookies["__Host-gw_session"].value
     return value

@@ -93,12 +93,12 @@ async def loop(tmp_path: Path) -> AsyncIterator[Loop]:
 
 async def gateway_login(h: Harness, s: aiohttp.ClientSession, user_id: str = USER) -> tuple[int, str]:
     """The gateway's login form: GET for the token, POST user ID and password."""
-    async with s.get(h.url("/login")) as r:
+    async with s.get(h.url("/_gateway/login")) as r:
         assert r.status == 200
         token = re.search(r'name="csrf" value="([^"]+)"', await r.text())
     assert token
     form = {"user_id": user_id, "password": PASSWORD, "csrf": token.group(1), "next": ""}
-    async with s.post(h.url("/login"), data=form, allow_redirects=False, headers={"Accept": "text/html"}) as r:
+    async with s.post(h.url("/_gateway/login"), data=form, allow_redirects=False, headers={"Accept": "text/html"}) as r:
         await r.read()
         return r.status, r.headers.get("Location", "")
 

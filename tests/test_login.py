@@ -84,7 +84,7 @@ async def login(
     next_path: str = "",
     csrf: str | None = None,
 ) -> aiohttp.ClientResponse:
-    async with s.get(h.url("/login")) as r:
+    async with s.get(h.url("/_gateway/login")) as r:
         assert r.status == 200
         page = await r.text()
     token = re.search(r'name="csrf" value="([^"]+)"', page)
@@ -95,7 +95,7 @@ async def login(
         "csrf": token.group(1) if csrf is None else csrf,
         "next": next_path,
     }
-    async with s.post(h.url("/login"), data=form, allow_redirects=False, headers={"Accept": "text/html"}) as r:
+    async with s.post(h.url("/_gateway/login"), data=form, allow_redirects=False, headers={"Accept": "text/html"}) as r:
         await r.read()
         return r
 
@@ -113,7 +113,7 @@ async def test_full_login_reaches_backend_as_the_user(gw: Harness) -> None:
     async with gw.session() as s:
         async with s.get(gw.url("/onre/top?a=1"), allow_redirects=False, headers={"Accept": "text/html"}) as r:
             assert r.status == 303
-            assert r.headers["Location"] == "/login?next=/onre/top%3Fa%3D1"
+            assert r.headers["Location"] == "/_gateway/login?next=/onre/top%3Fa%3D1"
         r = await login(gw, s, next_path="/onre/top?a=1")
         assert r.status == 303 and r.headers["Location"] == "/onre/top?a=1"
         cookie = next(v for v in r.headers.getall("Set-Cookie") if v.startswith("__Host-gw_session="))
@@ -128,7 +128,7 @@ async def test_full_login_reaches_backend_as_the_user(gw: Harness) -> None:
 
 
 async def test_login_page_shows_the_presented_certificate(gw: Harness) -> None:
-    async with gw.session() as s, s.get(gw.url("/login")) as r:
+    async with gw.session() as s, s.get(gw.url("/_gateway/login")) as r:
         page = await r.text()
     assert "ユーザID" in page and "パスワード" in page and "ログイン" in page
     assert 'id="cert-subject">LC000001<' in page
@@ -152,10 +152,12 @@ async def test_user_id_must_equal_certificate_subject_exactly(gw: Harness, typed
 
 async def test_subject_mismatch_page_says_the_certificate_is_not_this_users(gw: Harness) -> None:
     async with gw.session("LC000001") as s:
-        await s.get(gw.url("/login"))
-        async with s.get(gw.url("/login")) as r:
+        await s.get(gw.url("/_gateway/login"))
+        async with s.get(gw.url("/_gateway/login")) as r:
             token = re.search(r'name="csrf" value="([^"]+)"', await r.text()).group(1)  # type: ignore[union-attr]
-        async with s.post(gw.url("/login"), data={"user_id": "LC000002", "password": PASSWORD, "csrf": token}) as r:
+        async with s.post(
+            gw.url("/_gateway/login"), data={"user_id": "LC000002", "password": PASSWORD, "csrf": token}
+        ) as r:
             page = await r.text()
     assert "選択された証明書はこのユーザIDのものではありません" in page
     assert "subject_mismatch" in page
@@ -255,10 +257,10 @@ async def test_forced_password_change_after_reset(gw: Harness) -> None:
     cert, key, _ = gw.issue("LC000003", name="lc3")
     async with gw.session(cert=cert, key=key) as s:
         r = await login(gw, s, user_id="LC000003", password="temporary-1234")
-        assert r.headers["Location"] == "/password"
+        assert r.headers["Location"] == "/_gateway/password"
         status, body = await fetch_json(gw, s, "/onre/x")
         assert (status, body["error"]) == (403, "password_change_required")
-        async with s.get(gw.url("/password")) as page:
+        async with s.get(gw.url("/_gateway/password")) as page:
             token = re.search(r'name="csrf" value="([^"]+)"', await page.text()).group(1)  # type: ignore[union-attr]
         short = {
             "csrf": token,
@@ -266,7 +268,7 @@ async def test_forced_password_change_after_reset(gw: Harness) -> None:
             "new_password": "short",
             "new_password_again": "short",
         }
-        async with s.post(gw.url("/password"), data=short, allow_redirects=False) as r:
+        async with s.post(gw.url("/_gateway/password"), data=short, allow_redirects=False) as r:
             assert r.status == 400
             assert "12文字以上" in await r.text()
         good = {
@@ -275,7 +277,7 @@ async def test_forced_password_change_after_reset(gw: Harness) -> None:
             "new_password": "a much better one",
             "new_password_again": "a much better one",
         }
-        async with s.post(gw.url("/password"), data=good, allow_redirects=False) as r:
+        async with s.post(gw.url("/_gateway/password"), data=good, allow_redirects=False) as r:
             assert r.status == 303
         assert (await fetch_json(gw, s, "/onre/x"))[0] == 200
     async with gw.session(cert=cert, key=key) as s:
@@ -293,9 +295,9 @@ async def test_logout_is_seen_by_another_worker(gw: Harness, tmp_path: Path) -> 
             other_url = gw.url("/onre/x").replace(str(gw.worker.port), str(other.port))
             async with s.get(other_url, headers={"Accept": "application/json"}) as r:
                 assert r.status == 200  # the session is valid in the other worker
-            async with s.get(gw.url("/logout")) as r:
+            async with s.get(gw.url("/_gateway/logout")) as r:
                 token = re.search(r'name="csrf" value="([^"]+)"', await r.text()).group(1)  # type: ignore[union-attr]
-            async with s.post(gw.url("/logout"), data={"csrf": token}) as r:
+            async with s.post(gw.url("/_gateway/logout"), data={"csrf": token}) as r:
                 assert r.status == 200
                 assert "ログアウトしました" in await r.text()
             s.cookie_jar.clear()
@@ -313,9 +315,9 @@ async def test_logout_cookie_replay_after_logout_fails(gw: Harness) -> None:
     async with gw.session() as s:
         await login(gw, s)
         cookie = s.cookie_jar.filter_cookies(URL(gw.url("/")))["__Host-gw_session"].value
-        async with s.get(gw.url("/logout")) as r:
+        async with s.get(gw.url("/_gateway/logout")) as r:
             token = re.search(r'name="csrf" value="([^"]+)"', await r.text()).group(1)  # type: ignore[union-attr]
-        async with s.post(gw.url("/logout"), data={"csrf": token}) as r:
+        async with s.post(gw.url("/_gateway/logout"), data={"csrf": token}) as r:
             assert r.status == 200
     async with gw.session() as s:
         s.cookie_jar.update_cookies({"__Host-gw_session": cookie}, URL(gw.url("/")))
@@ -326,7 +328,7 @@ async def test_logout_cookie_replay_after_logout_fails(gw: Harness) -> None:
 async def test_logout_without_token_is_csrf_failed(gw: Harness) -> None:
     async with gw.session() as s:
         await login(gw, s)
-        async with s.post(gw.url("/logout"), data={}, headers={"Accept": "application/json"}) as r:
+        async with s.post(gw.url("/_gateway/logout"), data={}, headers={"Accept": "application/json"}) as r:
             assert r.status == 403
             assert (await r.json())["error"] == "csrf_failed"
         assert (await fetch_json(gw, s, "/onre/x"))[0] == 200
@@ -339,8 +341,8 @@ async def test_expiry_soon_notice_after_login(tmp_path: Path, pki: ThrowawayPki)
         cert, key, _ = h.issue("LC000001", not_before=dt.datetime.now(dt.UTC) - dt.timedelta(days=355), name="soon")
         async with h.session(cert=cert, key=key) as s:
             r = await login(h, s, next_path="/onre/x")
-            assert r.headers["Location"] == "/notice?next=/onre/x"
-            async with s.get(h.url("/notice?next=/onre/x")) as page:
+            assert r.headers["Location"] == "/_gateway/notice?next=/onre/x"
+            async with s.get(h.url("/_gateway/notice?next=/onre/x")) as page:
                 assert "証明書の有効期限が近づいています" in await page.text()
     finally:
         await h.close()
@@ -531,9 +533,9 @@ async def test_logout_closes_an_open_websocket(gw: Harness, monkeypatch: pytest.
         async with s.ws_connect(gw.url("/onre/ws").replace("https", "wss")) as ws:
             await ws.send_str("hi")
             assert (await ws.receive(timeout=5)).data == "LC000001:hi"
-            async with s.get(gw.url("/logout")) as r:
+            async with s.get(gw.url("/_gateway/logout")) as r:
                 token = re.search(r'name="csrf" value="([^"]+)"', await r.text()).group(1)  # type: ignore[union-attr]
-            async with s.post(gw.url("/logout"), data={"csrf": token}) as r:
+            async with s.post(gw.url("/_gateway/logout"), data={"csrf": token}) as r:
                 assert r.status == 200
             msg = await ws.receive(timeout=5)
             assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED)

@@ -46,7 +46,7 @@ def assert_no_version(headers: Any) -> None:
 async def test_own_pages_refusals_and_redirects_carry_the_security_headers(gw: Harness) -> None:
     async with gw.session("LC000001") as s:
         for path, accept, status in (
-            ("/login", "text/html", 200),  # the login page
+            ("/_gateway/login", "text/html", 200),  # the login page
             ("/onre/x", "text/html", 303),  # to the login page
             ("/onre/x", "application/json", 401),  # JSON refusal
             ("/nowhere", "text/html", 404),  # refusal page (no_route)
@@ -55,7 +55,7 @@ async def test_own_pages_refusals_and_redirects_carry_the_security_headers(gw: H
             async with s.get(gw.url(path), headers={"Accept": accept}, allow_redirects=False) as r:
                 assert r.status == status, (path, await r.text())
                 assert_own_headers(r.headers)
-    async with gw.session(None) as s, s.get(gw.url("/login")) as r:  # no certificate: 403 page
+    async with gw.session(None) as s, s.get(gw.url("/_gateway/login")) as r:  # no certificate: 403 page
         assert r.status == 403
         assert_own_headers(r.headers)
 
@@ -63,7 +63,7 @@ async def test_own_pages_refusals_and_redirects_carry_the_security_headers(gw: H
 async def test_pages_need_no_inline_script_or_foreign_asset(gw: Harness) -> None:
     """The CSP above holds for the pages as written: no <script>, nothing loaded from elsewhere."""
     async with gw.session("LC000001") as s:
-        for path in ("/login", "/nowhere"):
+        for path in ("/_gateway/login", "/nowhere"):
             async with s.get(gw.url(path)) as r:
                 page = await r.text()
             assert "<script" not in page and "src=" not in page and 'href="http' not in page, path

@@ -423,7 +423,7 @@ def read_p12(path: Path) -> x509.Certificate:
 def gateway_login(page: Any, servers: Servers, user_id: str, password: str = PASSWORD, start: str = "/onre/") -> Any:
     """Open ``start`` on the gateway, get sent to its login form, log in; return the response."""
     page.goto(servers.gateway_url(start))
-    assert "/login" in page.url, f"expected the login form, got {page.url}: {page.inner_text('body')[:300]}"
+    assert "/_gateway/login" in page.url, f"expected the login form, got {page.url}: {page.inner_text('body')[:300]}"
     assert page.locator("h1").inner_text().startswith("ログイン")
     page.fill("#user_id", user_id)
     page.fill("#password", password)

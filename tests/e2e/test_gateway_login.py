@@ -63,13 +63,13 @@ def test_3_wrong_certificate_and_no_certificate(
     assert refused[0].cert_serial == format(other_cert.serial_number, "X")
     # ... and the backend stays closed to that browser afterwards.
     page.goto(servers.gateway_url("/onre/"))
-    assert "/login" in page.url
+    assert "/_gateway/login" in page.url
     assert servers.hits[before:] == []
 
     # A terminal with no client certificate at all (only the CA trusted).
     bare = terminal("bare")
     page = bare.start()
-    for path in ("/login", "/onre/"):
+    for path in ("/_gateway/login", "/onre/"):
         response = page.goto(servers.gateway_url(path))
         assert response is not None and response.status == 403
         support_id = assert_refusal(page, "no_certificate", NOT_VALID_JA)
@@ -104,10 +104,10 @@ def test_6_forced_password_change_after_admin_reset(
 
     # The temporary one leads straight to the forced change, and nowhere else.
     gateway_login(page, servers, "LC000601", temporary)
-    assert page.url.endswith("/password"), page.url
+    assert page.url.endswith("/_gateway/password"), page.url
     assert "仮パスワードでログインしました" in page.inner_text("#forced")
     page.goto(servers.gateway_url("/onre/"))
-    assert page.url.endswith("/password"), page.url
+    assert page.url.endswith("/_gateway/password"), page.url
     assert servers.hits[before:] == []
 
     # Changing it: the TDnet page, as LC000601.
@@ -140,7 +140,7 @@ def test_7_logout_then_back_serves_no_backend_page(
     page.goto(servers.gateway_url("/onre/disclosures?page=2"))
     assert_tdnet_as(page, servers, "LC000701", cert)
 
-    page.goto(servers.gateway_url("/logout"))
+    page.goto(servers.gateway_url("/_gateway/logout"))
     assert "LC000701 からログアウトしますか" in page.inner_text("body")
     with page.expect_navigation():
         page.click("button#logout")
@@ -153,10 +153,10 @@ def test_7_logout_then_back_serves_no_backend_page(
         page.go_back()
         page.wait_for_load_state()
         assert page.locator("table#identity").count() == 0, f"backend page shown again at {page.url}"
-        assert "/login" in page.url, page.url
+        assert "/_gateway/login" in page.url, page.url
         assert page.locator("h1").inner_text().startswith("ログイン")
     assert servers.hits[served:] == []
     # Going to TDnet directly asks for a login too.
     page.goto(servers.gateway_url("/onre/"))
-    assert "/login?next=/onre/" in page.url
+    assert "/_gateway/login?next=/onre/" in page.url
     assert servers.hits[served:] == []

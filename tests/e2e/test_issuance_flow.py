@@ -218,7 +218,7 @@ def _login_through_notice(page: Any, servers: Servers, cert: x509.Certificate) -
     login_notice = page.inner_text("#expiry-notice")
     assert f"証明書の有効期限まであと {days} 日です" in login_notice
     gateway_login(page, servers, "LC000501")
-    assert "/notice" in page.url
+    assert "/_gateway/notice" in page.url
     notice = page.inner_text("#expiry-notice")
     jst = cert.not_valid_after_utc.astimezone(dt.timezone(dt.timedelta(hours=9)))
     assert f"証明書の有効期限は {jst:%Y/%m/%d %H:%M:%S} です(あと {days} 日)" in notice
