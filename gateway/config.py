@@ -1,21 +1,30 @@
 """One typed configuration, read from YAML, validated as a whole.
 
-Every section is a frozen dataclass built once at load time. Validation
-collects *all* problems, each one line naming the file, the key path and
-what was expected, and raises them together in a :class:`ConfigError`.
-Relative paths resolve against the config file's folder. The gateway, the
-portal and the CLI all read the same file; :func:`require_gateway` and
-:func:`require_portal` say which sections a command needs.
+The schema is declared once: every section is a frozen dataclass whose
+fields say, through :func:`setting`, :func:`section` and :func:`sections`,
+their YAML key, default and :class:`Check` (conversion plus the words used
+when a value is wrong). One generic walker (:func:`_build`) reads any
+section, so adding a key is one line and, where needed, its check.
+Cross-field rules (a passthrough login needs a path, routes are unique) are
+small ``validate`` functions beside the section they judge.
+
+Validation collects *all* problems, each one line naming the file, the key
+path and what was expected, and raises them together in a
+:class:`ConfigError`. Relative paths resolve against the config file's
+folder. The gateway, the portal and the CLI all read the same file;
+:func:`require_gateway` and :func:`require_portal` say which sections a
+command needs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import urlsplit
 
 import yaml
@@ -28,114 +37,320 @@ LoginMode = Literal["gateway", "passthrough"]
 SYSTEMS = ("tdnet", "j-iriss", "clearing")
 
 
+# --- checks: a conversion and the words for "what was expected" -----------------------------
+
+
+class Expected(ValueError):
+    """Raised by a check whose expectation depends on the value (it names the right one)."""
+
+    def __init__(self, expected: str) -> None:
+        super().__init__("")
+        self.expected = expected
+
+
+@dataclass(frozen=True)
+class Check(Generic[T]):
+    """Turns a raw YAML value into a typed one, or raises ValueError/TypeError.
+
+    ``base`` is the config file's folder (for relative paths); ``zero`` stands
+    in for a required value that is missing or wrong, so the rest of the file
+    can still be checked (the file is refused anyway).
+    """
+
+    convert: Callable[[Any, Path], T]
+    expected: str
+    zero: Any = None
+
+
+def _plain(convert: Callable[[Any], T]) -> Callable[[Any, Path], T]:
+    return lambda raw, _base: convert(raw)
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+def _string(raw: Any) -> str:
+    if not isinstance(raw, str) or not raw:
+        raise ValueError("")
+    return raw
+
+
+def _port(raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= 65535:
+        raise ValueError("")
+    return raw
+
+
+def _positive_number(raw: Any) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw <= 0:
+        raise ValueError("")
+    return float(raw)
+
+
+def _non_negative(raw: Any) -> float:
+    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw < 0:
+        raise ValueError("")
+    return float(raw)
+
+
+def _positive_int(raw: Any) -> int:
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw <= 0:
+        raise ValueError("")
+    return raw
+
+
+def _boolean(raw: Any) -> bool:
+    if not isinstance(raw, bool):
+        raise ValueError("")
+    return raw
+
+
+def _http_url(raw: Any) -> str:
+    text = _string(raw)
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("")
+    return text.rstrip("/")
+
+
+def _path(raw: Any, base: Path) -> Path:
+    return (base / os.path.expanduser(_string(raw))).resolve()
+
+
+def _prefix(raw: Any) -> str:
+    text = _string(raw)
+    if not text.startswith("/") or not text.endswith("/") or "//" in text or ".." in text:
+        raise ValueError("must start and end with '/'")
+    return text
+
+
+def _one_of(*choices: str) -> Callable[[Any], Any]:
+    def convert(raw: Any) -> Any:
+        if raw not in choices:
+            raise ValueError("")
+        return raw
+
+    return convert
+
+
+def _workers(raw: Any) -> int:
+    return os.cpu_count() or 1 if raw == "auto" else _positive_int(raw)
+
+
+def _jsonl(raw: Any, base: Path) -> str:
+    return "-" if raw == "-" else str(_path(raw, base))
+
+
+def _crl_source(raw: Any, base: Path) -> str:
+    """A CRL file (resolved) or an http(s) URL; the words differ for each."""
+    if isinstance(raw, str) and raw.startswith(("http://", "https://")):
+        try:
+            return _http_url(raw)
+        except ValueError as exc:
+            raise Expected("an http(s) URL") from exc
+    return str(_path(raw, base))
+
+
+PATH_TO_PEM = Check(_path, "a path to a PEM file", Path())
+SECONDS = Check(_plain(_positive_number), "a positive number of seconds")
+MINUTES = Check(_plain(_positive_number), "a positive number of minutes")
+HOURS = Check(_plain(_positive_number), "a positive number of hours")
+POSITIVE_INT = Check(_plain(_positive_int), "a positive integer")
+BYTE_COUNT = Check(_plain(_positive_int), "a positive byte count")
+SQLITE_FILE = Check(_path, "a SQLite file path")
+HTTP_URL = Check(_plain(_http_url), "an http(s) URL", "")
+
+
+# --- declaring fields -----------------------------------------------------------------------
+
+
+def setting(default: Any = dataclasses.MISSING, check: Check[Any] | None = None, *, key: str = "", **meta: Any) -> Any:
+    """A scalar key. No default means required; ``key`` is the YAML name when it differs.
+
+    ``default_path`` (a file name) defaults to that file beside the config;
+    ``many`` accepts one value or a list (a tuple either way), with
+    ``missing`` as the words when there is none.
+    """
+    if "default_path" in meta:
+        default = Path(meta["default_path"])  # resolved against the config's folder when read
+    return field(default=default, metadata={"check": check, "key": key, **meta})
+
+
+def section(cls: type[Any], *, optional: bool = False, key: str = "", **defaults: Any) -> Any:
+    """A nested mapping read as ``cls``; absent: None if optional, else all defaults."""
+    metadata = {"section": cls, "optional": optional, "key": key, "defaults": defaults}
+    if optional:
+        return field(default=None, metadata=metadata)
+    return field(default_factory=lambda: cls(**defaults), metadata=metadata)
+
+
+def sections(cls: type[Any], validate: Callable[[Sequence[tuple[str, Any]]], Iterator[tuple[str, str]]]) -> Any:
+    """A non-empty list of mappings, each read as ``cls``, then judged together by ``validate``."""
+    return field(default=(), metadata={"sections": cls, "validate": validate, "key": ""})
+
+
+# --- the schema -----------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Listen:
-    host: str
-    port: int
+    host: str = setting("127.0.0.1", Check(_plain(_string), "a host name or address"))
+    port: int = setting(0, Check(_plain(_port), "a port number 0-65535"))
 
 
 @dataclass(frozen=True)
 class TlsConfig:
-    cert: Path
-    key: Path
-    client_ca: tuple[Path, ...]
-    issuer: str = SSO_CA_NAME
-    handshake_timeout: float = 10.0
-    send_ca_names: bool = True
+    cert: Path = setting(check=PATH_TO_PEM)
+    key: Path = setting(check=PATH_TO_PEM)
+    client_ca: tuple[Path, ...] = setting(check=PATH_TO_PEM, many=True, missing="a PEM bundle path (or a list of them)")
+    issuer: str = setting(SSO_CA_NAME, Check(_plain(_string), "the issuing CA's CN"))
+    handshake_timeout: float = setting(10.0, SECONDS, key="handshake_timeout_seconds")
+    send_ca_names: bool = setting(True, Check(_plain(_boolean), "true or false"))
 
 
 @dataclass(frozen=True)
 class RevocationConfig:
-    sources: tuple[str, ...]  # file paths (resolved) or http(s) URLs
-    refresh_seconds: float = 60.0
-    grace_seconds: float = 3600.0
-    fetch_timeout: float = 10.0
-    max_bytes: int = 512 * 1024 * 1024
+    sources: tuple[str, ...] = setting(
+        check=Check(_crl_source, "a CRL file path or http(s) URL"),
+        key="crl",
+        many=True,
+        missing="a CRL file path or http(s) URL",
+    )
+    refresh_seconds: float = setting(60.0, SECONDS)
+    grace_seconds: float = setting(3600.0, Check(_plain(_non_negative), "a positive number of seconds"))
+    fetch_timeout: float = setting(10.0, SECONDS, key="fetch_timeout_seconds")
+    max_bytes: int = setting(512 * 1024 * 1024, BYTE_COUNT)
+
+
+def _passthrough_needs_path(login: BackendLogin) -> Iterator[tuple[str, str]]:
+    if login.mode == "passthrough" and not login.path:
+        yield "path", "missing; passthrough mode needs the backend's login path"
 
 
 @dataclass(frozen=True)
 class BackendLogin:
-    mode: LoginMode = "gateway"
-    path: str | None = None
-    user_field: str = "userId"
+    mode: LoginMode = setting("gateway", Check(_plain(_one_of("gateway", "passthrough")), "'gateway' or 'passthrough'"))
+    path: str | None = setting(None, Check(_plain(_string), "a URL path like /onre/login"))
+    user_field: str = setting("userId", Check(_plain(_string), "a form field name"))
+
+    validate = _passthrough_needs_path
+
+
+def _system_named(backend: Backend) -> Iterator[tuple[str, str]]:
+    if backend.system is None and backend.name and backend.name not in SYSTEMS:  # no name: already reported
+        yield (
+            "system",
+            f"missing; backend {backend.name!r} is not one of {', '.join(SYSTEMS)}, so name the system it belongs to",
+        )
 
 
 @dataclass(frozen=True)
 class Backend:
-    name: str
-    prefix: str
-    upstream: str
-    host: str | None = None
-    system: str | None = None  # the user-store system name; defaults to name
-    timeout: float = 60.0
-    connect_timeout: float = 5.0
-    max_body_bytes: int = 2 * 1024**3
-    login: BackendLogin = field(default_factory=BackendLogin)
+    name: str = setting(check=Check(_plain(_string), "a backend name", ""))
+    prefix: str = setting(check=Check(_plain(_prefix), "a path prefix like /onre/", "/"))
+    upstream: str = setting(check=HTTP_URL)
+    host: str | None = setting(None, Check(_plain(lambda raw: _string(raw).lower()), "a host name"))
+    system: str | None = setting(None, Check(_plain(_one_of(*SYSTEMS)), f"one of {', '.join(SYSTEMS)}"))
+    timeout: float = setting(60.0, SECONDS, key="timeout_seconds")
+    connect_timeout: float = setting(5.0, SECONDS, key="connect_timeout_seconds")
+    max_body_bytes: int = setting(2 * 1024**3, BYTE_COUNT)
+    login: BackendLogin = section(BackendLogin)
+
+    validate = _system_named
 
     @property
     def system_name(self) -> str:
+        """The user-store system this backend belongs to (its name unless ``system`` says)."""
         return self.system or self.name
+
+
+def _unique_routes(backends: Sequence[tuple[str, Backend]]) -> Iterator[tuple[str, str]]:
+    """Backend names are unique, and so is each (host, prefix) route."""
+    names: set[str] = set()
+    routes: set[tuple[str | None, str]] = set()
+    for where, backend in backends:
+        if backend.name and backend.name in names:
+            yield f"{where}.name", f"duplicate backend name {backend.name!r}"
+        if (backend.host, backend.prefix) in routes:
+            yield f"{where}.prefix", f"duplicate route {backend.host or '*'}{backend.prefix}"
+        names.add(backend.name)
+        routes.add((backend.host, backend.prefix))
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_connections: int = 10_000
-    header_timeout: float = 15.0
-    body_timeout: float = 30.0  # longest silence while a request body is still arriving
-    drain_timeout: float = 30.0  # SIGTERM: how long in-flight requests may take to finish
-    keepalive_timeout: float = 75.0
-    max_header_bytes: int = 16_384
-    max_line_bytes: int = 8_190
+    max_connections: int = setting(10_000, POSITIVE_INT)
+    header_timeout: float = setting(15.0, SECONDS, key="header_timeout_seconds")
+    body_timeout: float = setting(30.0, SECONDS, key="body_timeout_seconds")  # longest silence within a body
+    drain_timeout: float = setting(30.0, SECONDS, key="drain_timeout_seconds")  # SIGTERM: in-flight requests' time
+    keepalive_timeout: float = setting(75.0, SECONDS, key="keepalive_timeout_seconds")
+    max_header_bytes: int = setting(16_384, POSITIVE_INT)
+    max_line_bytes: int = setting(8_190, POSITIVE_INT)
 
 
 @dataclass(frozen=True)
 class UsersConfig:
-    database: Path
+    database: Path = setting(check=SQLITE_FILE, default_path="gateway.db")
 
 
 @dataclass(frozen=True)
 class SessionConfig:
-    secret_file: Path
-    idle_minutes: float = 30.0
-    absolute_hours: float = 10.0
+    secret_file: Path = setting(check=Check(_path, "a file path"), default_path="session.key")
+    idle_minutes: float = setting(30.0, MINUTES)
+    absolute_hours: float = setting(10.0, HOURS)
 
 
 @dataclass(frozen=True)
 class LoginConfig:
-    max_failures: int = 5
-    failure_window_minutes: float = 15.0
-    lockout_minutes: float = 30.0
-    ip_max_failures: int = 50
-    password_min_length: int = 12
-    expiry_notice_days: int = 30
+    max_failures: int = setting(5, POSITIVE_INT)
+    failure_window_minutes: float = setting(15.0, MINUTES)
+    lockout_minutes: float = setting(30.0, MINUTES)
+    ip_max_failures: int = setting(50, POSITIVE_INT)
+    password_min_length: int = setting(12, POSITIVE_INT)
+    expiry_notice_days: int = setting(30, Check(_plain(_positive_int), "a positive number of days"))
 
 
 @dataclass(frozen=True)
 class AuditConfig:
-    database: Path
-    jsonl: str | None = None  # a file path, or "-" for stdout
-    queue_size: int = 10_000
+    database: Path = setting(check=SQLITE_FILE, default_path="audit.db")
+    jsonl: str | None = setting(None, Check(_jsonl, "a file path or '-' for stdout"))  # a file, or "-" for stdout
+    queue_size: int = setting(10_000, POSITIVE_INT)
 
 
 @dataclass(frozen=True)
 class CaConfig:
-    dir: Path
-    crl_next_update_hours: float = 24.0
-    crl_url: str | None = None
-    key_type: KeyType = "ec-p256"
-    crl_drop_expired_after_days: float = 90.0
+    dir: Path = setting(check=Check(_path, "a directory path", Path()))
+    crl_next_update_hours: float = setting(24.0, HOURS)
+    crl_url: str | None = setting(None, HTTP_URL)
+    key_type: KeyType = setting("ec-p256", Check(_plain(_one_of(*KEY_TYPES)), f"one of {', '.join(KEY_TYPES)}"))
+    crl_drop_expired_after_days: float = setting(90.0, Check(_plain(_non_negative), "a number of days"))
+
+
+@dataclass(frozen=True)
+class PortalTls:
+    cert: Path = setting(check=PATH_TO_PEM)
+    key: Path = setting(check=PATH_TO_PEM)
 
 
 @dataclass(frozen=True)
 class PortalConfig:
-    listen: Listen
-    cert: Path
-    key: Path
+    listen: Listen = section(Listen, port=8444)
+    tls: PortalTls = section(PortalTls)
 
 
 # Browsers ask every site for this; the gateway answers it itself, whatever backend sits at ``/``.
 FAVICON_PATH = "/favicon.ico"
 DEFAULT_GATEWAY_PREFIX = "/_gateway/"
+
+
+def _gateway_prefix(raw: Any) -> str:
+    text = _prefix(raw)
+    if text == "/":
+        raise ValueError("'/' would leave no path to the backends")
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+/", text):
+        raise ValueError("only letters, digits and . _ ~ - between the slashes")
+    return text
 
 
 @dataclass(frozen=True)
@@ -147,7 +362,7 @@ class GatewayPaths:
     and no backend's own ``/login`` is shadowed.
     """
 
-    prefix: str = DEFAULT_GATEWAY_PREFIX
+    prefix: str = setting(DEFAULT_GATEWAY_PREFIX, Check(_plain(_gateway_prefix), "a path prefix like /_gateway/"))
 
     @property
     def landing(self) -> str:
@@ -178,26 +393,46 @@ class GatewayPaths:
         return self.owns(path) or path == FAVICON_PATH
 
 
+def _reserved_paths_unused(config: Config) -> Iterator[tuple[str, str]]:
+    """A backend prefix or passthrough login path the gateway answers itself could never be reached: refuse it."""
+    paths = config.gateway_paths
+    for i, backend in enumerate(config.backends):
+        for key, value in (("prefix", backend.prefix), ("login.path", backend.login.path)):
+            if value and (paths.reserved(value) or paths.reserved(value.rstrip("/"))):
+                yield (
+                    f"backends[{i}].{key}",
+                    f"{value!r} lies under the gateway's own paths ({paths.prefix}, {FAVICON_PATH}): "
+                    "no request would reach the backend; use another path or change gateway_paths.prefix",
+                )
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole file. Sections a command does not need may be absent (None)."""
 
-    path: Path
-    listen: Listen
-    workers: int
-    admin: Listen | None
-    tls: TlsConfig | None
-    revocation: RevocationConfig | None
-    backends: tuple[Backend, ...]
-    limits: Limits
-    users: UsersConfig
-    session: SessionConfig
-    login: LoginConfig
-    audit: AuditConfig
-    ca: CaConfig | None
-    portal: PortalConfig | None
-    log_level: str = "info"
-    gateway_paths: GatewayPaths = field(default_factory=GatewayPaths)
+    path: Path = field(metadata={"internal": True})
+    listen: Listen = section(Listen, port=8443)
+    workers: int = setting(1, Check(_plain(_workers), "a positive integer or 'auto'"))
+    admin: Listen | None = section(Listen, optional=True, port=9100)
+    tls: TlsConfig | None = section(TlsConfig, optional=True)
+    revocation: RevocationConfig | None = section(RevocationConfig, optional=True)
+    backends: tuple[Backend, ...] = sections(Backend, _unique_routes)
+    limits: Limits = section(Limits)
+    users: UsersConfig = section(UsersConfig)
+    session: SessionConfig = section(SessionConfig)
+    login: LoginConfig = section(LoginConfig)
+    audit: AuditConfig = section(AuditConfig)
+    ca: CaConfig | None = section(CaConfig, optional=True)
+    portal: PortalConfig | None = section(PortalConfig, optional=True)
+    gateway_paths: GatewayPaths = section(GatewayPaths)
+    log_level: str = setting(
+        "info", Check(_plain(_one_of("debug", "info", "warning", "error")), "debug, info, warning or error")
+    )
+
+    validate = _reserved_paths_unused
+
+
+# --- reading: one walker for every section ---------------------------------------------------
 
 
 class _Reader:
@@ -211,8 +446,8 @@ class _Reader:
     def problem(self, key: str, message: str) -> None:
         self.problems.append(f"{self.file}: {key}: {message}")
 
-    def section(self, data: Mapping[str, Any], key: str, path: str) -> Mapping[str, Any] | None:
-        value = data.get(key)
+    def mapping(self, value: Any, path: str) -> Mapping[str, Any] | None:
+        """``value`` if it is a mapping; None (and a problem unless it is absent) otherwise."""
         if value is None:
             return None
         if not isinstance(value, Mapping):
@@ -220,455 +455,118 @@ class _Reader:
             return None
         return value
 
-    def get(
-        self,
-        data: Mapping[str, Any],
-        key: str,
-        path: str,
-        convert: Callable[[Any], T],
-        expected: str,
-        default: T | None = None,
-        *,
-        required: bool = False,
-    ) -> T | None:
-        if key not in data or data[key] is None:
-            if required:
-                self.problem(path, f"missing; expected {expected}")
-            return default
+    def convert(self, raw: Any, path: str, check: Check[Any]) -> tuple[bool, Any]:
+        """(ok, value) for one present value."""
         try:
-            return convert(data[key])
+            return True, check.convert(raw, self.base)
+        except Expected as exc:
+            self.problem(path, f"expected {exc.expected}, got {raw!r}")
         except (TypeError, ValueError) as exc:
             why = f" ({exc})" if str(exc) else ""
-            self.problem(path, f"expected {expected}, got {data[key]!r}{why}")
-            return default
-
-    def path(self, raw: Any) -> Path:
-        if not isinstance(raw, str) or not raw:
-            raise ValueError("")
-        return (self.base / os.path.expanduser(raw)).resolve()
-
-    def unknown_keys(self, data: Mapping[str, Any], known: set[str], path: str) -> None:
-        for key in data:
-            if key not in known:
-                where = f"{path}.{key}" if path else str(key)
-                self.problem(where, f"unknown key (expected one of: {', '.join(sorted(known))})")
+            self.problem(path, f"expected {check.expected}, got {raw!r}{why}")
+        return False, None
 
 
-def _kind(value: Any) -> str:
-    return type(value).__name__
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
 
 
-def _port(raw: Any) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw <= 65535:
-        raise ValueError("")
-    return raw
+def _key(f: dataclasses.Field[Any]) -> str:
+    return str(f.metadata.get("key") or f.name)
 
 
-def _positive_number(raw: Any) -> float:
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw <= 0:
-        raise ValueError("")
-    return float(raw)
+def _build(
+    r: _Reader, cls: type[T], data: Mapping[str, Any], where: str, defaults: Mapping[str, Any], **internal: Any
+) -> T:
+    """Read one section: every declared key, unknown keys refused, then its own ``validate``.
+
+    ``internal`` fills fields that do not come from the file (the Config's own path).
+    """
+    fields = [f for f in dataclasses.fields(cls) if not f.metadata.get("internal")]  # type: ignore[arg-type]
+    known = {_key(f) for f in fields}
+    for key in data:
+        if key not in known:
+            r.problem(_join(where, str(key)), f"unknown key (expected one of: {', '.join(sorted(known))})")
+    values = {f.name: _field(r, f, data.get(_key(f)), _join(where, _key(f)), defaults) for f in fields}
+    result = cls(**values, **internal)
+    validate = getattr(cls, "validate", None)
+    for key, message in validate(result) if validate is not None else ():
+        r.problem(_join(where, key), message)
+    return result
 
 
-def _positive_int(raw: Any) -> int:
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw <= 0:
-        raise ValueError("")
-    return raw
+def _field(r: _Reader, f: dataclasses.Field[Any], raw: Any, path: str, defaults: Mapping[str, Any]) -> Any:
+    meta = f.metadata
+    if "section" in meta:
+        return _section(r, meta, raw, path)
+    if "sections" in meta:
+        return _sections(r, meta, raw, path)
+    if meta.get("many"):
+        return _many(r, meta, raw, path)
+    check: Check[Any] = meta["check"]
+    default = _default(r, f, defaults)
+    if raw is None:
+        if default is dataclasses.MISSING:
+            r.problem(path, f"missing; expected {check.expected}")
+            return check.zero
+        return default
+    ok, value = r.convert(raw, path, check)
+    if ok:
+        return value
+    return check.zero if default is dataclasses.MISSING else default
 
 
-def _string(raw: Any) -> str:
-    if not isinstance(raw, str) or not raw:
-        raise ValueError("")
-    return raw
+def _default(r: _Reader, f: dataclasses.Field[Any], defaults: Mapping[str, Any]) -> Any:
+    if f.name in defaults:
+        return defaults[f.name]
+    if "default_path" in f.metadata:
+        return (r.base / f.metadata["default_path"]).resolve()
+    return f.default
 
 
-def _boolean(raw: Any) -> bool:
-    if not isinstance(raw, bool):
-        raise ValueError("")
-    return raw
+def _section(r: _Reader, meta: Mapping[str, Any], raw: Any, path: str) -> Any:
+    data = r.mapping(raw, path)
+    if data is None and meta["optional"]:
+        return None
+    return _build(r, meta["section"], data or {}, path, meta["defaults"])
 
 
-def _http_url(raw: Any) -> str:
-    text = _string(raw)
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("")
-    return text.rstrip("/")
-
-
-def _workers(raw: Any) -> int:
-    if raw == "auto":
-        return os.cpu_count() or 1
-    return _positive_int(raw)
-
-
-def _listen(r: _Reader, data: Mapping[str, Any] | None, path: str, port: int) -> Listen:
-    data = data or {}
-    r.unknown_keys(data, {"host", "port"}, path)
-    host = r.get(data, "host", f"{path}.host", _string, "a host name or address", "127.0.0.1")
-    number = r.get(data, "port", f"{path}.port", _port, "a port number 0-65535", port)
-    return Listen(host or "127.0.0.1", port if number is None else number)
-
-
-def _tls(r: _Reader, data: Mapping[str, Any]) -> TlsConfig:
-    r.unknown_keys(
-        data,
-        {"cert", "key", "client_ca", "issuer", "handshake_timeout_seconds", "send_ca_names"},
-        "tls",
-    )
-    pem = "a path to a PEM file"
-    cert = r.get(data, "cert", "tls.cert", r.path, pem, required=True)
-    key = r.get(data, "key", "tls.key", r.path, pem, required=True)
-    raw_ca = data.get("client_ca")
-    cas: list[Path] = []
-    if raw_ca is None:
-        r.problem("tls.client_ca", "missing; expected a PEM bundle path (or a list of them)")
-    for i, item in enumerate(raw_ca if isinstance(raw_ca, list) else [raw_ca] if raw_ca else []):
-        ca = r.get({"v": item}, "v", f"tls.client_ca[{i}]", r.path, pem, required=True)
-        if ca is not None:
-            cas.append(ca)
-    issuer = r.get(data, "issuer", "tls.issuer", _string, "the issuing CA's CN", SSO_CA_NAME)
-    timeout = r.get(
-        data,
-        "handshake_timeout_seconds",
-        "tls.handshake_timeout_seconds",
-        _positive_number,
-        "a positive number of seconds",
-        10.0,
-    )
-    names = r.get(data, "send_ca_names", "tls.send_ca_names", _boolean, "true or false", True)
-    return TlsConfig(
-        cert=cert or Path(),
-        key=key or Path(),
-        client_ca=tuple(cas),
-        issuer=issuer or SSO_CA_NAME,
-        handshake_timeout=timeout or 10.0,
-        send_ca_names=bool(names),
-    )
-
-
-def _revocation(r: _Reader, data: Mapping[str, Any]) -> RevocationConfig:
-    r.unknown_keys(
-        data,
-        {"crl", "refresh_seconds", "grace_seconds", "fetch_timeout_seconds", "max_bytes"},
-        "revocation",
-    )
-    raw = data.get("crl")
-    items = raw if isinstance(raw, list) else [raw] if raw else []
-    if not items:
-        r.problem("revocation.crl", "missing; expected a CRL file path or http(s) URL")
-    sources: list[str] = []
-    for i, item in enumerate(items):
-        key = f"revocation.crl[{i}]" if isinstance(raw, list) else "revocation.crl"
-        if isinstance(item, str) and item.startswith(("http://", "https://")):
-            url = r.get({"v": item}, "v", key, _http_url, "an http(s) URL")
-            if url:
-                sources.append(url)
-        else:
-            p = r.get({"v": item}, "v", key, r.path, "a CRL file path or http(s) URL")
-            if p:
-                sources.append(str(p))
-    seconds = "a positive number of seconds"
-    return RevocationConfig(
-        sources=tuple(sources),
-        refresh_seconds=r.get(data, "refresh_seconds", "revocation.refresh_seconds", _positive_number, seconds, 60.0)
-        or 60.0,
-        grace_seconds=r.get(data, "grace_seconds", "revocation.grace_seconds", _non_negative, seconds, 3600.0) or 0.0,
-        fetch_timeout=r.get(
-            data,
-            "fetch_timeout_seconds",
-            "revocation.fetch_timeout_seconds",
-            _positive_number,
-            seconds,
-            10.0,
-        )
-        or 10.0,
-        max_bytes=r.get(
-            data,
-            "max_bytes",
-            "revocation.max_bytes",
-            _positive_int,
-            "a positive byte count",
-            512 * 1024 * 1024,
-        )
-        or 512 * 1024 * 1024,
-    )
-
-
-def _non_negative(raw: Any) -> float:
-    if isinstance(raw, bool) or not isinstance(raw, int | float) or raw < 0:
-        raise ValueError("")
-    return float(raw)
-
-
-def _prefix(raw: Any) -> str:
-    text = _string(raw)
-    if not text.startswith("/") or not text.endswith("/") or "//" in text or ".." in text:
-        raise ValueError("must start and end with '/'")
-    return text
-
-
-def _backend_login(r: _Reader, data: Mapping[str, Any] | None, path: str) -> BackendLogin:
-    if not data:
-        return BackendLogin()
-    r.unknown_keys(data, {"mode", "path", "user_field"}, path)
-    mode = r.get(data, "mode", f"{path}.mode", _login_mode, "'gateway' or 'passthrough'")
-    login_path = r.get(data, "path", f"{path}.path", _string, "a URL path like /onre/login")
-    field_name = r.get(data, "user_field", f"{path}.user_field", _string, "a form field name", "userId")
-    if mode == "passthrough" and not login_path:
-        r.problem(f"{path}.path", "missing; passthrough mode needs the backend's login path")
-    return BackendLogin(mode=mode or "gateway", path=login_path, user_field=field_name or "userId")
-
-
-def _login_mode(raw: Any) -> LoginMode:
-    if raw == "gateway":
-        return "gateway"
-    if raw == "passthrough":
-        return "passthrough"
-    raise ValueError("")
-
-
-def _backends(r: _Reader, raw: Any) -> tuple[Backend, ...]:
+def _sections(r: _Reader, meta: Mapping[str, Any], raw: Any, path: str) -> tuple[Any, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list) or not raw:
-        r.problem("backends", f"expected a non-empty list of backends, got {_kind(raw)}")
+        r.problem(path, f"expected a non-empty list of {path}, got {_kind(raw)}")
         return ()
-    result: list[Backend] = []
-    seen: set[tuple[str | None, str]] = set()
-    names: set[str] = set()
-    known = {
-        "name",
-        "prefix",
-        "upstream",
-        "host",
-        "system",
-        "timeout_seconds",
-        "connect_timeout_seconds",
-        "max_body_bytes",
-        "login",
-    }
+    built: list[tuple[str, Any]] = []
     for i, item in enumerate(raw):
-        path = f"backends[{i}]"
-        if not isinstance(item, Mapping):
-            r.problem(path, f"expected a mapping, got {_kind(item)}")
+        where = f"{path}[{i}]"
+        data = r.mapping(item, where)
+        if data is not None:
+            built.append((where, _build(r, meta["sections"], data, where, {})))
+        elif item is None:
+            r.problem(where, "expected a mapping, got NoneType")
+    for key, message in meta["validate"](built):
+        r.problem(key, message)
+    return tuple(item for _, item in built)
+
+
+def _many(r: _Reader, meta: Mapping[str, Any], raw: Any, path: str) -> tuple[Any, ...]:
+    """One value or a list of them; each item is named ``key[i]`` when a list was given."""
+    check: Check[Any] = meta["check"]
+    items = raw if isinstance(raw, list) else [] if raw is None or raw == "" else [raw]
+    if not items:
+        r.problem(path, f"missing; expected {meta['missing']}")
+        return ()
+    values = []
+    for i, item in enumerate(items):
+        where = f"{path}[{i}]" if isinstance(raw, list) else path
+        if item is None:
+            r.problem(where, f"missing; expected {check.expected}")
             continue
-        r.unknown_keys(item, known, path)
-        name = r.get(item, "name", f"{path}.name", _string, "a backend name", required=True)
-        prefix = r.get(item, "prefix", f"{path}.prefix", _prefix, "a path prefix like /onre/", required=True)
-        upstream = r.get(item, "upstream", f"{path}.upstream", _http_url, "an http(s) URL", required=True)
-        host = r.get(item, "host", f"{path}.host", _string, "a host name")
-        system = r.get(item, "system", f"{path}.system", _system, f"one of {', '.join(SYSTEMS)}")
-        if name and name in names:
-            r.problem(f"{path}.name", f"duplicate backend name {name!r}")
-        if prefix and (host, prefix) in seen:
-            r.problem(f"{path}.prefix", f"duplicate route {host or '*'}{prefix}")
-        names.add(name or "")
-        seen.add((host, prefix or ""))
-        seconds = "a positive number of seconds"
-        backend = Backend(
-            name=name or "",
-            prefix=prefix or "/",
-            upstream=upstream or "",
-            host=host.lower() if host else None,
-            system=system,
-            timeout=r.get(item, "timeout_seconds", f"{path}.timeout_seconds", _positive_number, seconds, 60.0) or 60.0,
-            connect_timeout=r.get(
-                item,
-                "connect_timeout_seconds",
-                f"{path}.connect_timeout_seconds",
-                _positive_number,
-                seconds,
-                5.0,
-            )
-            or 5.0,
-            max_body_bytes=r.get(
-                item,
-                "max_body_bytes",
-                f"{path}.max_body_bytes",
-                _positive_int,
-                "a positive byte count",
-                2 * 1024**3,
-            )
-            or 2 * 1024**3,
-            login=_backend_login(r, r.section(item, "login", f"{path}.login"), f"{path}.login"),
-        )
-        if backend.system is None and backend.name not in SYSTEMS:
-            r.problem(
-                f"{path}.system",
-                f"missing; backend {name!r} is not one of {', '.join(SYSTEMS)}, so name the system it belongs to",
-            )
-        result.append(backend)
-    return tuple(result)
-
-
-def _system(raw: Any) -> str:
-    if raw not in SYSTEMS:
-        raise ValueError("")
-    return str(raw)
-
-
-def _limits(r: _Reader, data: Mapping[str, Any] | None) -> Limits:
-    data = data or {}
-    d = Limits()
-    r.unknown_keys(
-        data,
-        {
-            "max_connections",
-            "header_timeout_seconds",
-            "body_timeout_seconds",
-            "drain_timeout_seconds",
-            "keepalive_timeout_seconds",
-            "max_header_bytes",
-            "max_line_bytes",
-        },
-        "limits",
-    )
-    secs = "a positive number of seconds"
-    count = "a positive integer"
-    return Limits(
-        max_connections=r.get(
-            data, "max_connections", "limits.max_connections", _positive_int, count, d.max_connections
-        )
-        or d.max_connections,
-        header_timeout=r.get(
-            data, "header_timeout_seconds", "limits.header_timeout_seconds", _positive_number, secs, d.header_timeout
-        )
-        or d.header_timeout,
-        body_timeout=r.get(
-            data, "body_timeout_seconds", "limits.body_timeout_seconds", _positive_number, secs, d.body_timeout
-        )
-        or d.body_timeout,
-        drain_timeout=r.get(
-            data, "drain_timeout_seconds", "limits.drain_timeout_seconds", _positive_number, secs, d.drain_timeout
-        )
-        or d.drain_timeout,
-        keepalive_timeout=r.get(
-            data,
-            "keepalive_timeout_seconds",
-            "limits.keepalive_timeout_seconds",
-            _positive_number,
-            secs,
-            d.keepalive_timeout,
-        )
-        or d.keepalive_timeout,
-        max_header_bytes=r.get(
-            data, "max_header_bytes", "limits.max_header_bytes", _positive_int, count, d.max_header_bytes
-        )
-        or d.max_header_bytes,
-        max_line_bytes=r.get(data, "max_line_bytes", "limits.max_line_bytes", _positive_int, count, d.max_line_bytes)
-        or d.max_line_bytes,
-    )
-
-
-def _simple_section(
-    r: _Reader,
-    data: Mapping[str, Any] | None,
-    name: str,
-    cls: type[T],
-    spec: dict[str, tuple[Callable[[Any], Any], str]],
-) -> T:
-    """Build a flat dataclass whose fields all have defaults from ``spec``."""
-    data = data or {}
-    r.unknown_keys(data, set(spec), name)
-    defaults = cls()
-    values = {}
-    for key, (convert, expected) in spec.items():
-        attr = key.removesuffix("_seconds")
-        value = r.get(data, key, f"{name}.{key}", convert, expected)
-        if value is not None:
-            values[attr] = value
-    return type(defaults)(**{**_fields(defaults), **values})
-
-
-def _fields(obj: Any) -> dict[str, Any]:
-    return {k: getattr(obj, k) for k in obj.__dataclass_fields__}
-
-
-def _ca(r: _Reader, data: Mapping[str, Any]) -> CaConfig:
-    r.unknown_keys(data, {"dir", "crl_next_update_hours", "crl_url", "key_type", "crl_drop_expired_after_days"}, "ca")
-    directory = r.get(data, "dir", "ca.dir", r.path, "a directory path", required=True)
-    hours = r.get(
-        data, "crl_next_update_hours", "ca.crl_next_update_hours", _positive_number, "a positive number of hours", 24.0
-    )
-    url = r.get(data, "crl_url", "ca.crl_url", _http_url, "an http(s) URL")
-    key_type = r.get(data, "key_type", "ca.key_type", _key_type, f"one of {', '.join(KEY_TYPES)}")
-    drop = r.get(
-        data, "crl_drop_expired_after_days", "ca.crl_drop_expired_after_days", _non_negative, "a number of days", 90.0
-    )
-    return CaConfig(
-        dir=directory or Path(),
-        crl_next_update_hours=hours or 24.0,
-        crl_url=url,
-        key_type=key_type or "ec-p256",
-        crl_drop_expired_after_days=90.0 if drop is None else drop,
-    )
-
-
-def _key_type(raw: Any) -> KeyType:
-    for kind in KEY_TYPES:
-        if raw == kind:
-            return kind
-    raise ValueError("")
-
-
-def _portal(r: _Reader, data: Mapping[str, Any]) -> PortalConfig:
-    r.unknown_keys(data, {"listen", "tls"}, "portal")
-    listen = _listen(r, r.section(data, "listen", "portal.listen"), "portal.listen", 8444)
-    tls = r.section(data, "tls", "portal.tls") or {}
-    r.unknown_keys(tls, {"cert", "key"}, "portal.tls")
-    cert = r.get(tls, "cert", "portal.tls.cert", r.path, "a path to a PEM file", required=True)
-    key = r.get(tls, "key", "portal.tls.key", r.path, "a path to a PEM file", required=True)
-    return PortalConfig(listen=listen, cert=cert or Path(), key=key or Path())
-
-
-TOP_LEVEL = {
-    "listen",
-    "workers",
-    "admin",
-    "tls",
-    "revocation",
-    "backends",
-    "limits",
-    "users",
-    "session",
-    "login",
-    "audit",
-    "ca",
-    "portal",
-    "log_level",
-    "gateway_paths",
-}
-
-
-def _gateway_prefix(raw: Any) -> str:
-    text = _prefix(raw)
-    if text == "/":
-        raise ValueError("'/' would leave no path to the backends")
-    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+/", text):
-        raise ValueError("only letters, digits and . _ ~ - between the slashes")
-    return text
-
-
-def _gateway_paths(r: _Reader, data: Mapping[str, Any] | None) -> GatewayPaths:
-    data = data or {}
-    r.unknown_keys(data, {"prefix"}, "gateway_paths")
-    prefix = r.get(
-        data, "prefix", "gateway_paths.prefix", _gateway_prefix, "a path prefix like /_gateway/", DEFAULT_GATEWAY_PREFIX
-    )
-    return GatewayPaths(prefix or DEFAULT_GATEWAY_PREFIX)
-
-
-def _reserved_path_problems(r: _Reader, backends: tuple[Backend, ...], paths: GatewayPaths) -> None:
-    """A backend prefix or passthrough login path the gateway answers itself could never be reached: refuse it."""
-    for i, backend in enumerate(backends):
-        for key, value in (("prefix", backend.prefix), ("login.path", backend.login.path)):
-            if value and (paths.reserved(value) or paths.reserved(value.rstrip("/"))):
-                r.problem(
-                    f"backends[{i}].{key}",
-                    f"{value!r} lies under the gateway's own paths ({paths.prefix}, {FAVICON_PATH}): "
-                    "no request would reach the backend; use another path or change gateway_paths.prefix",
-                )
+        ok, value = r.convert(item, where, check)
+        if ok:
+            values.append(value)
+    return tuple(values)
 
 
 def shadowed_paths(config: Config) -> list[str]:
@@ -694,89 +592,10 @@ def parse_config(data: Any, file: Path) -> Config:
     r = _Reader(file)
     if not isinstance(data, Mapping):
         raise ConfigError([f"{file}: (top level): expected a mapping of sections, got {_kind(data)}"])
-    r.unknown_keys(data, TOP_LEVEL, "")
-    listen = _listen(r, r.section(data, "listen", "listen"), "listen", 8443)
-    workers = r.get(data, "workers", "workers", _workers, "a positive integer or 'auto'", 1) or 1
-    admin_data = r.section(data, "admin", "admin")
-    admin = _listen(r, admin_data, "admin", 9100) if admin_data is not None else None
-    tls_data = r.section(data, "tls", "tls")
-    rev_data = r.section(data, "revocation", "revocation")
-    users_data = r.section(data, "users", "users") or {}
-    r.unknown_keys(users_data, {"database"}, "users")
-    users_db = r.get(users_data, "database", "users.database", r.path, "a SQLite file path") or r.path("gateway.db")
-    session_data = r.section(data, "session", "session") or {}
-    r.unknown_keys(session_data, {"secret_file", "idle_minutes", "absolute_hours"}, "session")
-    secret = r.get(session_data, "secret_file", "session.secret_file", r.path, "a file path") or r.path("session.key")
-    idle = (
-        r.get(
-            session_data, "idle_minutes", "session.idle_minutes", _positive_number, "a positive number of minutes", 30.0
-        )
-        or 30.0
-    )
-    absolute = (
-        r.get(
-            session_data,
-            "absolute_hours",
-            "session.absolute_hours",
-            _positive_number,
-            "a positive number of hours",
-            10.0,
-        )
-        or 10.0
-    )
-    login = _simple_section(
-        r,
-        r.section(data, "login", "login"),
-        "login",
-        LoginConfig,
-        {
-            "max_failures": (_positive_int, "a positive integer"),
-            "failure_window_minutes": (_positive_number, "a positive number of minutes"),
-            "lockout_minutes": (_positive_number, "a positive number of minutes"),
-            "ip_max_failures": (_positive_int, "a positive integer"),
-            "password_min_length": (_positive_int, "a positive integer"),
-            "expiry_notice_days": (_positive_int, "a positive number of days"),
-        },
-    )
-    audit_data = r.section(data, "audit", "audit") or {}
-    r.unknown_keys(audit_data, {"database", "jsonl", "queue_size"}, "audit")
-    audit_db = r.get(audit_data, "database", "audit.database", r.path, "a SQLite file path") or r.path("audit.db")
-    jsonl_raw = r.get(audit_data, "jsonl", "audit.jsonl", _string, "a file path or '-' for stdout")
-    jsonl = jsonl_raw if jsonl_raw in (None, "-") else str(r.path(jsonl_raw))
-    queue = r.get(audit_data, "queue_size", "audit.queue_size", _positive_int, "a positive integer", 10_000) or 10_000
-    ca_data = r.section(data, "ca", "ca")
-    portal_data = r.section(data, "portal", "portal")
-    level = r.get(data, "log_level", "log_level", _log_level, "debug, info, warning or error", "info")
-    gateway_paths = _gateway_paths(r, r.section(data, "gateway_paths", "gateway_paths"))
-    backends = _backends(r, data.get("backends"))
-    _reserved_path_problems(r, backends, gateway_paths)
-    config = Config(
-        path=file,
-        listen=listen,
-        workers=workers,
-        admin=admin,
-        tls=_tls(r, tls_data) if tls_data is not None else None,
-        revocation=_revocation(r, rev_data) if rev_data is not None else None,
-        backends=backends,
-        limits=_limits(r, r.section(data, "limits", "limits")),
-        users=UsersConfig(users_db),
-        session=SessionConfig(secret, idle, absolute),
-        login=login,
-        audit=AuditConfig(audit_db, jsonl, queue),
-        ca=_ca(r, ca_data) if ca_data is not None else None,
-        portal=_portal(r, portal_data) if portal_data is not None else None,
-        log_level=level or "info",
-        gateway_paths=gateway_paths,
-    )
+    config = _build(r, Config, data, "", {}, path=file)
     if r.problems:
         raise ConfigError(r.problems)
     return config
-
-
-def _log_level(raw: Any) -> str:
-    if raw not in ("debug", "info", "warning", "error"):
-        raise ValueError("")
-    return str(raw)
 
 
 def load_config(path: str | Path) -> Config:
@@ -825,7 +644,9 @@ def require_portal(config: Config) -> None:
     if config.portal is None:
         problems.append(f"{f}: portal: missing; expected portal.listen and portal.tls")
     else:
-        problems += _missing_files(f, {"portal.tls.cert": config.portal.cert, "portal.tls.key": config.portal.key})
+        problems += _missing_files(
+            f, {"portal.tls.cert": config.portal.tls.cert, "portal.tls.key": config.portal.tls.key}
+        )
     if problems:
         raise ConfigError(problems)
 

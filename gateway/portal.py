@@ -816,9 +816,11 @@ def server_context(portal: PortalConfig) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     try:
-        ctx.load_cert_chain(portal.cert, portal.key)
+        ctx.load_cert_chain(portal.tls.cert, portal.tls.key)
     except (OSError, ssl.SSLError) as exc:
-        raise PkiError(f"{portal.cert}, {portal.key}: cannot load the portal's certificate and key: {exc}") from exc
+        raise PkiError(
+            f"{portal.tls.cert}, {portal.tls.key}: cannot load the portal's certificate and key: {exc}"
+        ) from exc
     return ctx
 
 

@@ -117,7 +117,7 @@ def portal_private_files(config: Config) -> list[str]:
     """The portal's TLS key and the CA's signing key are for this user only."""
     files: dict[str, Path] = {}
     if config.portal is not None:
-        files["portal.tls.key"] = config.portal.key
+        files["portal.tls.key"] = config.portal.tls.key
     if config.ca is not None:
         from gateway.ca import CA_KEY
 

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
 from gateway.cli import main
-from gateway.config import load_config, require_gateway
+from gateway.config import Check, Config, load_config, require_gateway
 from gateway.errors import ConfigError
 from gateway.pkifiles import ThrowawayPki
 from tests.harness import write_config
@@ -121,3 +125,83 @@ def test_check_config_cli_ok_and_failing(tmp_path: Path, pki: ThrowawayPki, caps
 def test_check_config_cli_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["check-config", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "cannot read config file" in capsys.readouterr().err
+
+
+# --- the declared schema, key by key ------------------------------------------------------------
+# These walk the schema itself (gateway.config's dataclasses), so a key added there is covered here
+# without editing this file.
+
+
+def schema_keys(cls: type[Any] = Config, where: str = "") -> Iterator[tuple[str, Check[Any]]]:
+    """(key path, check) of every scalar setting, descending into sections (backends as backends[0])."""
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        key = f.metadata.get("key") or f.name
+        path = f"{where}.{key}" if where else key
+        if "section" in f.metadata:
+            yield from schema_keys(f.metadata["section"], path)
+        elif "sections" in f.metadata:
+            yield from schema_keys(f.metadata["sections"], f"{path}[0]")
+        else:
+            yield path, f.metadata["check"]
+
+
+def schema_sections(cls: type[Any] = Config, where: str = "") -> Iterator[str]:
+    for f in dataclasses.fields(cls):
+        key = f.metadata.get("key") or f.name
+        path = f"{where}.{key}" if where else key
+        if "section" in f.metadata:
+            yield path
+            yield from schema_sections(f.metadata["section"], path)
+        elif "sections" in f.metadata:
+            yield f"{path}[0]"
+            yield from schema_sections(f.metadata["sections"], f"{path}[0]")
+
+
+def example_with(path: str, value: object) -> dict[str, Any]:
+    """The example config (every section present) with ``value`` put at ``path``."""
+    doc: dict[str, Any] = yaml.safe_load(EXAMPLE.read_text(encoding="utf-8"))
+    node: Any = doc
+    parts = [int(p) if p.isdigit() else p for p in re.split(r"\.|\[(\d+)\]", path) if p]
+    for part in parts[:-1]:
+        if isinstance(node, dict) and node.get(part) is None:
+            node[part] = {}
+        node = node[part]
+    node[parts[-1]] = value
+    return doc
+
+
+@pytest.mark.parametrize(("key", "check"), list(schema_keys()), ids=[k for k, _ in schema_keys()])
+def test_every_key_refuses_a_wrong_value_naming_file_key_and_expectation(
+    tmp_path: Path, key: str, check: Check[Any]
+) -> None:
+    lines = problems(write(tmp_path, example_with(key, {"wrong": 1})))
+    assert f"{(tmp_path / 'g.yaml').resolve()}: {key}: expected {check.expected}, got {{'wrong': 1}}" in lines, lines
+
+
+@pytest.mark.parametrize("where", list(schema_sections()))
+def test_every_section_refuses_an_unknown_key(tmp_path: Path, where: str) -> None:
+    lines = problems(write(tmp_path, example_with(f"{where}.colour", 1)))
+    assert any(f": {where}.colour: unknown key (expected one of: " in line for line in lines), lines
+
+
+@pytest.mark.parametrize("key", [k for k, _ in schema_keys()])
+def test_every_key_is_documented_in_the_example_config(key: str) -> None:
+    leaf = re.sub(r"\[\d+\]", "", key).rsplit(".", 1)[-1]
+    assert re.search(rf"^\s*(#\s*)?(- )?{re.escape(leaf)}:", EXAMPLE.read_text(encoding="utf-8"), re.M) or re.search(
+        rf"[{{,]\s*{re.escape(leaf)}:", EXAMPLE.read_text(encoding="utf-8")
+    ), f"{key} is not in {EXAMPLE.name}"
+
+
+def test_required_keys_are_named_when_missing(tmp_path: Path) -> None:
+    doc = example_with("tls.cert", None)
+    doc["backends"][0].pop("upstream")
+    lines = problems(write(tmp_path, doc))
+    assert any(": tls.cert: missing; expected a path to a PEM file" in line for line in lines), lines
+    assert any(": backends[0].upstream: missing; expected an http(s) URL" in line for line in lines), lines
+
+
+def test_an_empty_client_ca_list_is_refused(tmp_path: Path) -> None:
+    lines = problems(write(tmp_path, example_with("tls.client_ca", [])))
+    assert any(": tls.client_ca: missing; expected a PEM bundle path (or a list of them)" in line for line in lines)
