@@ -10,7 +10,7 @@ VENV="${GATEWAY_VENV:-.venv}"
 PY="$(command -v python3.11 || command -v python3)"
 
 # Debian packages the tests and benchmarks drive for real.
-APT_TEST=(openssl chromium chromium-driver libnss3-tools)
+APT_TEST=(openssl chromium chromium-driver libnss3-tools systemd prometheus)
 APT_BENCH=(openssl nginx stunnel4 wrk)
 
 need_apt() {
