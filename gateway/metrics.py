@@ -72,6 +72,9 @@ CLIENT_TIMEOUTS = Counter(
 WORKERS_LISTENING = Gauge(
     "gateway_workers_listening", "Worker processes accepting connections", multiprocess_mode="livesum"
 )
+WORKERS_CONFIGURED = Gauge(
+    "gateway_workers_configured", "Worker processes the configuration asks for", multiprocess_mode="max"
+)
 RELOADS = Counter("gateway_reloads_total", "Configuration reloads, by result", ["result"])
 WORKER_RESTARTS = Counter(
     "gateway_worker_restarts_total", "Worker processes the supervisor restarted after they exited", ["worker"]
