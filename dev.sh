@@ -10,7 +10,7 @@ VENV="${GATEWAY_VENV:-.venv}"
 PY="$(command -v python3.11 || command -v python3)"
 
 # Debian packages the tests and benchmarks drive for real.
-APT_TEST=(openssl chromium chromium-driver libnss3-tools)
+APT_TEST=(openssl chromium chromium-driver libnss3-tools gnutls-bin openjdk-17-jre-headless)
 # nodejs + npm: autocannon (npm registry, pinned in bench/load.py) drives keep-alive load with the client
 # certificate; stunnel4 + wrk only for `python -m bench.probe --tool wrk-stunnel` (the previous method).
 APT_BENCH=(openssl curl nginx nodejs npm stunnel4 wrk)

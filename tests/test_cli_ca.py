@@ -106,7 +106,7 @@ def test_issue_writes_a_pkcs12_without_password(
     assert cert.subject.rfc4514_string() == "CN=LC000001"
     assert [c.subject for c in chain] == [cert.issuer]
     assert f"{cert.serial_number:X}" in out
-    assert "no password" in out
+    assert "format default, empty password" in out
 
 
 def test_issue_twice_is_the_duplicate_error(ca_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -131,7 +131,7 @@ def test_issue_refuses_to_overwrite_the_output(
     assert _serials(capsys, ca_dir) == []  # nothing was issued
 
 
-@pytest.mark.parametrize(("stdin", "password"), [("pa ss\n", b"pa ss"), ("\n", None)])
+@pytest.mark.parametrize(("stdin", "password"), [("pa ss word\n", b"pa ss word"), ("\n", None)])
 def test_issue_password_stdin(
     ca_dir: Path,
     tmp_path: Path,
