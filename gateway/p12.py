@@ -16,12 +16,12 @@ macOS and NSS pair the key with its certificate).
   only the encoding that imports everywhere.
 * ``password``: a password the user chooses; AES-256-CBC with PBKDF2-HMAC-
   SHA256 (``PASSWORD_KDF_ROUNDS``) and a SHA-256 MAC. For current Windows
-  10/11, macOS 14+ and Linux when the file is copied or kept anywhere.
+  10/11 and Linux when the file is copied or kept anywhere.
 * ``legacy``: "for older Windows": PBE-SHA1-3DES for key and certificates and
   a SHA-1 MAC, with the user's password (required: with an empty one it would
   be ``default``). For Windows before 10 1709 / Server 2016, and for macOS
-  Keychain, which refuses files without a password and older versions of
-  which fail on AES/SHA-256 files.
+  Keychain, which refuses files without a password and is reported to fail
+  on OpenSSL 3's AES/SHA-256 files.
 
 Passwords of the two password formats: at least ``MIN_PASSWORD_LENGTH``
 characters, at most ``MAX_PASSWORD_LENGTH``; the default format takes none.
