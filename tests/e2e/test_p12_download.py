@@ -21,7 +21,7 @@ pytestmark = pytest.mark.browser
 FILE_PASSWORD = "my terminal 42"
 
 
-@pytest.mark.parametrize(("user_id", "fmt"), [("LC000301", "legacy"), ("LC000302", "password")])
+@pytest.mark.parametrize(("user_id", "fmt"), [("LC009101", "legacy"), ("LC009102", "password")])
 def test_a_password_format_downloads_imports_and_logs_in(
     portal: Servers, terminal: Callable[[str], Terminal], user_id: str, fmt: str
 ) -> None:
