@@ -31,7 +31,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway import issuance, pki
+from gateway import issuance, p12, pki
 from gateway.config import CaConfig
 from gateway.errors import CaError, PkiError, StoreError
 from gateway.issuance import (
@@ -40,6 +40,7 @@ from gateway.issuance import (
     RevocationReason,
     Status,
 )
+from gateway.p12 import P12Format
 from gateway.pkifiles import read_pem_certs, read_private_key, write_atomic
 from gateway.verdict import Verdict
 
@@ -263,7 +264,8 @@ class CertificateAuthority:
         now: dt.datetime,
         requested_by: str,
         windows_login: str | None = None,
-        password: bytes | None = None,
+        p12_format: P12Format = P12Format.DEFAULT,
+        password: str = "",
     ) -> IssuedCertificate:
         """Issue a user's certificate if the manual's rules allow it now.
 
@@ -271,10 +273,15 @@ class CertificateAuthority:
         transaction: SQLite admits one writer at a time across threads and
         processes, so of two simultaneous requests for one user the second
         sees the first's certificate and is refused. The key is generated
-        before the transaction to keep it short. ``password`` None or empty
-        gives the unencrypted PKCS#12 the manual's "leave it empty" needs.
+        before the transaction to keep it short. ``p12_format`` and
+        ``password`` choose the download (:mod:`gateway.p12`; the default is
+        the manual's empty password); a password that does not fit the
+        format is refused before anything is issued.
         """
         _check_subject(user_id, windows_login)
+        problem = p12.password_problem(p12_format, password)
+        if problem is not None:
+            raise CaError(problem[1])
         key = pki.generate_key(self.settings.client_key_type)
         not_before = _whole_seconds(now)
         with self._transaction() as conn:
@@ -299,7 +306,7 @@ class CertificateAuthority:
                 windows_login=windows_login,
             )
             _insert(conn, record, cert)
-        bundle = pki.pkcs12_bundle(key, cert, [self.certificate], friendly_name=user_id, password=password or None)
+        bundle = p12.bundle(key, cert, [self.certificate], friendly_name=user_id, fmt=p12_format, password=password)
         return IssuedCertificate(record, cert, bundle)
 
     def issue_server(

@@ -20,12 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway import issuance
+from gateway import issuance, p12
 from gateway.audit import AuditEvent, EventKind
 from gateway.ca import CaSettings, CertificateAuthority, IssuanceRefused
 from gateway.config import Config, load_config
 from gateway.errors import CaError, ConfigError
 from gateway.issuance import CertificateRecord, RevocationReason, Status
+from gateway.p12 import MIN_PASSWORD_LENGTH, P12Format
 from gateway.pki import KEY_TYPES, SSO_CA_NAME
 from gateway.pkifiles import write_atomic
 
@@ -59,10 +60,18 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("user_id", metavar="USER_ID", help="the user ID (becomes the subject CN)")
     p.add_argument("--out", type=Path, required=True, help="PKCS#12 file to write (0600)")
     p.add_argument(
+        "--format",
+        dest="p12_format",
+        choices=[f.value for f in P12Format],
+        help="default: the manual's empty password (PBE-SHA1-3DES, SHA-1 MAC); password: your password, "
+        "AES-256/PBKDF2/SHA-256 MAC; legacy: your password, PBE-SHA1-3DES/SHA-1 MAC for older Windows and macOS "
+        "(without --format: password if --password-stdin gives one, else default)",
+    )
+    p.add_argument(
         "--password-stdin",
         action="store_true",
         help="read the PKCS#12 password from the first line of stdin "
-        "(default: no password, as the manual's import expects)",
+        f"(password/legacy formats, at least {MIN_PASSWORD_LENGTH} characters; prompted for when not given)",
     )
     p.add_argument("--windows-login", metavar="ID", help="record the terminal's Windows login ID")
     p.set_defaults(func=cmd_issue)
@@ -135,11 +144,13 @@ def cmd_issue(args: argparse.Namespace) -> int:
     out: Path = args.out
     if out.exists():
         raise CaError(f"{out}: exists; refusing to overwrite it (choose another --out)")
-    password = _read_password() if args.password_stdin else None
+    p12_format, password = _p12_choice(args)
     ca = CertificateAuthority.open(target.directory, target.settings)
     now = dt.datetime.now(dt.UTC)
     try:
-        issued = ca.issue_client(args.user_id, now, _actor(), windows_login=args.windows_login, password=password)
+        issued = ca.issue_client(
+            args.user_id, now, _actor(), windows_login=args.windows_login, p12_format=p12_format, password=password
+        )
     except IssuanceRefused as exc:
         _record(
             target,
@@ -154,11 +165,11 @@ def cmd_issue(args: argparse.Namespace) -> int:
         raise
     write_atomic(out, issued.pkcs12, mode=0o600)
     record = issued.record
-    _record(target, _event(EventKind.CERTIFICATE_ISSUED, record))
+    _record(target, _event(EventKind.CERTIFICATE_ISSUED, record, detail=f"pkcs12 format {p12_format}"))
     print(f"issued {record.serial_hex} to {record.user_id}")
     print(f"  expires {issuance.format_jst(record.not_after)} JST")
     print(f"  SHA-256 {record.fingerprint}")
-    print(f"  PKCS#12 {out} ({'password set' if password else 'no password'})")
+    print(f"  PKCS#12 {out} (format {p12_format}, {'password set' if password else 'empty password'})")
     return 0
 
 
@@ -229,10 +240,26 @@ def _actor() -> str:
     return f"cli:{user}"
 
 
-def _read_password() -> bytes | None:
-    """First line of stdin; an empty line means no password (unencrypted PKCS#12)."""
-    line = sys.stdin.readline().rstrip("\r\n")
-    return line.encode("utf-8") or None
+def _p12_choice(args: argparse.Namespace) -> tuple[P12Format, str]:
+    """The PKCS#12 format and its password, checked before anything is issued.
+
+    The password comes from stdin or a prompt, never from argv (where ``ps``
+    shows it). Without ``--format``, a password on stdin means the password
+    format and an empty line the default, as before ``--format`` existed.
+    """
+    password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else ""
+    if args.p12_format is None:
+        p12_format = P12Format.PASSWORD if password else P12Format.DEFAULT
+    else:
+        p12_format = P12Format(args.p12_format)
+    if p12_format is not P12Format.DEFAULT and not args.password_stdin:
+        password = getpass.getpass("PKCS#12 password: ")
+        if password != getpass.getpass("PKCS#12 password again: "):
+            raise CaError("the two PKCS#12 passwords differ; nothing was issued")
+    problem = p12.password_problem(p12_format, password)
+    if problem is not None:
+        raise CaError(f"--format {p12_format}: {problem[1]}; nothing was issued")
+    return p12_format, password
 
 
 def _event(kind: EventKind, record: CertificateRecord, *, reason: str = "", detail: str = "") -> AuditEvent:

@@ -1,4 +1,4 @@
-"""Certificate building: CA, server and client certificates, CRLs, PKCS#12.
+"""Certificate building: CA, server and client certificates, CRLs (PKCS#12 files: :mod:`gateway.p12`).
 
 Pure functions over keys and dates (no files, no clock): the demo, the tests
 and the issuance service all build their PKI here, so what the tests exercise
@@ -20,7 +20,6 @@ from typing import Any, Literal
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
 
 SSO_CA_NAME = "Tokyo Stock Exchange SSO CA"
@@ -375,27 +374,6 @@ def _revoked_certificate(entry: RevokedEntry) -> x509.RevokedCertificate:
     if entry.reason is not None and entry.reason is not x509.ReasonFlags.unspecified:
         rb = rb.add_extension(x509.CRLReason(entry.reason), critical=False)
     return rb.build()
-
-
-def pkcs12_bundle(
-    key: PrivateKey,
-    cert: x509.Certificate,
-    ca_certs: Sequence[x509.Certificate],
-    *,
-    friendly_name: str,
-    password: bytes | None = None,
-) -> bytes:
-    """A PKCS#12 file with key, certificate and CA chain.
-
-    With no password the file is unencrypted, which is what "leave the
-    password empty on import" needs: ``openssl pkcs12 -passin pass:`` and NSS
-    ``pk12util -W ''`` both read it (cryptography refuses an empty password
-    for its encryption builder).
-    """
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(password) if password else serialization.NoEncryption()
-    )
-    return pkcs12.serialize_key_and_certificates(friendly_name.encode("utf-8"), key, cert, list(ca_certs), encryption)
 
 
 def cert_pem(cert: x509.Certificate) -> bytes:

@@ -17,7 +17,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway import pki
+from gateway import p12, pki
 from gateway.errors import PkiError
 
 
@@ -115,7 +115,7 @@ def issue_client_files(
     cert_path, key_path, p12_path = (directory / f"{name}{ext}" for ext in (".crt", ".key", ".p12"))
     write_atomic(cert_path, pki.cert_pem(cert))
     write_private_key(key_path, key)
-    bundle = pki.pkcs12_bundle(key, cert, [ca_cert], friendly_name=user_id)
+    bundle = p12.bundle(key, cert, [ca_cert], friendly_name=user_id)
     write_atomic(p12_path, bundle, mode=0o600)
     return ClientFiles(user_id, cert_path, key_path, p12_path, cert)
 

@@ -57,7 +57,7 @@ from aiohttp.abc import AbstractAccessLogger
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway import accounts, issuance, pki
+from gateway import accounts, issuance, p12, pki
 from gateway.audit import AuditEvent, EventKind, connection_fields, new_support_id
 from gateway.ca import CaSettings, CertificateAuthority, IssuanceRefused
 from gateway.config import Config, PortalConfig
@@ -65,9 +65,9 @@ from gateway.crlpublisher import DEFAULT_INTERVAL, AuditSink, CrlPublisher, crl_
 from gateway.errors import CaError, ConfigError, PkiError, listener_error
 from gateway.issuance import CertificateRecord, RevocationReason, Status
 from gateway.loginpolicy import LoginSettings, SessionLimits, decide_session, safe_next
+from gateway.p12 import P12Format
 from gateway.pages import render
 from gateway.passwords import (
-    MAX_PASSWORD_LENGTH,
     dummy_verify,
 )
 from gateway.responses import NO_STORE, SECURITY_HEADERS, refusal
@@ -527,7 +527,14 @@ class Portal:
         return self._issue_form(session, advisory=advisory)
 
     def _issue_form(
-        self, session: SessionRecord, *, advisory: Verdict | None = None, error: str = "", status: int = 200
+        self,
+        session: SessionRecord,
+        *,
+        advisory: Verdict | None = None,
+        error: str = "",
+        error_ja: str = "",
+        p12_format: P12Format = P12Format.DEFAULT,
+        status: int = 200,
     ) -> web.Response:
         return page(
             "portal_issue.html",
@@ -536,6 +543,9 @@ class Portal:
             csrf=session.csrf_token,
             duplicate=advisory is not None and not advisory.allowed,
             error=error,
+            error_ja=error_ja,
+            p12_format=p12_format.value,
+            min_password=p12.MIN_PASSWORD_LENGTH,
         )
 
     @logged_in_form
@@ -546,11 +556,16 @@ class Portal:
         user_id = session.user_id
         windows_login = _text(form.get("windows_login")).strip() or None
         password = _text(form.get("p12_password"))
+        p12_format = _p12_format(form, password)
         problem = issuance.windows_login_problem(windows_login) if windows_login else None
-        if problem is None and len(password) > MAX_PASSWORD_LENGTH:
-            problem = f"the PKCS#12 password is longer than {MAX_PASSWORD_LENGTH} characters"
         if problem is not None:
-            return self._issue_form(session, error=problem, status=400)
+            return self._issue_form(session, error=problem, p12_format=p12_format or P12Format.DEFAULT, status=400)
+        if p12_format is None:
+            return self._issue_form(session, error="unknown download format", status=400)
+        password_problem = p12.password_problem(p12_format, password)
+        if password_problem is not None:
+            ja, en = password_problem
+            return self._issue_form(session, error=en, error_ja=ja, p12_format=p12_format, status=400)
         try:
             issued = await self._run(
                 self.ca.issue_client,
@@ -558,7 +573,8 @@ class Portal:
                 now,
                 f"portal:{user_id}",
                 windows_login=windows_login,
-                password=password.encode("utf-8") or None,
+                p12_format=p12_format,
+                password=password,
             )
         except IssuanceRefused as exc:
             verdict = exc.verdict
@@ -570,7 +586,8 @@ class Portal:
         filename = f"{user_id}.p12"
         token = self.downloads.put(user_id, issued.pkcs12, filename, self.session_clock())
         record = issued.record
-        self.record(request, EventKind.CERTIFICATE_ISSUED, Reason.OK, user_id=user_id, record=record)
+        detail = f"pkcs12 format {p12_format}"
+        self.record(request, EventKind.CERTIFICATE_ISSUED, Reason.OK, user_id=user_id, record=record, detail=detail)
         return page(
             "portal_issued.html",
             user_id=user_id,
@@ -580,6 +597,7 @@ class Portal:
             serial=record.serial_hex,
             expiry=issuance.format_jst(record.not_after),
             with_password=bool(password),
+            p12_format=p12_format.value,
             minutes=int(DOWNLOAD_LIFETIME.total_seconds() // 60),
         )
 
@@ -769,6 +787,22 @@ def _attachment(data: bytes, content_type: str, filename: str) -> web.Response:
 
 
 _text = accounts.form_text
+
+
+def _p12_format(form: Mapping[str, Any], password: str) -> P12Format | None:
+    """The download format asked for; None if unknown.
+
+    A form without the field (a client of the page before formats existed)
+    gets what its password meant then: with one the password format, without
+    the manual's default.
+    """
+    value = _text(form.get("p12_format"))
+    if not value:
+        return P12Format.PASSWORD if password else P12Format.DEFAULT
+    try:
+        return P12Format(value)
+    except ValueError:
+        return None
 
 
 async def _security_headers(request: web.Request, response: web.StreamResponse) -> None:

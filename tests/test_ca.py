@@ -41,6 +41,7 @@ from gateway.ca import (
 )
 from gateway.errors import CaError, PkiError
 from gateway.issuance import JST, RevocationReason, Status
+from gateway.p12 import P12Format
 from gateway.pkifiles import make_throwaway_pki
 from gateway.verdict import Reason
 
@@ -215,8 +216,8 @@ def test_pkcs12_round_trip_without_password(ca: CertificateAuthority) -> None:
 
 
 def test_pkcs12_with_password_needs_it(ca: CertificateAuthority) -> None:
-    issued = ca.issue_client("LC000001", T0, "test", password=b"s3cret")
-    _, cert, _ = pkcs12.load_key_and_certificates(issued.pkcs12, b"s3cret")
+    issued = ca.issue_client("LC000001", T0, "test", p12_format=P12Format.PASSWORD, password="s3cret-file")
+    _, cert, _ = pkcs12.load_key_and_certificates(issued.pkcs12, b"s3cret-file")
     assert cert == issued.certificate
     with pytest.raises(ValueError, match="password"):
         pkcs12.load_key_and_certificates(issued.pkcs12, None)
@@ -655,7 +656,9 @@ def test_openssl_reads_pkcs12_with_empty_password(ca: CertificateAuthority, tmp_
     assert "issuer=C = JP, O = Tokyo Stock Exchange, CN = Tokyo Stock Exchange SSO CA" in out.stdout
     # Twin: a password-protected file is not readable with an empty password.
     locked = tmp_path / "locked.p12"
-    locked.write_bytes(ca.issue_client("LC000002", T0, "t", password=b"pw").pkcs12)
+    locked.write_bytes(
+        ca.issue_client("LC000002", T0, "t", p12_format=P12Format.PASSWORD, password="pw-twelve-chars").pkcs12
+    )
     bad = subprocess.run(
         [openssl, "pkcs12", "-in", str(locked), "-passin", "pass:", "-nodes"],
         capture_output=True,
@@ -685,7 +688,9 @@ def test_nss_imports_pkcs12_with_empty_password(ca: CertificateAuthority, tmp_pa
     assert "LC000001" in keys.stdout
     # Twin: a password-protected file does not import with an empty password.
     locked = tmp_path / "locked.p12"
-    locked.write_bytes(ca.issue_client("LC000002", T0, "t", password=b"pw").pkcs12)
+    locked.write_bytes(
+        ca.issue_client("LC000002", T0, "t", p12_format=P12Format.PASSWORD, password="pw-twelve-chars").pkcs12
+    )
     bad = subprocess.run(
         [pk12util, "-i", str(locked), "-d", f"sql:{db}", "-W", "", "-K", ""],
         capture_output=True,

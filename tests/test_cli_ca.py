@@ -108,7 +108,7 @@ def test_issue_writes_a_pkcs12_without_password(
     assert cert.subject.rfc4514_string() == "CN=LC000001"
     assert [c.subject for c in chain] == [cert.issuer]
     assert f"{cert.serial_number:X}" in out
-    assert "no password" in out
+    assert "format default, empty password" in out
 
 
 def test_issue_twice_is_the_duplicate_error(ca_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -133,7 +133,7 @@ def test_issue_refuses_to_overwrite_the_output(
     assert _serials(capsys, ca_dir) == []  # nothing was issued
 
 
-@pytest.mark.parametrize(("stdin", "password"), [("pa ss\n", b"pa ss"), ("\n", None)])
+@pytest.mark.parametrize(("stdin", "password"), [("pa ss word\n", b"pa ss word"), ("\n", None)])
 def test_issue_password_stdin(
     ca_dir: Path,
     tmp_path: Path,
@@ -154,6 +154,77 @@ def test_issue_password_stdin(
         assert password.decode() not in out + err
         with pytest.raises(ValueError):
             pkcs12.load_key_and_certificates(out_file.read_bytes(), None)
+
+
+@pytest.mark.parametrize(("fmt", "mac"), [("password", "sha256"), ("legacy", "sha1")])
+def test_issue_format_with_password_stdin(
+    ca_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    fmt: str,
+    mac: str,
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("file secret\n"))
+    out_file = tmp_path / "u.p12"
+    argv = ("ca", "issue", "LC000001", "--out", str(out_file), "--format", fmt, "--password-stdin")
+    code, out, err = run(capsys, *argv, "--dir", str(ca_dir))
+    assert code == 0, err
+    assert f"format {fmt}, password set" in out and "file secret" not in out + err
+    info = subprocess.run(
+        ["openssl", "pkcs12", "-info", "-nokeys", "-in", str(out_file), "-passin", "pass:file secret"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert info.returncode == 0 and f"MAC: {mac}" in info.stdout + info.stderr
+
+
+def test_issue_format_prompts_for_the_password_twice(
+    ca_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answers = iter(["file secret", "file secret", "file secret", "other secret"])
+    monkeypatch.setattr("getpass.getpass", lambda prompt="": next(answers))
+    out_file = tmp_path / "u.p12"
+    code, _, err = run(
+        capsys, "ca", "issue", "LC000001", "--out", str(out_file), "--format", "legacy", "--dir", str(ca_dir)
+    )
+    assert code == 0, err
+    assert pkcs12.load_key_and_certificates(out_file.read_bytes(), b"file secret")[1] is not None
+    # Twin: two different answers issue nothing.
+    code, _, err = run(
+        capsys, "ca", "issue", "LC000002", "--out", str(tmp_path / "v.p12"), "--format", "legacy", "--dir", str(ca_dir)
+    )
+    assert code == 2 and "differ" in err
+    assert not (tmp_path / "v.p12").exists()
+    assert len(_serials(capsys, ca_dir)) == 1
+
+
+@pytest.mark.parametrize(
+    ("fmt", "stdin", "why"),
+    [
+        ("password", "\n", "needs a password"),
+        ("legacy", "\n", "needs a password"),
+        ("password", "short\n", "at least 8 characters"),
+        ("default", "file secret\n", "the default format has no password"),
+    ],
+)
+def test_issue_refuses_a_password_that_does_not_fit_the_format(
+    ca_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    fmt: str,
+    stdin: str,
+    why: str,
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    out_file = tmp_path / "u.p12"
+    argv = ("ca", "issue", "LC000001", "--out", str(out_file), "--format", fmt, "--password-stdin")
+    code, out, err = run(capsys, *argv, "--dir", str(ca_dir))
+    assert code == 2 and out == "" and why in err and "nothing was issued" in err
+    assert not out_file.exists()
+    assert _serials(capsys, ca_dir) == []
 
 
 # -- list ---------------------------------------------------------------------
@@ -292,6 +363,8 @@ def test_config_supplies_dir_settings_and_audit(tmp_path: Path, capsys: pytest.C
         "crl_published",
         "issuance_refused",
     ]
+    issued = [e for e in events if e.event is EventKind.CERTIFICATE_ISSUED]
+    assert [e.detail for e in issued] == ["pkcs12 format default"] * 2
     refused = next(e for e in events if e.event is EventKind.ISSUANCE_REFUSED)
     assert refused.reason == "certificate_duplicate" and refused.user_id == "LC000001"
     revoked = [e for e in events if e.event is EventKind.CERTIFICATE_REVOKED]

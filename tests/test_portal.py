@@ -13,6 +13,7 @@ import datetime as dt
 import functools
 import re
 import ssl
+import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -415,6 +416,73 @@ async def test_optional_file_password_protects_the_pkcs12(portal: Portal) -> Non
         pkcs12.load_key_and_certificates(data, None)
     key, cert, _ = pkcs12.load_key_and_certificates(data, b"my file secret")
     assert key is not None and cert is not None
+
+
+async def test_issue_page_offers_the_three_download_formats_default_checked(portal: Portal) -> None:
+    async with await logged_in(portal) as s:
+        status, page, _ = await get(portal, s, "/issue")
+    assert status == 200
+    assert '<input type="radio" name="p12_format" id="p12_format_default" value="default" checked>' in page
+    for fmt in ("password", "legacy"):
+        assert f'<input type="radio" name="p12_format" id="p12_format_{fmt}" value="{fmt}">' in page
+    for advice in ("Windows 10/11", "AES-256", "Windows 10 バージョン 1709 より前", "before 10 version 1709"):
+        assert advice in page
+
+
+@pytest.mark.parametrize(
+    ("fmt", "password", "mac", "encryption"),
+    [
+        ("default", "", "sha1", "pbeWithSHA1And3-KeyTripleDES-CBC"),
+        ("password", "my file secret", "sha256", "AES-256-CBC"),
+        ("legacy", "my file secret", "sha1", "pbeWithSHA1And3-KeyTripleDES-CBC"),
+    ],
+)
+async def test_each_download_format_is_issued_and_audited_by_name(
+    portal: Portal, tmp_path: Path, fmt: str, password: str, mac: str, encryption: str
+) -> None:
+    async with await logged_in(portal) as s:
+        status, page = await issue(portal, s, p12_format=fmt, p12_password=password)
+        assert status == 200, page
+        assert 'id="p12-format"' in page
+        async with s.get(portal.url(download_link(page))) as r:
+            data = await r.read()
+    key, cert, chain = pkcs12.load_key_and_certificates(data, password.encode() or None)
+    assert key is not None and cert is not None and chain == [portal.ca.certificate]
+    p12_file = tmp_path / "download.p12"
+    p12_file.write_bytes(data)
+    info = subprocess.run(
+        ["openssl", "pkcs12", "-info", "-nokeys", "-in", str(p12_file), "-passin", f"pass:{password}"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert info.returncode == 0, info.stderr
+    assert f"MAC: {mac}" in info.stderr + info.stdout and encryption in info.stderr + info.stdout
+    [event] = portal.events("certificate_issued")
+    assert event.detail == f"pkcs12 format {fmt}"
+    assert not password or all(password not in str(e) for e in portal.audit.events)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "password", "ja", "en"),
+    [
+        ("password", "", "この形式にはパスワードが必要です", "this format needs a password"),
+        ("legacy", "", "この形式にはパスワードが必要です", "this format needs a password"),
+        ("password", "short", "8 文字以上", "at least 8 characters"),
+        ("default", "a password", "標準の形式はパスワードなしです", "the default format has no password"),
+        ("pfx-rc2", "", "入力内容を確認してください", "unknown download format"),
+    ],
+)
+async def test_a_password_that_does_not_fit_the_format_is_refused_on_the_form(
+    portal: Portal, fmt: str, password: str, ja: str, en: str
+) -> None:
+    async with await logged_in(portal) as s:
+        status, page = await issue(portal, s, p12_format=fmt, p12_password=password)
+    assert status == 400
+    assert 'id="error" role="alert"' in page and ja in page and en in page
+    assert 'action="/issue"' in page  # the form again, to correct
+    assert portal.ca.list(user="LC000001") == []  # nothing was issued
+    assert portal.events("certificate_issued") == []
 
 
 async def test_download_is_for_its_user_only_and_expires(portal: Portal) -> None:
