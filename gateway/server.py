@@ -59,6 +59,7 @@ from gateway.logs import JsonAccessLogger, setup_logging
 from gateway.protocol import GatewayRequestHandler
 from gateway.revocation import CrlRefresher
 from gateway.routing import Router
+from gateway.sdnotify import Notifier
 from gateway.tls import TICKET_KEYS_BYTES, HandshakeFailure, TlsAcceptor, build_server_context, load_client_cas
 
 log = logging.getLogger(__name__)
@@ -411,16 +412,40 @@ def default_access_factory(config: Config, audit: AuditSink) -> AccessLayer | No
     return LoginAccess(config, audit)
 
 
+def start_watchdog(notify: Notifier) -> asyncio.Task[None] | None:
+    """Feed systemd's watchdog at half its interval while this event loop runs (None: no WatchdogSec)."""
+    interval = notify.watchdog_seconds
+    if interval is None:
+        return None
+
+    async def feed() -> None:
+        while True:
+            notify.watchdog()
+            await asyncio.sleep(interval / 2)
+
+    return asyncio.get_running_loop().create_task(feed())
+
+
 async def serve_worker(
-    config: Config, worker: int, *, reuse_port: bool, serve_admin: bool, results: Any = None, lifecycle: Any = None
+    config: Config,
+    worker: int,
+    *,
+    reuse_port: bool,
+    serve_admin: bool,
+    results: Any = None,
+    lifecycle: Any = None,
+    notifier: Notifier | None = None,
 ) -> int:
     """Run one worker until SIGTERM/SIGINT; SIGHUP reloads.
 
     ``results`` (a multiprocessing queue from the supervisor) receives
     ``(pid, ok, message)`` after each reload, so ``gateway reload`` can say
     whether every worker took the new configuration; ``lifecycle`` receives
-    ``("started", worker, pid)`` once the worker listens.
+    ``("started", worker, pid)`` once the worker listens. ``notifier`` is
+    systemd's (a single worker started by a unit): READY once listening,
+    RELOADING/READY around a reload, STOPPING on drain, WATCHDOG meanwhile.
     """
+    notify = notifier or Notifier(environ={})
     audit = make_audit(config, worker)
     await audit.start()
     gw = GatewayWorker(
@@ -436,7 +461,9 @@ async def serve_worker(
     reloads: set[asyncio.Task[None]] = set()
 
     async def reload() -> None:
+        notify.reloading()
         ok, message = await gw.reload()
+        notify.ready(f"reload {'done' if ok else 'refused'}: {message}")
         if results is not None:
             results.put((os.getpid(), ok, message))
 
@@ -448,17 +475,24 @@ async def serve_worker(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    watchdog: asyncio.Task[None] | None = None
     try:
         await gw.start()
+        metrics.WORKERS_CONFIGURED.set(config.workers)
         if lifecycle is not None:
             lifecycle.put(("started", worker, os.getpid()))
+        notify.ready(f"serving on {config.listen.host}:{gw.port}")
+        watchdog = start_watchdog(notify)
         # Everything loaded so far (CRL index, config, modules, templates) lives until exit: keep
         # it out of the collector's generations, so a full collection walks only what requests
         # made (gen-2 collections took ~17 ms each over ~60,000 start-up objects: p99 spikes).
         gc.freeze()
         await stop.wait()
+        notify.stopping()
         log.info("stopping: draining connections", extra={"deadline_seconds": gw.config.limits.drain_timeout})
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         await gw.stop()
         await audit.aclose()
         log.info("stopped")
@@ -506,10 +540,11 @@ def run(config: Config) -> int:
 
     check_startup(config)
     setup_logging(config.log_level)
+    notifier = Notifier.from_environment()  # taken, so spawned workers cannot speak for the unit
     if config.workers <= 1:
         log.info("starting", extra={"workers": 1, "uvloop": install_uvloop()})
-        return asyncio.run(serve_worker(config, 0, reuse_port=False, serve_admin=True))
-    return asyncio.run(Supervisor(config).run())
+        return asyncio.run(serve_worker(config, 0, reuse_port=False, serve_admin=True, notifier=notifier))
+    return asyncio.run(Supervisor(config, notifier).run())
 
 
 RELOAD_WAIT_SECONDS = 60.0
@@ -578,10 +613,11 @@ class Supervisor:
 
     backoff = Backoff  # a factory, so a test may shorten the schedule
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, notifier: Notifier | None = None) -> None:
         import multiprocessing  # only the supervisor needs it; a single worker never loads it for this
 
         self.config = config
+        self.notify = notifier or Notifier(environ={})
         self.ctx = multiprocessing.get_context("spawn")
         self.slots: dict[int, _WorkerSlot] = {}
         self.results: Any = self.ctx.Queue()
@@ -610,6 +646,16 @@ class Supervisor:
 
     async def reload(self) -> tuple[bool, str]:
         """Validate the new files here, then reload every worker and gather their answers."""
+        self.notify.reloading()
+        try:
+            ok, message = await self._reload()
+        except BaseException:
+            self.notify.ready("reload failed; still serving the previous configuration")
+            raise
+        self.notify.ready("reloaded" if ok else "reload refused; still serving the previous configuration")
+        return ok, message
+
+    async def _reload(self) -> tuple[bool, str]:
         async with self._reload_lock:
             try:
                 config, _tls, refresher = await load_everything(self.config.path)
@@ -666,6 +712,7 @@ class Supervisor:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         admin_runner = None
+        watchdog: asyncio.Task[None] | None = None
         try:
             if config.admin is not None:  # first: a taken admin port stops us before any worker starts
                 grace = config.revocation.grace_seconds if config.revocation else 0.0
@@ -681,13 +728,18 @@ class Supervisor:
                 self.spawn(i)
             await self._until_started(loop, stop)
             log.info("supervisor started", extra={"workers": config.workers, "pids": self._pids()})
+            self.notify.ready(f"{config.workers} workers serving on {config.listen.host}:{config.listen.port}")
+            watchdog = start_watchdog(self.notify)
             loop.add_signal_handler(signal.SIGHUP, self._on_hup)
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.2)
                 if not stop.is_set():
                     self._tend(loop.time())
+            self.notify.stopping()
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             await self._shutdown(loop)
             if admin_runner is not None:
                 await admin_runner.cleanup()

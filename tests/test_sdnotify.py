@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import ssl
+import struct
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from gateway.pkifiles import ThrowawayPki
 from gateway.sdnotify import Notifier
+from tests.harness import write_config
 
 
 @pytest.fixture
@@ -77,3 +85,92 @@ def test_from_environment_keeps_children_out(monkeypatch: pytest.MonkeyPatch, tm
     notifier = Notifier.from_environment()
     assert notifier.enabled and notifier.watchdog_seconds == 1.0
     assert "NOTIFY_SOCKET" not in os.environ and "WATCHDOG_USEC" not in os.environ
+
+
+# --- ``gateway serve`` under a NOTIFY_SOCKET, as systemd starts it --------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Systemd:
+    """The listening end of NOTIFY_SOCKET: each datagram with the sender's pid (SCM_CREDENTIALS)."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        self.sock.bind(path)
+        self.seen: list[tuple[int, list[str]]] = []
+
+    def next(self, timeout: float = 60) -> tuple[int, list[str]]:
+        self.sock.settimeout(timeout)
+        data, ancillary, _flags, _addr = self.sock.recvmsg(4096, socket.CMSG_SPACE(struct.calcsize("3i")))
+        pid = next(
+            struct.unpack("3i", payload[: struct.calcsize("3i")])[0]
+            for level, kind, payload in ancillary
+            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS
+        )
+        entry = (pid, data.decode().split("\n"))
+        self.seen.append(entry)
+        return entry
+
+    def until(self, state: str, timeout: float = 60) -> list[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            _pid, lines = self.next(max(0.1, deadline - time.monotonic()))
+            if state in lines:
+                return lines
+        raise AssertionError(f"{state} not sent; seen: {self.seen}")
+
+
+def tls_connects(the_pki: ThrowawayPki, port: int) -> bool:
+    ctx = ssl.create_default_context(cafile=str(the_pki.ca_cert))
+    files = the_pki.clients["LC000001"]
+    ctx.load_cert_chain(files.cert, files.key)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+    ):
+        return tls.version() is not None
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_speaks_to_systemd_ready_reloading_stopping_and_the_watchdog(
+    tmp_path: Path, pki: ThrowawayPki, workers: int
+) -> None:
+    port, admin = free_port(), free_port()
+    extra = {
+        "workers": workers,
+        "listen": {"host": "127.0.0.1", "port": port},
+        "admin": {"host": "127.0.0.1", "port": admin},
+        "limits": {"drain_timeout_seconds": 5},
+    }
+    config = write_config(tmp_path, pki, {"tdnet": 9, "j-iriss": 9, "clearing": 9}, extra=extra)
+    systemd = Systemd(str(tmp_path / "notify.sock"))
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "1000000"}
+    with (tmp_path / "serve.out").open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(config)], env=env, stdout=out, stderr=out
+        )
+    try:
+        ready = systemd.until("READY=1")
+        assert any(line.startswith("STATUS=") and str(port) in line for line in ready), ready
+        assert tls_connects(pki, port)  # READY means listening: a client gets through at once
+        systemd.until("WATCHDOG=1", timeout=2)
+        systemd.until("WATCHDOG=1", timeout=2)  # fed again, at half of WatchdogSec
+        proc.send_signal(signal.SIGHUP)
+        reloading = systemd.until("RELOADING=1", timeout=30)
+        assert any(line.startswith("MONOTONIC_USEC=") for line in reloading)
+        systemd.until("READY=1", timeout=60)
+        proc.send_signal(signal.SIGTERM)
+        systemd.until("STOPPING=1", timeout=30)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        systemd.sock.close()
+    # NotifyAccess=main: only the process systemd started speaks, never a spawned worker.
+    assert {pid for pid, _ in systemd.seen} == {proc.pid}, (systemd.seen, (tmp_path / "serve.out").read_text())
