@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
 
 import yaml
@@ -24,6 +24,11 @@ from gateway.pki import KEY_TYPES, SSO_CA_NAME, KeyType
 
 T = TypeVar("T")
 LoginMode = Literal["gateway", "passthrough"]
+# Mozilla's server-side TLS profiles: "intermediate" (TLS 1.2 AEAD + 1.3) or "modern" (TLS 1.3 only).
+TlsProfile = Literal["intermediate", "modern"]
+# Client and CA key types the certificate profile accepts (tls.key_types).
+KEY_TYPE_NAMES = ("ec-p256", "ec-p384", "ec-p521", "rsa")
+DEFAULT_KEY_TYPES = ("ec-p256", "ec-p384", "rsa")
 SYSTEMS = ("tdnet", "j-iriss", "clearing")
 
 
@@ -41,6 +46,10 @@ class TlsConfig:
     issuer: str = SSO_CA_NAME
     handshake_timeout: float = 10.0
     send_ca_names: bool = True
+    profile: TlsProfile = "intermediate"
+    max_chain_depth: int | None = None  # None: the longest configured CA path plus the leaf
+    key_types: tuple[str, ...] = DEFAULT_KEY_TYPES
+    rsa_min_bits: int = 2048
 
 
 @dataclass(frozen=True)
@@ -266,7 +275,18 @@ def _listen(r: _Reader, data: Mapping[str, Any] | None, path: str, port: int) ->
 def _tls(r: _Reader, data: Mapping[str, Any]) -> TlsConfig:
     r.unknown_keys(
         data,
-        {"cert", "key", "client_ca", "issuer", "handshake_timeout_seconds", "send_ca_names"},
+        {
+            "cert",
+            "key",
+            "client_ca",
+            "issuer",
+            "handshake_timeout_seconds",
+            "send_ca_names",
+            "profile",
+            "max_chain_depth",
+            "key_types",
+            "rsa_min_bits",
+        },
         "tls",
     )
     pem = "a path to a PEM file"
@@ -290,6 +310,12 @@ def _tls(r: _Reader, data: Mapping[str, Any]) -> TlsConfig:
         10.0,
     )
     names = r.get(data, "send_ca_names", "tls.send_ca_names", _boolean, "true or false", True)
+    profile = r.get(data, "profile", "tls.profile", _tls_profile, "intermediate or modern", "intermediate")
+    depth = r.get(data, "max_chain_depth", "tls.max_chain_depth", _chain_depth, "an integer from 2 to 10")
+    key_types = r.get(
+        data, "key_types", "tls.key_types", _key_types, f"a list from {', '.join(KEY_TYPE_NAMES)}", DEFAULT_KEY_TYPES
+    )
+    rsa_bits = r.get(data, "rsa_min_bits", "tls.rsa_min_bits", _rsa_bits, "2048 or more, a multiple of 8", 2048)
     return TlsConfig(
         cert=cert or Path(),
         key=key or Path(),
@@ -297,7 +323,35 @@ def _tls(r: _Reader, data: Mapping[str, Any]) -> TlsConfig:
         issuer=issuer or SSO_CA_NAME,
         handshake_timeout=timeout or 10.0,
         send_ca_names=bool(names),
+        profile=profile or "intermediate",
+        max_chain_depth=depth,
+        key_types=key_types or DEFAULT_KEY_TYPES,
+        rsa_min_bits=rsa_bits or 2048,
     )
+
+
+def _tls_profile(raw: Any) -> TlsProfile:
+    if raw not in ("intermediate", "modern"):
+        raise ValueError
+    return cast(TlsProfile, raw)
+
+
+def _chain_depth(raw: Any) -> int:
+    if not isinstance(raw, int) or isinstance(raw, bool) or not 2 <= raw <= 10:
+        raise ValueError
+    return raw
+
+
+def _key_types(raw: Any) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not raw or any(item not in KEY_TYPE_NAMES for item in raw):
+        raise ValueError
+    return tuple(raw)
+
+
+def _rsa_bits(raw: Any) -> int:
+    if not isinstance(raw, int) or isinstance(raw, bool) or raw < 2048 or raw % 8:
+        raise ValueError
+    return raw
 
 
 def _revocation(r: _Reader, data: Mapping[str, Any]) -> RevocationConfig:
