@@ -67,12 +67,18 @@ def _check_config(args: argparse.Namespace) -> int:
 
 def _check_tls_files(config: Any) -> list[str]:
     """Load the certificate, key and CA bundle as serve would, to catch bad files now."""
-    from gateway.server import load_tls_state
+    import datetime as dt
+    import sys
+
+    from gateway.certpolicy import expiring_cas
+    from gateway.server import CA_EXPIRY_WARNING, load_tls_state
 
     try:
-        load_tls_state(config)
+        tls = load_tls_state(config)
     except GatewayError as exc:
         return [f"{config.path}: tls: {exc}"]
+    for line in expiring_cas(tls.anchors.cas, dt.datetime.now(dt.UTC), CA_EXPIRY_WARNING):
+        print(f"{config.path}: warning: tls.client_ca: {line}", file=sys.stderr)
     return []
 
 

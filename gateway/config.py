@@ -28,7 +28,7 @@ LoginMode = Literal["gateway", "passthrough"]
 TlsProfile = Literal["intermediate", "modern"]
 # Client and CA key types the certificate profile accepts (tls.key_types).
 KEY_TYPE_NAMES = ("ec-p256", "ec-p384", "ec-p521", "rsa")
-DEFAULT_KEY_TYPES = ("ec-p256", "ec-p384", "rsa")
+DEFAULT_KEY_TYPES: tuple[str, ...] = ("ec-p256", "ec-p384", "rsa")
 SYSTEMS = ("tdnet", "j-iriss", "clearing")
 
 
@@ -310,7 +310,7 @@ def _tls(r: _Reader, data: Mapping[str, Any]) -> TlsConfig:
         10.0,
     )
     names = r.get(data, "send_ca_names", "tls.send_ca_names", _boolean, "true or false", True)
-    profile = r.get(data, "profile", "tls.profile", _tls_profile, "intermediate or modern", "intermediate")
+    profile: TlsProfile | None = r.get(data, "profile", "tls.profile", _tls_profile, "intermediate or modern")
     depth = r.get(data, "max_chain_depth", "tls.max_chain_depth", _chain_depth, "an integer from 2 to 10")
     key_types = r.get(
         data, "key_types", "tls.key_types", _key_types, f"a list from {', '.join(KEY_TYPE_NAMES)}", DEFAULT_KEY_TYPES

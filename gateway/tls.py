@@ -47,6 +47,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from gateway import metrics
+from gateway.certpolicy import KeyPolicy, ca_problems
 from gateway.config import TlsConfig
 from gateway.deadlines import peer_address
 from gateway.errors import PkiError
@@ -165,17 +166,26 @@ def server_name_of(ssl_object: Any) -> str | None:
     return slot.server_name if slot is not None else None
 
 
-def load_client_cas(paths: Sequence[Path]) -> list[x509.Certificate]:
-    """All CA certificates of the configured bundles (each must be a CA)."""
+def load_client_cas(paths: Sequence[Path], policy: KeyPolicy | None = None) -> list[x509.Certificate]:
+    """All CA certificates of the configured bundles, each held to the CA profile.
+
+    The operator's own CAs: a malformed one (no SKI, non-critical
+    basicConstraints, an AKI without keyIdentifier, a DSA or odd-sized RSA
+    key, ...) is refused here, naming the file and the defect, so check-config,
+    start-up and reload refuse it alike (:func:`gateway.certpolicy.ca_problems`).
+    """
     certs: list[x509.Certificate] = []
     for path in paths:
         for cert in read_pem_certs(path):
             try:
                 bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-            except x509.ExtensionNotFound as exc:
+            except (x509.ExtensionNotFound, ValueError) as exc:
                 raise PkiError(f"{path}: {cert.subject.rfc4514_string()} is not a CA certificate") from exc
             if not bc.ca:
                 raise PkiError(f"{path}: {cert.subject.rfc4514_string()} is not a CA certificate")
+            problems = ca_problems(cert, policy or KeyPolicy())
+            if problems:
+                raise PkiError(f"{path}: CA {cert.subject.rfc4514_string()!r}: {'; '.join(problems)}")
             certs.append(cert)
     return certs
 

@@ -73,7 +73,9 @@ def test_validity_edges() -> None:
 
 def test_key_usage() -> None:
     assert judge(leaf(eku=[ExtendedKeyUsageOID.SERVER_AUTH])) == "wrong_key_usage"
-    assert judge(leaf(eku=None)) == "ok"  # EKU absent: any usage (RFC 5280 4.2.1.12)
+    # EKU absent means "any usage" in RFC 5280 4.2.1.12; the client-certificate profile requires clientAuth.
+    assert judge(leaf(eku=None)) == "wrong_key_usage"
+    assert judge(leaf(eku=[ExtendedKeyUsageOID.CLIENT_AUTH])) == "ok"
 
 
 @pytest.mark.parametrize("cn", ["", "LC 1", "LC\x00001", "a" * 65, "ＬＣ000001", "LC000001\u200b", "-LC"])
