@@ -342,8 +342,7 @@ def build_crl(
     """
     if next_update < this_update:
         raise ValueError("a CRL's nextUpdate must not be before its thisUpdate")
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+    aki = _key_id_aki(ca_cert)
     extensions: list[x509.Extension[x509.ExtensionType]] = [x509.Extension(aki.oid, False, aki)]
     if number is not None:
         extensions.insert(0, x509.Extension(ExtensionOID.CRL_NUMBER, number_critical, x509.CRLNumber(number)))
