@@ -38,6 +38,7 @@ from gateway.certpolicy import (
     PeerCertificate,
     TrustAnchors,
     check_certificate,
+    check_chain,
     check_shape,
     issued_by_trusted_ca,
     parse_peer,
@@ -95,8 +96,9 @@ class GatewayRuntime:
     client: aiohttp.ClientSession | None = None  # WebSockets only
     upstreams: UpstreamPool | None = None
     _peers: _Lru = field(default_factory=lambda: _Lru(20_000))
-    # Per certificate: (issuer verdict, usage+subject verdict). Both are time-independent;
-    # the issuer part depends on the CAs, so a reload clears this.
+    # Per certificate and chain sent with it: (issuer verdict, profile+subject verdict, chain
+    # check). All time-independent (the chain check keeps the CA dates for the per-request
+    # check); they depend on the CAs and the profile settings, so a reload clears this.
     _static_verdicts: _Lru = field(default_factory=lambda: _Lru(20_000))
 
     def peer_of(self, request: web.BaseRequest) -> tuple[PeerCertificate | None, bool]:
@@ -114,12 +116,16 @@ class GatewayRuntime:
         der = ssl_object.getpeercert(binary_form=True)
         if not der:
             return None, False
-        peer = self._peers.get(der)
+        # What else the client sent with the leaf (the message callback kept it; a resumed
+        # session sends nothing, and its path is then judged from the configured CAs alone).
+        chain = slot.client_chain if slot is not None else ()
+        presented = chain[1:] if chain and chain[0] == der else ()
+        peer = self._peers.get((der, presented))
         if peer is None:
-            peer = parse_peer(der)
+            peer = parse_peer(der, presented)
             if peer is None:
                 return None, True
-            self._peers.put(der, peer)
+            self._peers.put((der, presented), peer)
         if slot is not None:
             slot.peer = peer
         return peer, True
@@ -129,12 +135,23 @@ class GatewayRuntime:
             if sent:
                 return Verdict.deny(Reason.MALFORMED_SUBJECT, "certificate could not be parsed")
             return Verdict.deny(Reason.NO_CERTIFICATE)
-        static = self._static_verdicts.get(peer.fingerprint)
+        key = (peer.fingerprint, peer.presented)
+        static = self._static_verdicts.get(key)
         if static is None:
-            static = (issued_by_trusted_ca(peer, self.anchors), check_shape(peer))
-            self._static_verdicts.put(peer.fingerprint, static)
+            static = (
+                issued_by_trusted_ca(peer, self.anchors),
+                check_shape(peer, self.anchors.key_policy),
+                check_chain(peer, self.anchors),
+            )
+            self._static_verdicts.put(key, static)
         return check_certificate(
-            peer, self.anchors, self.refresher.state, self.clock(), issuer_verdict=static[0], shape_verdict=static[1]
+            peer,
+            self.anchors,
+            self.refresher.state,
+            self.clock(),
+            issuer_verdict=static[0],
+            shape_verdict=static[1],
+            chain=static[2],
         )
 
     def clear_verdicts(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import urllib.error
 import urllib.request
 from typing import Any
@@ -45,7 +46,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     """The start-up checks of ``serve`` (and of ``portal``), the same functions: same refusals, same lines."""
-    from gateway.startup import GATEWAY_CHECKS, PORTAL_CHECKS, startup_problems
+    from gateway.startup import GATEWAY_CHECKS, PORTAL_CHECKS, ca_warnings, startup_problems
 
     config = load_config(args.config)
     problems: list[str] = []
@@ -58,6 +59,9 @@ def _check_config(args: argparse.Namespace) -> int:
             problems += [line for line in startup_problems(config, checks) if line not in problems]
     if problems:
         raise ConfigError(problems)
+    if gateway_wanted:
+        for warning in ca_warnings(config):
+            print(f"{config.path}: warning: {warning}", file=sys.stderr)
     for note in shadowed_paths(config):
         print(f"note: {note}")
     print(f"{config.path}: OK")

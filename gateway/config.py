@@ -34,6 +34,11 @@ from gateway.pki import KEY_TYPES, SSO_CA_NAME, KeyType
 
 T = TypeVar("T")
 LoginMode = Literal["gateway", "passthrough"]
+# Mozilla's server-side TLS profiles: "intermediate" (TLS 1.2 AEAD + 1.3) or "modern" (TLS 1.3 only).
+TlsProfile = Literal["intermediate", "modern"]
+# Client and CA key types the certificate profile accepts (tls.key_types).
+KEY_TYPE_NAMES = ("ec-p256", "ec-p384", "ec-p521", "rsa")
+DEFAULT_KEY_TYPES: tuple[str, ...] = ("ec-p256", "ec-p384", "rsa")
 SYSTEMS = ("tdnet", "j-iriss", "clearing")
 
 
@@ -152,6 +157,24 @@ def _crl_source(raw: Any, base: Path) -> str:
     return str(_path(raw, base))
 
 
+def _chain_depth(raw: Any) -> int:
+    if not isinstance(raw, int) or isinstance(raw, bool) or not 2 <= raw <= 10:
+        raise ValueError("")
+    return raw
+
+
+def _key_types(raw: Any) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not raw or any(item not in KEY_TYPE_NAMES for item in raw):
+        raise ValueError("")
+    return tuple(raw)
+
+
+def _rsa_bits(raw: Any) -> int:
+    if not isinstance(raw, int) or isinstance(raw, bool) or raw < 2048 or raw % 8:
+        raise ValueError("")
+    return raw
+
+
 PATH_TO_PEM = Check(_path, "a path to a PEM file", Path())
 SECONDS = Check(_plain(_positive_number), "a positive number of seconds")
 MINUTES = Check(_plain(_positive_number), "a positive number of minutes")
@@ -207,6 +230,15 @@ class TlsConfig:
     issuer: str = setting(SSO_CA_NAME, Check(_plain(_string), "the issuing CA's CN"))
     handshake_timeout: float = setting(10.0, SECONDS, key="handshake_timeout_seconds")
     send_ca_names: bool = setting(True, Check(_plain(_boolean), "true or false"))
+    profile: TlsProfile = setting(
+        "intermediate", Check(_plain(_one_of("intermediate", "modern")), "intermediate or modern")
+    )
+    # None: the longest configured CA path plus the leaf.
+    max_chain_depth: int | None = setting(None, Check(_plain(_chain_depth), "an integer from 2 to 10"))
+    key_types: tuple[str, ...] = setting(
+        DEFAULT_KEY_TYPES, Check(_plain(_key_types), f"a list from {', '.join(KEY_TYPE_NAMES)}")
+    )
+    rsa_min_bits: int = setting(2048, Check(_plain(_rsa_bits), "2048 or more, a multiple of 8"))
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,33 @@ MESSAGES: dict[Reason, Message] = {
         "証明書の発行先(サブジェクト)がユーザIDの形式ではありません。" + _PICK_JA,
         "The certificate's subject is not a user ID. " + _PICK_EN,
     ),
+    Reason.MALFORMED_CERTIFICATE: Message(
+        403,
+        NOT_VALID_JA,
+        NOT_VALID_EN,
+        "この証明書は SSO のクライアント証明書の形式(鍵の種類・拡張領域・発行元 CA の証明書)を満たしていません。"
+        + _PICK_JA,
+        "This certificate, or the CA certificate it was issued under, does not have the form of an SSO client "
+        "certificate (key type, extensions). " + _PICK_EN,
+    ),
+    Reason.CA_EXPIRED: Message(
+        403,
+        NOT_VALID_JA,
+        NOT_VALID_EN,
+        "この証明書を発行した認証局(CA)の有効期限が切れているため、この証明書は使用できません。"
+        "証明書発行サービスで新しい証明書を発行し、古い証明書を削除してからブラウザを再起動してください。",
+        "The certificate authority (CA) that issued this certificate has expired, so the certificate can no longer "
+        "be used. Issue a new one in the certificate issuance service, delete the old one, and restart the browser.",
+    ),
+    Reason.CA_NOT_YET_VALID: Message(
+        403,
+        NOT_VALID_JA,
+        NOT_VALID_EN,
+        "この証明書を発行した認証局(CA)はまだ有効期間が始まっていません。端末の日時が正しいか確認し、"
+        "解決しない場合はサポートIDをお知らせください。",
+        "The certificate authority (CA) that issued this certificate is not valid yet. Check this terminal's date "
+        "and time; if it persists, contact support with the ID below.",
+    ),
     Reason.NO_ROUTE: Message(
         404,
         "ページが見つかりません",

@@ -57,6 +57,11 @@ CRL_REFRESH_FAILURES = Counter(
     "gateway_crl_refresh_failures_total", "CRL refreshes that failed (old CRL kept)", ["source"]
 )
 CRL_REFRESHES = Counter("gateway_crl_refreshes_total", "CRLs loaded and swapped in", ["source"])
+CA_EXPIRING = Gauge(
+    "gateway_client_ca_expiring",
+    "Configured client CAs that expire within 30 days or have expired (warned at start-up and reload)",
+    multiprocess_mode="livemax",
+)
 LOGINS = Counter("gateway_logins_total", "Login attempts, by result reason", ["reason"])
 AUDIT_EVENTS = Counter("gateway_audit_events_total", "Audit events recorded", ["event", "reason"])
 AUDIT_OVERFLOW = Counter(

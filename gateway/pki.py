@@ -20,7 +20,7 @@ from typing import Any, Literal
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID, ObjectIdentifier
 
 SSO_CA_NAME = "Tokyo Stock Exchange SSO CA"
 SSO_CA_ORG = "Tokyo Stock Exchange"
@@ -67,19 +67,38 @@ def build_ca(
     common_name: str = SSO_CA_NAME,
     days: int = 3650,
     name: x509.Name | None = None,
+    path_length: int | None = 0,
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+    issuer: tuple[x509.Certificate, Any] | None = None,
+    ski: bool = True,
+    aki: Literal["keyid", "none", "issuer-only"] = "keyid",
+    basic_constraints_critical: bool = True,
+    crl_sign: bool = True,
+    extra_extensions: Iterable[tuple[x509.ExtensionType, bool]] = (),
 ) -> x509.Certificate:
-    """A self-signed root CA certificate (pathlen 0: it signs only end entities)."""
+    """A CA certificate: self-signed root by default (pathlen 0: it signs only end entities).
+
+    ``issuer`` (certificate, key) makes it an intermediate signed by that CA;
+    it then carries an AKI with the issuer's key identifier. The other knobs
+    exist so tests can build the malformed CAs the gateway must refuse
+    (no SKI, an AKI without keyIdentifier, non-critical basicConstraints, no
+    cRLSign, odd dates); the defaults are the profile the gateway requires.
+    ``key`` is any key cryptography signs with (tests pass DSA on purpose).
+    """
     subject = name or ca_name(common_name)
     public = key.public_key()
-    return (
+    signer_cert, signer_key = issuer if issuer is not None else (None, key)
+    start = not_before or now - dt.timedelta(minutes=5)
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
-        .issuer_name(subject)
+        .issuer_name(signer_cert.subject if signer_cert is not None else subject)
         .public_key(public)
         .serial_number(random_serial())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .not_valid_before(start)
+        .not_valid_after(not_after or now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=basic_constraints_critical)
         .add_extension(
             x509.KeyUsage(
                 digital_signature=True,
@@ -88,15 +107,35 @@ def build_ca(
                 data_encipherment=False,
                 key_agreement=False,
                 key_cert_sign=True,
-                crl_sign=True,
+                crl_sign=crl_sign,
                 encipher_only=False,
                 decipher_only=False,
             ),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
-        .sign(key, hashes.SHA256())
     )
+    if ski:
+        builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+    if aki == "keyid" and signer_cert is not None:
+        builder = builder.add_extension(_key_id_aki(signer_cert), critical=False)
+    elif aki == "issuer-only":
+        issuer_name = signer_cert.subject if signer_cert is not None else subject
+        serial = signer_cert.serial_number if signer_cert is not None else 1
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier(None, [x509.DirectoryName(issuer_name)], serial), critical=False
+        )
+    for extension, critical in extra_extensions:
+        builder = builder.add_extension(extension, critical=critical)
+    return builder.sign(signer_key, hashes.SHA256())
+
+
+def _key_id_aki(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+    """An AKI naming the issuer's key: its SKI, or RFC 5280's SHA-1 of its key when it has none."""
+    try:
+        ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        ski = x509.SubjectKeyIdentifier.from_public_key(ca_cert.public_key())
+    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
 def _leaf_key_usage(*, key_encipherment: bool) -> x509.KeyUsage:
@@ -121,9 +160,9 @@ def _leaf_builder(
     not_before: dt.datetime,
     not_after: dt.datetime,
     serial: int,
+    aki: bool = True,
 ) -> x509.CertificateBuilder:
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(ca_cert.subject)
@@ -133,11 +172,8 @@ def _leaf_builder(
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
-            critical=False,
-        )
     )
+    return builder.add_extension(_key_id_aki(ca_cert), critical=False) if aki else builder
 
 
 MAX_CN_LENGTH = 64  # RFC 5280 ub-common-name
@@ -250,6 +286,8 @@ def build_client_cert(
     eku: Sequence[ObjectIdentifier] | None = (ExtendedKeyUsageOID.CLIENT_AUTH,),
     hash_algorithm: hashes.HashAlgorithm | None = None,
     extra_extensions: Iterable[tuple[x509.ExtensionType, bool]] = (),
+    aki: bool = True,
+    key_usage: x509.KeyUsage | None = None,
 ) -> x509.Certificate:
     """A user's client certificate: CN = user ID, EKU clientAuth, 365 days.
 
@@ -257,8 +295,9 @@ def build_client_cert(
     keyEncipherment for RSA, which Windows' TLS 1.2 RSA key exchange wants),
     EKU clientAuth, SKI/AKI, an optional CRL distribution point and an
     optional UPN otherName carrying the terminal's Windows login ID. The
-    ``subject``, ``eku``, ``hash_algorithm`` and ``extra_extensions`` knobs
-    exist so tests can build the odd certificates the gateway must refuse.
+    ``subject``, ``eku``, ``hash_algorithm``, ``extra_extensions``, ``aki`` and
+    ``key_usage`` knobs exist so tests can build the odd certificates the
+    gateway must refuse.
     """
     builder = _leaf_builder(
         ca_cert,
@@ -267,8 +306,9 @@ def build_client_cert(
         not_before=not_before,
         not_after=not_before + dt.timedelta(days=days),
         serial=serial if serial is not None else random_serial(),
+        aki=aki,
     ).add_extension(
-        _leaf_key_usage(key_encipherment=isinstance(public_key, rsa.RSAPublicKey)),
+        key_usage or _leaf_key_usage(key_encipherment=isinstance(public_key, rsa.RSAPublicKey)),
         critical=True,
     )
     if eku is not None:
@@ -342,27 +382,27 @@ def build_crl(
     *,
     this_update: dt.datetime,
     next_update: dt.datetime,
-    number: int,
+    number: int | None,
+    number_critical: bool = False,
 ) -> x509.CertificateRevocationList:
     """A full CRL signed by the CA, with a CRL number and the CA's key identifier.
 
     The revoked list is handed to the builder's constructor in one go:
     ``add_revoked_certificate`` copies the whole list on every call, which is
     quadratic: ~22 s for 100,000 entries against ~1 s this way (bench/crl_bench.py).
+    ``number=None`` and ``number_critical`` build the CRLs the gateway refuses (tests).
     """
     if next_update < this_update:
         raise ValueError("a CRL's nextUpdate must not be before its thisUpdate")
-    ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    number_ext = x509.CRLNumber(number)
-    aki = x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski)
+    aki = _key_id_aki(ca_cert)
+    extensions: list[x509.Extension[x509.ExtensionType]] = [x509.Extension(aki.oid, False, aki)]
+    if number is not None:
+        extensions.insert(0, x509.Extension(ExtensionOID.CRL_NUMBER, number_critical, x509.CRLNumber(number)))
     builder = x509.CertificateRevocationListBuilder(
         issuer_name=ca_cert.subject,
         last_update=this_update,
         next_update=next_update,
-        extensions=[
-            x509.Extension(number_ext.oid, False, number_ext),
-            x509.Extension(aki.oid, False, aki),
-        ],
+        extensions=extensions,
         revoked_certificates=[_revoked_certificate(entry) for entry in revoked],
     )
     return builder.sign(ca_key, hashes.SHA256())

@@ -8,6 +8,14 @@ so a 1,000,000-entry CRL never stalls requests), and swaps the new state in
 with one assignment. A failed refresh keeps the last good CRL; a CRL past
 nextUpdate + grace makes every certificate check fail closed.
 
+One rule for a CRL that cannot be used (unreadable, bad signature, or outside
+the CRL profile of :func:`parse_crl`): when a configuration is *taken*
+(``gateway serve`` starting, a reload) every configured source must load, or
+the configuration is refused with a message naming the source and the defect
+(start-up exits, a reload keeps the running configuration); a *background
+refresh* that fetches a bad CRL keeps the last good one, logs, counts and
+audits the failure, and the staleness limit (nextUpdate + grace) still applies.
+
 The index stores a 64-bit digest of each serial, not the serial: a million
 entries take 16 MiB instead of ~120 MiB of Python ints. Two serials sharing a
 digest would make a good certificate look revoked (refused, never wrongly
@@ -156,7 +164,10 @@ def parse_crl(data: bytes, ca_ders: Sequence[bytes], now: dt.datetime, source: s
     """Verify a CRL against the configured CAs and index its serials.
 
     Checks, in order: it parses; a configured CA with the CRL's issuer name
-    signed it; it has a nextUpdate; its thisUpdate is not in the future.
+    signed it, and that CA may sign CRLs (keyUsage cRLSign, RFC 5280
+    4.2.1.3); it has a nextUpdate; its thisUpdate is not in the future; it
+    has a cRLNumber, not marked critical (RFC 5280 5.2.3: conforming CRL
+    issuers MUST include it as non-critical).
     Staleness (nextUpdate + grace) is judged per request, not here, so a
     stale-but-authentic CRL still replaces an older one.
     """
@@ -172,15 +183,24 @@ def parse_crl(data: bytes, ca_ders: Sequence[bytes], now: dt.datetime, source: s
         raise CrlError(
             f"signature of CRL issued by {crl.issuer.rfc4514_string()!r} does not verify against any configured CA"
         )
+    try:
+        crl_sign = signer.extensions.get_extension_for_class(x509.KeyUsage).value.crl_sign
+    except x509.ExtensionNotFound:
+        crl_sign = False
+    if not crl_sign:
+        raise CrlError(f"CRL signer {signer.subject.rfc4514_string()!r} lacks the cRLSign key usage")
     next_update = crl.next_update_utc
     if next_update is None:
         raise CrlError("CRL has no nextUpdate")
     if crl.last_update_utc > now + CLOCK_SKEW:
         raise CrlError(f"CRL thisUpdate {crl.last_update_utc.isoformat()} is in the future")
     try:
-        number: int | None = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
-    except x509.ExtensionNotFound:
-        number = None
+        number_ext = crl.extensions.get_extension_for_class(x509.CRLNumber)
+    except x509.ExtensionNotFound as exc:
+        raise CrlError("CRL has no cRLNumber") from exc
+    if number_ext.critical:
+        raise CrlError("CRL's cRLNumber is marked critical")
+    number: int | None = number_ext.value.crl_number
     index = SerialIndex.build(entry.serial_number for entry in crl)
     return CrlSnapshot(
         key_id=ca_key_id(signer),

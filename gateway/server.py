@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import gc
 import logging
 import os
@@ -50,8 +51,8 @@ from gateway import metrics
 from gateway.admin import build_admin_app, health_from_metrics
 from gateway.app import AccessLayer, AuditSink, GatewayRuntime, build_app, utcnow
 from gateway.audit import AuditEvent, EventKind
-from gateway.certpolicy import TrustAnchors, parse_peer
-from gateway.config import Config, load_config, require_gateway
+from gateway.certpolicy import KeyPolicy, TrustAnchors, expiring_cas, parse_peer
+from gateway.config import Config, RevocationConfig, load_config, require_gateway
 from gateway.deadlines import ClientDeadlines, peer_address
 from gateway.errors import GatewayError, StartupError, listener_error
 from gateway.listener import BatchListener, listen
@@ -92,14 +93,28 @@ TICKET_KEYS_ENV = "GATEWAY_TLS_TICKET_KEYS"
 
 
 def load_tls_state(config: Config) -> TlsState:
+    """Server context and trust anchors; refuses malformed configured CAs (check-config, start-up, reload)."""
     assert config.tls is not None
-    cas = load_client_cas(config.tls.client_ca)
+    policy = KeyPolicy(frozenset(config.tls.key_types), config.tls.rsa_min_bits)
+    cas = load_client_cas(config.tls.client_ca, policy)
     keys = os.environ.get(TICKET_KEYS_ENV)
     return TlsState(
         context=build_server_context(config.tls, cas, bytes.fromhex(keys) if keys else None),
-        anchors=TrustAnchors.of(cas, config.tls.issuer),
+        anchors=TrustAnchors.of(cas, config.tls.issuer, key_policy=policy, max_chain_depth=config.tls.max_chain_depth),
         ca_ders=[ca.public_bytes(Encoding.DER) for ca in cas],
     )
+
+
+CA_EXPIRY_WARNING = dt.timedelta(days=30)
+
+
+def warn_expiring_cas(anchors: TrustAnchors, now: dt.datetime) -> list[str]:
+    """Log and count configured CAs that expire within 30 days (or have); the lines, for /healthz and check-config."""
+    lines = expiring_cas(anchors.cas, now, CA_EXPIRY_WARNING)
+    metrics.CA_EXPIRING.set(len(lines))
+    for line in lines:
+        log.warning("configured client CA expires soon: %s", line, extra={"ca": line})
+    return lines
 
 
 CrlFailureHook = Callable[[str, str], None]
@@ -120,13 +135,26 @@ async def load_everything(
     require_gateway(config)
     assert config.revocation is not None
     tls = load_tls_state(config)
-    refresher = CrlRefresher(config.revocation, tls.ca_ders, on_failure=on_crl_failure)
+    refresher = await load_crls(config.revocation, tls.ca_ders, on_crl_failure)
+    return config, tls, refresher
+
+
+async def load_crls(
+    revocation: RevocationConfig, ca_ders: list[bytes], on_crl_failure: CrlFailureHook | None = None
+) -> CrlRefresher:
+    """Every configured CRL source, loaded and verified, or a :class:`GatewayError` naming each bad one.
+
+    The one rule for a bad CRL (see :mod:`gateway.revocation`): when a
+    configuration is taken (start-up, reload) every source must load, or the
+    configuration is refused; only background refreshes keep the last good CRL.
+    """
+    refresher = CrlRefresher(revocation, ca_ders, on_failure=on_crl_failure)
     await refresher.refresh_all()
     if refresher.last_error:
         await refresher.aclose()
         problems = "; ".join(f"{source}: {why}" for source, why in refresher.last_error.items())
         raise GatewayError(f"CRL source not loaded: {problems}")
-    return config, tls, refresher
+    return refresher
 
 
 def restart_needed(old: Config, new: Config) -> list[str]:
@@ -167,14 +195,15 @@ class GatewayWorker:
     _listening: bool = False
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _handler_args: dict[str, Any] = field(default_factory=dict)
+    _ca_warnings: list[str] = field(default_factory=list)
 
     async def start(self) -> None:
         config = self.config
         require_gateway(config)
         assert config.revocation is not None and config.tls is not None
         self._tls = load_tls_state(config)
-        refresher = CrlRefresher(config.revocation, self._tls.ca_ders, on_failure=self._crl_failed)
-        await refresher.refresh_all()
+        self._ca_warnings = warn_expiring_cas(self._tls.anchors, self.clock())
+        refresher = await load_crls(config.revocation, self._tls.ca_ders, self._crl_failed)
         self.runtime = GatewayRuntime(
             config=config,
             anchors=self._tls.anchors,
@@ -328,6 +357,7 @@ class GatewayWorker:
             "crl_entries": sum(s.entries for s in state.by_issuer.values()),
             "backends": len(self.config.backends),
             "crl_errors": dict(self.runtime.refresher.last_error),
+            "ca_expiring": list(self._ca_warnings),
         }
         return fresh and bool(self.config.backends), detail
 
@@ -355,6 +385,7 @@ class GatewayWorker:
         assert runtime is not None
         old_refresher, old_tasks = runtime.refresher, self._tasks
         self._tls = tls
+        self._ca_warnings = warn_expiring_cas(tls.anchors, runtime.clock())
         runtime.config = config
         runtime.anchors = tls.anchors
         runtime.router = Router(config.backends)

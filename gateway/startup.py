@@ -104,6 +104,44 @@ def tls_files(config: Config) -> list[str]:
     return []
 
 
+def crl_sources(config: Config) -> list[str]:
+    """Every CRL source loads and verifies against the configured CAs: the one rule for a bad CRL.
+
+    ``serve`` refuses a configuration whose CRL does not load (see
+    :mod:`gateway.revocation`); checking it here, once the files and the CAs
+    are known to be good, makes ``check-config`` refuse it with the same line.
+    """
+    if config.revocation is None or config.tls is None or sections(config) or crl_files(config) or tls_files(config):
+        return []
+    import asyncio
+
+    from gateway.server import load_crls, load_tls_state
+
+    async def load() -> None:
+        assert config.revocation is not None
+        refresher = await load_crls(config.revocation, load_tls_state(config).ca_ders)
+        await refresher.aclose()
+
+    try:
+        asyncio.run(load())
+    except GatewayError as exc:
+        return [f"{config.path}: revocation.crl: {exc}"]
+    return []
+
+
+def ca_warnings(config: Config) -> list[str]:
+    """Configured client CAs that expire within 30 days (a warning: their users will soon be refused)."""
+    if config.tls is None or sections(config) or tls_files(config):
+        return []
+    import datetime as dt
+
+    from gateway.certpolicy import expiring_cas
+    from gateway.server import CA_EXPIRY_WARNING, load_tls_state
+
+    cas = load_tls_state(config).anchors.cas
+    return [f"tls.client_ca: {line}" for line in expiring_cas(cas, dt.datetime.now(dt.UTC), CA_EXPIRY_WARNING)]
+
+
 def portal_sections(config: Config) -> list[str]:
     """The sections the portal cannot run without."""
     try:
@@ -126,7 +164,15 @@ def portal_private_files(config: Config) -> list[str]:
 
 
 # In the order they are reported; each returns [] when what it checks is absent (another check says so).
-GATEWAY_CHECKS: tuple[Check, ...] = (sections, private_files, session_secret, crl_files, databases, tls_files)
+GATEWAY_CHECKS: tuple[Check, ...] = (
+    sections,
+    private_files,
+    session_secret,
+    crl_files,
+    databases,
+    tls_files,
+    crl_sources,
+)
 PORTAL_CHECKS: tuple[Check, ...] = (portal_sections, portal_private_files, session_secret, databases)
 
 

@@ -32,8 +32,10 @@ import _ssl
 import asyncio
 import ctypes
 import logging
+import os
 import ssl
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -41,9 +43,11 @@ from pathlib import Path
 from typing import Any, cast
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from gateway import metrics
+from gateway.certpolicy import KeyPolicy, ca_problems
 from gateway.config import TlsConfig
 from gateway.deadlines import peer_address
 from gateway.errors import PkiError
@@ -57,11 +61,29 @@ _TLS_HANDSHAKE = 22
 _HS_CERTIFICATE = 11
 
 
+# Mozilla's "intermediate" TLS 1.2 suites (server-side TLS guidelines, v5.7): ECDHE key
+# exchange and AEAD ciphers only, for ECDSA and RSA server keys alike (the gateway's own
+# CA makes EC server keys; an operator's certificate may be RSA). Mozilla also lists
+# DHE-RSA-AES*-GCM; they are left out: finite-field DH adds nothing a 2016+ client lacks.
+# TLS 1.3's suites are all AEAD and OpenSSL's defaults are kept for it.
+INTERMEDIATE_TLS12_CIPHERS = ":".join(
+    (
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    )
+)
+
+
 @dataclass(slots=True)
 class HandshakeSlot:
     """What one connection's handshake left behind: the client's leaf, if sent."""
 
     client_der: bytes | None = None
+    client_chain: tuple[bytes, ...] = ()  # every certificate the client sent, leaf first
     sslobj: ssl.SSLObject | None = None
     server_name: str | None = None  # SNI as the client sent it (None: no SNI)
     peer: Any = None  # the HTTP layer's parse of the verified leaf, kept for the connection's later requests
@@ -90,30 +112,45 @@ class _TrackedSSLObject(ssl.SSLObject):
         return obj
 
 
-def _first_certificate(body: bytes, tls13: bool) -> bytes | None:
-    """The leaf DER from a Certificate handshake message body (RFC 8446 4.4.2 / 5246 7.4.2)."""
-    pos = 0
-    if tls13:
-        pos = 1 + body[0]  # certificate_request_context
-    pos += 3  # certificate_list length
+def _certificates(body: bytes, tls13: bool) -> tuple[bytes, ...]:
+    """Every certificate's DER from a Certificate handshake message body (RFC 8446 4.4.2 / 5246 7.4.2).
+
+    Leaf first, as the client sent them. Truncated input ends the list (the
+    handshake then fails in OpenSSL anyway); TLS 1.3 per-certificate extensions
+    are skipped.
+    """
+    pos = 1 + body[0] if tls13 else 0  # TLS 1.3: certificate_request_context
     if len(body) < pos + 3:
-        return None
-    length = int.from_bytes(body[pos : pos + 3], "big")
-    der = body[pos + 3 : pos + 3 + length]
-    return der if len(der) == length and length > 0 else None
+        return ()
+    end = min(len(body), pos + 3 + int.from_bytes(body[pos : pos + 3], "big"))
+    pos += 3
+    found: list[bytes] = []
+    while pos + 3 <= end:
+        length = int.from_bytes(body[pos : pos + 3], "big")
+        der = body[pos + 3 : pos + 3 + length]
+        if length == 0 or len(der) != length:
+            break
+        found.append(der)
+        pos += 3 + length
+        if tls13:
+            if pos + 2 > end:
+                break
+            pos += 2 + int.from_bytes(body[pos : pos + 2], "big")
+    return tuple(found)
 
 
 def _on_tls_message(conn: Any, direction: str, version: int, content_type: int, msg_type: int, data: bytes) -> None:
-    """Keep the client's certificate as it is read (plaintext, TLS 1.2 and 1.3)."""
+    """Keep the client's certificates as they are read (plaintext, TLS 1.2 and 1.3)."""
     if content_type != _TLS_HANDSHAKE or msg_type != _HS_CERTIFICATE or direction != "read":
         return
     slot = getattr(conn, "_gateway_slot", None)
     if slot is None or len(data) < 8:
         return
     try:
-        slot.client_der = _first_certificate(data[4:], version == ssl.TLSVersion.TLSv1_3)
+        slot.client_chain = _certificates(data[4:], version == ssl.TLSVersion.TLSv1_3)
     except IndexError:
-        slot.client_der = None
+        slot.client_chain = ()
+    slot.client_der = slot.client_chain[0] if slot.client_chain else None
 
 
 def _on_server_name(sslobj: Any, server_name: str | None, ctx: ssl.SSLContext) -> None:
@@ -129,17 +166,26 @@ def server_name_of(ssl_object: Any) -> str | None:
     return slot.server_name if slot is not None else None
 
 
-def load_client_cas(paths: Sequence[Path]) -> list[x509.Certificate]:
-    """All CA certificates of the configured bundles (each must be a CA)."""
+def load_client_cas(paths: Sequence[Path], policy: KeyPolicy | None = None) -> list[x509.Certificate]:
+    """All CA certificates of the configured bundles, each held to the CA profile.
+
+    The operator's own CAs: a malformed one (no SKI, non-critical
+    basicConstraints, an AKI without keyIdentifier, a DSA or odd-sized RSA
+    key, ...) is refused here, naming the file and the defect, so check-config,
+    start-up and reload refuse it alike (:func:`gateway.certpolicy.ca_problems`).
+    """
     certs: list[x509.Certificate] = []
     for path in paths:
         for cert in read_pem_certs(path):
             try:
                 bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-            except x509.ExtensionNotFound as exc:
+            except (x509.ExtensionNotFound, ValueError) as exc:
                 raise PkiError(f"{path}: {cert.subject.rfc4514_string()} is not a CA certificate") from exc
             if not bc.ca:
                 raise PkiError(f"{path}: {cert.subject.rfc4514_string()} is not a CA certificate")
+            problems = ca_problems(cert, policy or KeyPolicy())
+            if problems:
+                raise PkiError(f"{path}: CA {cert.subject.rfc4514_string()!r}: {'; '.join(problems)}")
             certs.append(cert)
     return certs
 
@@ -154,12 +200,9 @@ def build_server_context(
     port is shared by SO_REUSEPORT, so the next connection may land anywhere).
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    apply_profile(ctx, tls.profile)
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    try:
-        ctx.load_cert_chain(tls.cert, tls.key)
-    except (OSError, ssl.SSLError) as exc:
-        raise PkiError(f"{tls.cert}, {tls.key}: cannot load server certificate and key: {exc}") from exc
+    load_served_chain(ctx, tls.cert, tls.key)
     pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in client_cas)
     ctx.load_verify_locations(cadata=pem.decode("ascii"))
     ctx.verify_mode = ssl.CERT_OPTIONAL
@@ -176,11 +219,68 @@ def build_server_context(
     if lib is not None and pointer is not None:
         ctx._gateway_ctx_pointer = pointer  # type: ignore[attr-defined]
         _purpose_any(lib, pointer)
+        _no_auto_chain(lib, pointer)
         if tls.send_ca_names:
             set_client_ca_names(ctx, client_cas, lib, pointer)
         if ticket_keys is not None:
             set_ticket_keys(lib, pointer, ticket_keys)
     return ctx
+
+
+def apply_profile(ctx: ssl.SSLContext, profile: str) -> None:
+    """Mozilla's "intermediate" (TLS 1.2 with ECDHE + AEAD suites, and 1.3) or "modern" (TLS 1.3 only)."""
+    if profile == "modern":
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+        return
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(INTERMEDIATE_TLS12_CIPHERS)
+
+
+def _self_signed(cert: x509.Certificate) -> bool:
+    if cert.subject != cert.issuer:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def served_chain(certs: Sequence[x509.Certificate]) -> list[x509.Certificate]:
+    """What the server sends: its certificate and the intermediates, never a self-signed root.
+
+    A client must already hold the root to trust it, so sending it only costs
+    bytes and makes scanners flag the chain. The first certificate (the server's
+    own) is always kept, even if it is self-signed.
+    """
+    return [cert for i, cert in enumerate(certs) if i == 0 or not _self_signed(cert)]
+
+
+def load_served_chain(ctx: ssl.SSLContext, cert_path: Path, key_path: Path) -> None:
+    """``load_cert_chain`` with the self-signed root left out of ``tls.cert`` if the file has one.
+
+    The stdlib loads a chain only from a file, so a file holding a root is
+    rewritten without it into a private temporary file (certificates only,
+    0600, removed at once); the key is always read from ``tls.key`` itself.
+    """
+    try:
+        certs = read_pem_certs(cert_path)
+    except (OSError, PkiError, ValueError):
+        certs = []  # load_cert_chain below names the problem
+    kept = served_chain(certs)
+    try:
+        if len(kept) == len(certs):
+            ctx.load_cert_chain(cert_path, key_path)
+            return
+        fd, name = tempfile.mkstemp(prefix="gateway-chain-", suffix=".pem")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                out.write(b"".join(c.public_bytes(serialization.Encoding.PEM) for c in kept))
+            ctx.load_cert_chain(name, key_path)
+        finally:
+            os.unlink(name)
+    except (OSError, ssl.SSLError) as exc:
+        raise PkiError(f"{cert_path}, {key_path}: cannot load server certificate and key: {exc}") from exc
 
 
 TICKET_KEYS_BYTES = 80  # key name 16 + HMAC secret 32 + AES key 32 (OpenSSL 3)
@@ -228,6 +328,23 @@ def _openssl_ctx(ctx: ssl.SSLContext) -> tuple[ctypes.CDLL | None, int | None]:
         log.warning("tls: unexpected SSLContext layout; CA names not sent, EKU checked by OpenSSL")
         return None, None
     return _LIB, pointer
+
+
+_SSL_CTRL_MODE = 33
+_SSL_MODE_NO_AUTO_CHAIN = 0x8
+
+
+def _no_auto_chain(lib: ctypes.CDLL, pointer: int) -> None:
+    """Send exactly the chain :func:`load_served_chain` loaded.
+
+    With no intermediate in ``tls.cert`` OpenSSL builds the server's chain
+    itself from the verify store, and that store holds the client CAs: with
+    the same CA issuing the server and the client certificates, the self-signed
+    root went out with every handshake. ``SSL_MODE_NO_AUTO_CHAIN`` stops that.
+    """
+    lib.SSL_CTX_ctrl.restype = ctypes.c_long
+    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_MODE, _SSL_MODE_NO_AUTO_CHAIN, None)
 
 
 def _purpose_any(lib: ctypes.CDLL, pointer: int) -> None:

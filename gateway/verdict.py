@@ -25,6 +25,9 @@ class Reason(StrEnum):
     REVOCATION_UNAVAILABLE = "revocation_unavailable"
     WRONG_KEY_USAGE = "wrong_key_usage"
     MALFORMED_SUBJECT = "malformed_subject"
+    MALFORMED_CERTIFICATE = "malformed_certificate"
+    CA_EXPIRED = "ca_expired"
+    CA_NOT_YET_VALID = "ca_not_yet_valid"
     TLS_HANDSHAKE_FAILED = "tls_handshake_failed"
     # Routing and forwarding.
     NO_ROUTE = "no_route"
@@ -62,6 +65,9 @@ CERTIFICATE_REASONS = frozenset(
         Reason.REVOCATION_UNAVAILABLE,
         Reason.WRONG_KEY_USAGE,
         Reason.MALFORMED_SUBJECT,
+        Reason.MALFORMED_CERTIFICATE,
+        Reason.CA_EXPIRED,
+        Reason.CA_NOT_YET_VALID,
     }
 )
 

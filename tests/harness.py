@@ -184,5 +184,10 @@ async def start_harness(
     )
     sink = audit if audit is not None else ListAudit()
     worker = GatewayWorker(config, sink, access_factory=access_factory, **({"clock": clock} if clock else {}))
-    await worker.start()
+    try:
+        await worker.start()
+    except BaseException:
+        for runner in runners:
+            await runner.cleanup()
+        raise
     return Harness(the_pki, config, worker, sink, ports, directory, runners)

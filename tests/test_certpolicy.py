@@ -73,7 +73,9 @@ def test_validity_edges() -> None:
 
 def test_key_usage() -> None:
     assert judge(leaf(eku=[ExtendedKeyUsageOID.SERVER_AUTH])) == "wrong_key_usage"
-    assert judge(leaf(eku=None)) == "ok"  # EKU absent: any usage (RFC 5280 4.2.1.12)
+    # EKU absent means "any usage" in RFC 5280 4.2.1.12; the client-certificate profile requires clientAuth.
+    assert judge(leaf(eku=None)) == "wrong_key_usage"
+    assert judge(leaf(eku=[ExtendedKeyUsageOID.CLIENT_AUTH])) == "ok"
 
 
 @pytest.mark.parametrize("cn", ["", "LC 1", "LC\x00001", "a" * 65, "ＬＣ000001", "LC000001\u200b", "-LC"])
@@ -89,3 +91,23 @@ def test_revoked_and_stale() -> None:
     assert judge(cert, state((cert.serial_number,))) == "certificate_revoked"
     assert judge(cert, now=NOW + dt.timedelta(days=3)) == "revocation_unavailable"
     assert judge(cert, RevocationState()) == "revocation_unavailable"
+
+
+def test_leaf_key_allow_list() -> None:
+    """DSA and odd RSA sizes are refused (malformed_certificate); the allowed types pass (the twins)."""
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
+
+    from gateway.certpolicy import KeyPolicy, check_shape
+
+    def shape(public_key: object, policy: KeyPolicy | None = None) -> str:
+        cert = pki.build_client_cert(CA, KEY, public_key, "LC000001", not_before=NOW)  # type: ignore[arg-type]
+        peer = parse_peer(cert.public_bytes(Encoding.DER))
+        assert peer is not None
+        return check_shape(peer, policy).reason
+
+    assert shape(dsa.generate_private_key(2048).public_key()) == "malformed_certificate"
+    assert shape(rsa.generate_private_key(65537, 2056).public_key()) == "ok"
+    assert shape(rsa.generate_private_key(65537, 2052).public_key()) == "malformed_certificate"
+    assert shape(ec.generate_private_key(ec.SECP384R1()).public_key()) == "ok"
+    assert shape(ec.generate_private_key(ec.SECP521R1()).public_key()) == "malformed_certificate"
+    assert shape(ec.generate_private_key(ec.SECP521R1()).public_key(), KeyPolicy(frozenset({"ec-p521"}))) == "ok"

@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
+import re
 import ssl
 import warnings
 from pathlib import Path
@@ -21,6 +22,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from gateway import pki
+from gateway.errors import GatewayError
 from gateway.messages import NOT_VALID_JA
 from gateway.pkifiles import ThrowawayPki, make_throwaway_pki
 from tests.harness import Harness, start_harness
@@ -236,17 +238,11 @@ async def test_background_refresh_picks_up_a_new_crl(tmp_path: Path, pki: Throwa
         await h.close()
 
 
-async def test_missing_crl_fails_closed_and_health_says_so(tmp_path: Path, pki: ThrowawayPki) -> None:
+async def test_missing_crl_refuses_start_up_naming_the_source(tmp_path: Path, pki: ThrowawayPki) -> None:
+    """One rule with reload: a configuration whose CRL cannot be loaded is not taken (fail closed, loudly)."""
     pki.crl.unlink()
-    h = await start_harness(tmp_path, pki)
-    try:
-        status, body = await get_json(h, "/onre/a")
-        assert (status, body["error"]) == (403, "revocation_unavailable")
-        async with aiohttp.ClientSession() as s, s.get(h.admin_url("/healthz")) as r:
-            assert r.status == 503
-            assert (await r.json())["crl_fresh"] is False
-    finally:
-        await h.close()
+    with pytest.raises(GatewayError, match=f"CRL source not loaded: {re.escape(str(pki.crl))}: cannot read"):
+        await start_harness(tmp_path, pki)
 
 
 async def test_stale_crl_past_grace_fails_closed(gw: Harness) -> None:

@@ -6,6 +6,7 @@ start-up check (the table must cover :data:`gateway.startup.GATEWAY_CHECKS`).
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import shutil
 import signal
@@ -19,12 +20,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cryptography.hazmat.primitives.serialization import Encoding
 
+from gateway import pki
 from gateway.config import load_config
 from gateway.pkifiles import ThrowawayPki
 from gateway.startup import GATEWAY_CHECKS
 from tests.harness import write_config
 
+NOW = dt.datetime.now(dt.UTC)
 Mutation = Callable[[Path, ThrowawayPki], None]
 
 
@@ -90,6 +94,23 @@ CASES = [
             _edit(d, lambda c: c["audit"].update(database=str(d / "plain" / "audit.db"))),
         ),
         "{cfg}: audit.database: cannot create {dir}/plain/audit.db: {dir}/plain is not a writable folder",
+    ),
+    Broken(
+        "CRL without a CRLNumber",
+        "crl_sources",
+        lambda d, p: _write(
+            p.crl,
+            pki.build_crl(
+                p.ca_certificate,
+                p.ca_private_key,
+                [],
+                this_update=NOW,
+                next_update=NOW + dt.timedelta(days=1),
+                number=None,
+            ).public_bytes(Encoding.DER),
+            0o644,
+        ),
+        "{cfg}: revocation.crl: CRL source not loaded: {pki}/ca.crl: ",
     ),
     Broken(
         "server certificate not PEM",
