@@ -1,4 +1,4 @@
-"""The trivial backend both proxies forward to: gateway.demobackend on uvloop, one process.
+"""The trivial backend both proxies forward to: gateway.demo.backend on uvloop, one process.
 
 python -m bench.backend PORT
 """
@@ -9,7 +9,7 @@ import sys
 
 from aiohttp import web
 
-from gateway.demobackend import build_backend
+from gateway.demo.backend import build_backend
 from gateway.server import install_uvloop
 
 

@@ -4,7 +4,7 @@ python -m bench.ceiling KIND PORT CERT KEY CA BACKEND_PORT
 
 * ``hello``: answers every request itself (aiohttp server + TLS, nothing else);
 * ``aiohttp-proxy``: forwards to the backend with aiohttp's ``ClientSession``;
-* ``upstream-proxy``: forwards with the gateway's own backend client (``gateway.upstream``).
+* ``upstream-proxy``: forwards with the gateway's own backend client (``gateway.forward.upstream``).
 
 No certificate policy, session or headers: what is left of the gateway's cost per request when
 those are taken away, so a change can be judged against the floor it could reach.
@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from gateway.forward.upstream import UpstreamPool
 from gateway.server import install_uvloop
-from gateway.upstream import UpstreamPool
 
 CLIENT = web.AppKey("client", aiohttp.ClientSession)
 POOL = web.AppKey("pool", UpstreamPool)

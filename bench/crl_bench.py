@@ -21,9 +21,9 @@ from pathlib import Path
 
 from cryptography import x509
 
-from gateway.ca import CertificateAuthority
-from gateway.issuance import RevocationReason, format_serial
-from gateway.pki import KEY_TYPES, random_serial
+from gateway.ca.authority import CertificateAuthority
+from gateway.ca.issuance import RevocationReason, format_serial
+from gateway.certs.builders import KEY_TYPES, random_serial
 
 REASONS = [r.value for r in RevocationReason]
 

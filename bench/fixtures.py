@@ -3,7 +3,7 @@
 Everything lives under bench/out/ (git-ignored) and is reused between runs:
 a 1,000,000-entry CRL takes tens of seconds and a few GiB of memory to sign.
 The CA is the project's own (ECDSA P-256, "Tokyo Stock Exchange SSO CA"),
-the client certificate is LC000001's, built by gateway.pkifiles.
+the client certificate is LC000001's, built by gateway.certs.files.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from gateway import pki
-from gateway.pkifiles import ThrowawayPki, issue_client_files, make_throwaway_pki, read_private_key, write_atomic
+from gateway.certs import builders as pki
+from gateway.certs.files import ThrowawayPki, issue_client_files, make_throwaway_pki, read_private_key, write_atomic
 
 OUT = Path(__file__).resolve().parent / "out"
 USER = "LC000001"

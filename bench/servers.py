@@ -1,6 +1,6 @@
 """The systems under test and the load generator's TLS leg, each a real process on loopback.
 
-* :class:`Backend` — gateway.demobackend (``/onre/tiny``, ``/upload``, ``/download``).
+* :class:`Backend` — gateway.demo.backend (``/onre/tiny``, ``/upload``, ``/download``).
 * :class:`Gateway` — ``gateway serve --config`` with N workers, login mode ``gateway``;
   the bench user logs in once through the real HTTP flow and its session cookie is
   reused by every load tool.
@@ -28,9 +28,9 @@ import yaml
 
 from bench import procs
 from bench.fixtures import PASSWORD, USER, BenchPki
-from gateway.passwords import hash_password
-from gateway.pkifiles import write_atomic
-from gateway.users import UserStore
+from gateway.access.passwords import hash_password
+from gateway.access.users import UserStore
+from gateway.certs.files import write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

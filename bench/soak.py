@@ -46,11 +46,11 @@ import yaml
 from aiohttp import web
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from gateway import pki
-from gateway.demobackend import build_backend
-from gateway.passwords import hash_password
-from gateway.pkifiles import ThrowawayPki, make_throwaway_pki, write_atomic
-from gateway.users import UserStore
+from gateway.access.passwords import hash_password
+from gateway.access.users import UserStore
+from gateway.certs import builders as pki
+from gateway.certs.files import ThrowawayPki, make_throwaway_pki, write_atomic
+from gateway.demo.backend import build_backend
 
 PASSWORD = "soak-password-1234"
 USERS = tuple(f"LC{n:06d}" for n in range(1, 9))

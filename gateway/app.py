@@ -3,14 +3,14 @@
 Order of the layers, outermost first (each one can refuse):
 
 1. ``certificate_middleware`` (the only middleware) — first tells the
-   connection's deadlines (:mod:`gateway.deadlines`) that a request head
+   connection's deadlines (:mod:`gateway.tls.deadlines`) that a request head
    arrived and, at the end, that it was answered (the slowloris timeouts);
    then, every request, every time (but ``GET /favicon.ico``, a public static
    asset answered first): the client certificate is re-judged
    (time, revocation), so a revocation or expiry takes effect on open
    keep-alive connections too. (One middleware, not two: each aiohttp
    layer costs a few µs on every request.)
-2. the access layer (:mod:`gateway.login`) — session, login pages, per-system
+2. the access layer (:mod:`gateway.access.login`) — session, login pages, per-system
    authorisation; passthrough backends get the certificate identity only.
 3. ``proxy_handler`` — path safety, Host against SNI, routing, forwarding
    with identity headers.
@@ -33,8 +33,8 @@ import aiohttp
 from aiohttp import web
 
 from gateway import metrics
-from gateway.audit import AuditEvent, EventKind, connection_fields, new_support_id
-from gateway.certpolicy import (
+from gateway.audit.events import AuditEvent, EventKind, connection_fields, new_support_id
+from gateway.certs.policy import (
     PeerCertificate,
     TrustAnchors,
     check_certificate,
@@ -43,16 +43,16 @@ from gateway.certpolicy import (
     issued_by_trusted_ca,
     parse_peer,
 )
+from gateway.certs.revocation import CrlRefresher
 from gateway.config import FAVICON_PATH, Backend, Config
-from gateway.deadlines import ClientDeadlines, peer_address, request_deadlines
+from gateway.forward.proxy import BodyTooLarge, forward, identity_headers, make_client_session
+from gateway.forward.routing import Router, check_host, check_path
+from gateway.forward.upstream import UpstreamError, UpstreamPool
 from gateway.keys import BACKEND, PEER, USER
-from gateway.proxy import BodyTooLarge, forward, identity_headers, make_client_session
-from gateway.responses import favicon, refusal
-from gateway.revocation import CrlRefresher
-from gateway.routing import Router, check_host, check_path
-from gateway.tls import server_name_of
-from gateway.upstream import UpstreamError, UpstreamPool
+from gateway.tls.deadlines import ClientDeadlines, peer_address, request_deadlines
+from gateway.tls.termination import server_name_of
 from gateway.verdict import Reason, Verdict
+from gateway.web.responses import favicon, refusal
 
 NO_CACHE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 

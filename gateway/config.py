@@ -29,8 +29,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from gateway.certs.builders import KEY_TYPES, SSO_CA_NAME, KeyType
 from gateway.errors import ConfigError
-from gateway.pki import KEY_TYPES, SSO_CA_NAME, KeyType
 
 T = TypeVar("T")
 LoginMode = Literal["gateway", "passthrough"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.certpolicy import PeerCertificate
+from gateway.certs.policy import PeerCertificate
 
 PEER = web.RequestKey("gateway_peer", PeerCertificate)
 USER = web.RequestKey("gateway_user", str)

@@ -48,20 +48,26 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client.multiprocess import mark_process_dead
 
 from gateway import metrics
-from gateway.admin import build_admin_app, health_from_metrics
 from gateway.app import AccessLayer, AuditSink, GatewayRuntime, build_app, utcnow
-from gateway.audit import AuditEvent, EventKind
-from gateway.certpolicy import KeyPolicy, TrustAnchors, expiring_cas, parse_peer
+from gateway.audit.events import AuditEvent, EventKind
+from gateway.certs.policy import KeyPolicy, TrustAnchors, expiring_cas, parse_peer
+from gateway.certs.revocation import CrlRefresher
 from gateway.config import Config, RevocationConfig, load_config, require_gateway
-from gateway.deadlines import ClientDeadlines, peer_address
 from gateway.errors import GatewayError, StartupError, listener_error
-from gateway.listener import BatchListener, listen
+from gateway.forward.routing import Router
 from gateway.logs import JsonAccessLogger, setup_logging
-from gateway.protocol import GatewayRequestHandler
-from gateway.revocation import CrlRefresher
-from gateway.routing import Router
 from gateway.sdnotify import Notifier
-from gateway.tls import TICKET_KEYS_BYTES, HandshakeFailure, TlsAcceptor, build_server_context, load_client_cas
+from gateway.tls.deadlines import ClientDeadlines, peer_address
+from gateway.tls.listener import BatchListener, listen
+from gateway.tls.termination import (
+    TICKET_KEYS_BYTES,
+    HandshakeFailure,
+    TlsAcceptor,
+    build_server_context,
+    load_client_cas,
+)
+from gateway.web.admin import build_admin_app, health_from_metrics
+from gateway.web.protocol import GatewayRequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +150,7 @@ async def load_crls(
 ) -> CrlRefresher:
     """Every configured CRL source, loaded and verified, or a :class:`GatewayError` naming each bad one.
 
-    The one rule for a bad CRL (see :mod:`gateway.revocation`): when a
+    The one rule for a bad CRL (see :mod:`gateway.certs.revocation`): when a
     configuration is taken (start-up, reload) every source must load, or the
     configuration is refused; only background refreshes keep the last good CRL.
     """
@@ -421,15 +427,15 @@ class GatewayWorker:
 
 
 def make_audit(config: Config, worker: int | None = None) -> Any:
-    """The audit writer for a process (see gateway.auditlog)."""
-    from gateway.auditlog import AuditLog
+    """The audit writer for a process (see gateway.audit.writer)."""
+    from gateway.audit.writer import AuditLog
 
     return AuditLog(config.audit, worker=worker)
 
 
 def audit_routes(config: Config) -> Callable[[web.Application], None]:
     """Adds the read-only /audit report to an admin app."""
-    from gateway.auditreport import audit_handler
+    from gateway.audit.report import audit_handler
 
     def add(app: web.Application) -> None:
         app.router.add_get("/audit", audit_handler(config.audit.database))
@@ -438,7 +444,7 @@ def audit_routes(config: Config) -> Callable[[web.Application], None]:
 
 
 def default_access_factory(config: Config, audit: AuditSink) -> AccessLayer | None:
-    from gateway.login import LoginAccess
+    from gateway.access.login import LoginAccess
 
     return LoginAccess(config, audit)
 

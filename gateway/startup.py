@@ -46,7 +46,7 @@ def private_files(config: Config) -> list[str]:
 
 def session_secret(config: Config) -> list[str]:
     """The cookie-signing key is long enough (the message never holds the key's bytes)."""
-    from gateway.sessions import load_session_key
+    from gateway.access.sessions import load_session_key
 
     if not config.session.secret_file.is_file():
         return []  # reported by sections()
@@ -108,7 +108,7 @@ def crl_sources(config: Config) -> list[str]:
     """Every CRL source loads and verifies against the configured CAs: the one rule for a bad CRL.
 
     ``serve`` refuses a configuration whose CRL does not load (see
-    :mod:`gateway.revocation`); checking it here, once the files and the CAs
+    :mod:`gateway.certs.revocation`); checking it here, once the files and the CAs
     are known to be good, makes ``check-config`` refuse it with the same line.
     """
     if config.revocation is None or config.tls is None or sections(config) or crl_files(config) or tls_files(config):
@@ -135,7 +135,7 @@ def ca_warnings(config: Config) -> list[str]:
         return []
     import datetime as dt
 
-    from gateway.certpolicy import expiring_cas
+    from gateway.certs.policy import expiring_cas
     from gateway.server import CA_EXPIRY_WARNING, load_tls_state
 
     cas = load_tls_state(config).anchors.cas
@@ -157,7 +157,7 @@ def portal_private_files(config: Config) -> list[str]:
     if config.portal is not None:
         files["portal.tls.key"] = config.portal.tls.key
     if config.ca is not None:
-        from gateway.ca import CA_KEY
+        from gateway.ca.authority import CA_KEY
 
         files[f"ca.dir ({CA_KEY})"] = config.ca.dir / CA_KEY
     return list(_open_to_others(config, files))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import uvloop
 
-from gateway.pkifiles import ThrowawayPki, make_throwaway_pki
+from gateway.certs.files import ThrowawayPki, make_throwaway_pki
 
 
 @pytest.fixture(scope="session")

@@ -21,11 +21,11 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway import pki
-from gateway.audit import AuditEvent
+from gateway.audit.events import AuditEvent
+from gateway.certs import builders as pki
+from gateway.certs.files import ThrowawayPki, write_atomic, write_private_key
 from gateway.config import Config, load_config
-from gateway.demobackend import build_backend
-from gateway.pkifiles import ThrowawayPki, write_atomic, write_private_key
+from gateway.demo.backend import build_backend
 from gateway.server import AccessFactory, GatewayWorker
 
 SYSTEMS = (("tdnet", "/onre/", "TDnet"), ("j-iriss", "/nt/", "J-IRISS"), ("clearing", "/jpxcube/", "Clearing"))

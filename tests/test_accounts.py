@@ -10,10 +10,10 @@ from typing import Any
 
 from argon2 import PasswordHasher
 
-from gateway.accounts import Accounts
-from gateway.loginpolicy import LoginSettings
-from gateway.passwords import needs_rehash, verify_password
-from gateway.users import UserStore
+from gateway.access.accounts import Accounts
+from gateway.access.passwords import needs_rehash, verify_password
+from gateway.access.policy import LoginSettings
+from gateway.access.users import UserStore
 from gateway.verdict import Verdict
 
 NOW = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
@@ -50,7 +50,7 @@ async def test_weak_hash_is_upgraded_after_a_successful_login(tmp_path: Path) ->
 
 
 async def test_parallel_guesses_for_one_user_each_see_the_lock(tmp_path: Path) -> None:
-    from gateway.passwords import hash_password
+    from gateway.access.passwords import hash_password
 
     pool = ThreadPoolExecutor(max_workers=8)  # real threads: unserialised guesses would overlap
 

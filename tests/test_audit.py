@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from gateway.audit import (
+from gateway.audit.events import (
     AuditEvent,
     EventKind,
     epoch_ms,

@@ -20,9 +20,9 @@ import aiohttp
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from gateway.auditlog import AuditLog
+from gateway.audit.writer import AuditLog
+from gateway.certs.files import ThrowawayPki, make_throwaway_pki
 from gateway.cli import main
-from gateway.pkifiles import ThrowawayPki, make_throwaway_pki
 from tests.harness import Harness, start_harness, write_config
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
-from gateway.audit import AuditEvent, AuditFilter, EventKind
-from gateway.auditlog import AuditLog, record_now
-from gateway.auditstore import AuditStore
+from gateway.audit.events import AuditEvent, AuditFilter, EventKind
+from gateway.audit.store import AuditStore
+from gateway.audit.writer import AuditLog, record_now
 from gateway.config import parse_config
 from gateway.errors import StoreError
 

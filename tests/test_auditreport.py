@@ -10,9 +10,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from gateway.audit import AuditEvent, EventKind, utcnow
-from gateway.auditreport import audit_handler, refusal_chart, render_report
-from gateway.auditstore import AuditStore, AuditSummary
+from gateway.audit.events import AuditEvent, EventKind, utcnow
+from gateway.audit.report import audit_handler, refusal_chart, render_report
+from gateway.audit.store import AuditStore, AuditSummary
 
 T0 = dt.datetime(2026, 11, 30, 0, 0, tzinfo=dt.UTC)
 HOSTILE_UA = '<script>alert(1)</script>"><img src=x onerror=alert(2)>'

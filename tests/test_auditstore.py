@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit import AuditEvent, AuditFilter, EventKind
-from gateway.auditstore import AuditStore
+from gateway.audit.events import AuditEvent, AuditFilter, EventKind
+from gateway.audit.store import AuditStore
 from gateway.errors import StoreError
 
 T0 = dt.datetime(2026, 11, 30, 4, 0, tzinfo=dt.UTC)
@@ -266,7 +266,7 @@ def test_the_audit_database_is_created_0600_like_gateway_db(tmp_path: Path) -> N
     import os
     import stat
 
-    from gateway.users import UserStore
+    from gateway.access.users import UserStore
 
     old = os.umask(0o022)
     try:

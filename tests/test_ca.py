@@ -33,16 +33,16 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from gateway import pki
-from gateway.ca import (
+from gateway.ca.authority import (
     CaSettings,
     CertificateAuthority,
     IssuanceRefused,
 )
+from gateway.ca.issuance import JST, RevocationReason, Status
+from gateway.certs import builders as pki
+from gateway.certs.files import make_throwaway_pki
+from gateway.certs.p12 import P12Format
 from gateway.errors import CaError, PkiError
-from gateway.issuance import JST, RevocationReason, Status
-from gateway.p12 import P12Format
-from gateway.pkifiles import make_throwaway_pki
 from gateway.verdict import Reason
 
 UTC = dt.UTC

@@ -10,9 +10,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway import pki
-from gateway.certpolicy import TrustAnchors, check_certificate, parse_peer
-from gateway.revocation import RevocationState, parse_crl
+from gateway.certs import builders as pki
+from gateway.certs.policy import TrustAnchors, check_certificate, parse_peer
+from gateway.certs.revocation import RevocationState, parse_crl
 
 NOW = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
 KEY = pki.generate_key()
@@ -97,7 +97,7 @@ def test_leaf_key_allow_list() -> None:
     """DSA and odd RSA sizes are refused (malformed_certificate); the allowed types pass (the twins)."""
     from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 
-    from gateway.certpolicy import KeyPolicy, check_shape
+    from gateway.certs.policy import KeyPolicy, check_shape
 
     def shape(public_key: object, policy: KeyPolicy | None = None) -> str:
         cert = pki.build_client_cert(CA, KEY, public_key, "LC000001", not_before=NOW)  # type: ignore[arg-type]

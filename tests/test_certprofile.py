@@ -1,6 +1,6 @@
 """The certificate profile, end to end: each defect refused through real TLS, each beside its accepted twin.
 
-Chains are built with the project's own builders (:mod:`gateway.pki`), served
+Chains are built with the project's own builders (:mod:`gateway.certs.builders`), served
 by a real gateway (:mod:`tests.harness`), presented by a real TLS client that
 loads leaf + intermediates. Four classes, as a path-validation suite sees them:
 
@@ -32,10 +32,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, rsa
 
-from gateway import pki
+from gateway.certs import builders as pki
+from gateway.certs.files import ThrowawayPki, issue_client_files, write_atomic, write_private_key
 from gateway.config import load_config
 from gateway.errors import GatewayError, PkiError
-from gateway.pkifiles import ThrowawayPki, issue_client_files, write_atomic, write_private_key
 from gateway.server import load_tls_state
 from tests.harness import Harness, start_harness, write_config
 from tests.test_hostile_certs import _der, _tlv
@@ -460,8 +460,8 @@ async def test_crl_profile_on_refresh_keeps_the_last_good_crl(tmp_path: Path, ca
 
 def test_demo_and_issued_certificates_pass_the_profile(tmp_path: Path) -> None:
     """The throwaway PKI (demo, tests) and the CA's issuance produce what the profile requires."""
-    from gateway.certpolicy import KeyPolicy, TrustAnchors, ca_problems, check_chain, check_shape, parse_peer
-    from gateway.pkifiles import make_throwaway_pki
+    from gateway.certs.files import make_throwaway_pki
+    from gateway.certs.policy import KeyPolicy, TrustAnchors, ca_problems, check_chain, check_shape, parse_peer
 
     the_pki = make_throwaway_pki(tmp_path, users=("LC000001",))
     assert ca_problems(the_pki.ca_certificate, KeyPolicy()) == []

@@ -37,19 +37,23 @@ def test_serve_imports_no_other_command_module() -> None:
     code = (
         "import sys; from gateway.cli import build_parser, command_of; "
         "build_parser(command_of(sys.argv[1:])); "
-        "print(' '.join(sorted(m for m in sys.modules if m.startswith(('gateway.cli_', 'gateway.ca')))))"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith(('gateway.cli.', 'gateway.ca.authority')))))"
     )
     argv = [sys.executable, "-c", code]
     serve = subprocess.run(
         [*argv, "--debug", "serve", "--config", "x.yaml"], check=False, capture_output=True, text=True
     )
     assert serve.returncode == 0, serve.stderr
-    assert serve.stdout.split() == ["gateway.cli_serve"]
+    assert serve.stdout.split() == ["gateway.cli.serve"]
     everything = subprocess.run([*argv, "--help"], check=False, capture_output=True, text=True)
     assert everything.returncode == 0, everything.stderr
-    assert {"gateway.cli_serve", "gateway.cli_users", "gateway.cli_audit", "gateway.cli_ca", "gateway.ca"} <= set(
-        everything.stdout.split()
-    )
+    assert {
+        "gateway.cli.serve",
+        "gateway.cli.users",
+        "gateway.cli.audit",
+        "gateway.cli.ca",
+        "gateway.ca.authority",
+    } <= set(everything.stdout.split())
 
 
 def test_help_and_unknown_commands_still_see_every_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -72,11 +76,11 @@ SERVE_PATH = """
 import sys
 from gateway.cli import build_parser
 build_parser("serve")
-import gateway.admin, gateway.auditlog, gateway.cli_serve, gateway.login, gateway.server
-lazy = ("jinja2", "multiprocessing", "gateway.auditreport", "gateway.ca", "gateway.issuance")
+import gateway.web.admin, gateway.audit.writer, gateway.cli.serve, gateway.access.login, gateway.server
+lazy = ("jinja2", "multiprocessing", "gateway.audit.report", "gateway.ca.authority", "gateway.ca.issuance")
 print(" ".join(m for m in lazy if m in sys.modules) or "-")
-from gateway.messages import message_for
-from gateway.pages import render
+from gateway.web.messages import message_for
+from gateway.web.pages import render
 from gateway.verdict import Reason
 html = render("refusal.html", msg=message_for(Reason.CERTIFICATE_REVOKED), reason="x", support_id="S-1", links=())
 print("jinja2" in sys.modules, "S-1" in html)

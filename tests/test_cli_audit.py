@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit import AuditEvent, AuditFilter, EventKind, utcnow
-from gateway.auditstore import AuditStore, AuditSummary
+from gateway.audit.events import AuditEvent, AuditFilter, EventKind, utcnow
+from gateway.audit.store import AuditStore, AuditSummary
 from gateway.cli import main
-from gateway.cli_audit import format_table, hourly_chart, printable
+from gateway.cli.audit import format_table, hourly_chart, printable
 
 HOSTILE_UA = "evil\x1b[2J\x1b]0;owned\x07\u202e\r\nforged line"
 

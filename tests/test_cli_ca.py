@@ -16,14 +16,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, pkcs12
 
 from gateway import cli
-from gateway.audit import AuditFilter, EventKind
-from gateway.auditstore import AuditStore
+from gateway.audit.events import AuditFilter, EventKind
+from gateway.audit.store import AuditStore
 
 
 @pytest.fixture(autouse=True)
 def _only_ca_commands(monkeypatch: pytest.MonkeyPatch) -> None:
     """Build the real parser with just the ``ca`` commands (other concerns land separately)."""
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ("gateway.cli_ca",))
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ("gateway.cli.ca",))
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

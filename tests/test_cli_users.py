@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from gateway import cli_users
-from gateway.audit import AuditEvent, AuditFilter, EventKind
-from gateway.auditstore import AuditStore
+from gateway.access.passwords import verify_password
+from gateway.access.policy import LoginSettings
+from gateway.access.sessions import SessionStore
+from gateway.access.users import UserStore
+from gateway.audit.events import AuditEvent, AuditFilter, EventKind
+from gateway.audit.store import AuditStore
 from gateway.cli import main
+from gateway.cli import users as cli_users
 from gateway.config import Config
-from gateway.loginpolicy import LoginSettings
-from gateway.passwords import verify_password
-from gateway.sessions import SessionStore
-from gateway.users import UserStore
 
 GOOD_PASSWORD = "correct horse battery"
 

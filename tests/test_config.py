@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway.certs.files import ThrowawayPki
 from gateway.cli import main
 from gateway.config import Check, Config, load_config, require_gateway
 from gateway.errors import ConfigError
-from gateway.pkifiles import ThrowawayPki
 from tests.harness import write_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "gateway.example.yaml"

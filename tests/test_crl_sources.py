@@ -21,10 +21,10 @@ from aiohttp import web
 from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client import REGISTRY
 
-from gateway import pki as pki_mod
+from gateway.certs import builders as pki_mod
+from gateway.certs.files import ThrowawayPki, make_throwaway_pki
+from gateway.certs.revocation import CrlRefresher
 from gateway.config import RevocationConfig
-from gateway.pkifiles import ThrowawayPki, make_throwaway_pki
-from gateway.revocation import CrlRefresher
 from tests.harness import start_harness
 
 NOW = dt.datetime.now(dt.UTC)

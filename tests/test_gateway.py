@@ -21,10 +21,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway import pki
+from gateway.certs import builders as pki
+from gateway.certs.files import ThrowawayPki, make_throwaway_pki
 from gateway.errors import GatewayError
-from gateway.messages import NOT_VALID_JA
-from gateway.pkifiles import ThrowawayPki, make_throwaway_pki
+from gateway.web.messages import NOT_VALID_JA
 from tests.harness import Harness, start_harness
 
 NOW = dt.datetime.now(dt.UTC)
@@ -225,7 +225,7 @@ async def test_background_refresh_picks_up_a_new_crl(tmp_path: Path, pki: Throwa
         )
         from cryptography.hazmat.primitives.serialization import Encoding
 
-        from gateway.pkifiles import write_atomic
+        from gateway.certs.files import write_atomic
 
         write_atomic(pki.crl, crl.public_bytes(Encoding.PEM))
         for _ in range(50):
@@ -456,8 +456,8 @@ async def test_healthz_and_metrics(gw: Harness) -> None:
 
 async def test_admin_listener_serves_the_audit_report(gw: Harness) -> None:
     """/audit is wired through the worker's admin listener (its module loads on the first request)."""
-    from gateway.audit import AuditEvent, EventKind
-    from gateway.auditstore import AuditStore
+    from gateway.audit.events import AuditEvent, EventKind
+    from gateway.audit.store import AuditStore
 
     event = AuditEvent(EventKind.REQUEST_REFUSED, reason="certificate_revoked", user_id="LC000009")
     with AuditStore(gw.config.audit.database) as store:
@@ -483,7 +483,7 @@ async def test_underscore_spellings_of_identity_headers_are_dropped(gw: Harness)
 def test_backends_cannot_set_the_gateways_cookies() -> None:
     from multidict import CIMultiDict, CIMultiDictProxy
 
-    from gateway.proxy import response_headers
+    from gateway.forward.proxy import response_headers
 
     upstream = CIMultiDict(
         [("Set-Cookie", "__Host-gw_session=evil; Path=/"), ("Set-Cookie", "JSESSIONID=1; Path=/onre/")]
@@ -494,7 +494,7 @@ def test_backends_cannot_set_the_gateways_cookies() -> None:
 async def test_open_websocket_is_closed_when_the_certificate_is_revoked(
     gw: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("gateway.proxy.WEBSOCKET_RECHECK_SECONDS", 0.1)
+    monkeypatch.setattr("gateway.forward.proxy.WEBSOCKET_RECHECK_SECONDS", 0.1)
     async with gw.session() as s, s.ws_connect(gw.url("/onre/ws").replace("https", "wss")) as ws:
         await ws.send_str("before")
         assert (await ws.receive(timeout=5)).data.endswith(":before")

@@ -15,15 +15,15 @@ import pytest
 import yaml
 from aiohttp import web
 
-from gateway.audit import EventKind
+from gateway.access.login import LoginAccess
+from gateway.access.passwords import hash_password
+from gateway.access.users import UserStore
+from gateway.audit.events import EventKind
+from gateway.certs.files import ThrowawayPki
 from gateway.config import GatewayPaths, load_config, shadowed_paths
-from gateway.demobackend import build_backend
+from gateway.demo.backend import build_backend
 from gateway.errors import ConfigError
-from gateway.login import LoginAccess
-from gateway.passwords import hash_password
-from gateway.pkifiles import ThrowawayPki
 from gateway.server import GatewayWorker
-from gateway.users import UserStore
 from tests.harness import Harness, ListAudit, start_harness, write_config
 
 PASSWORD = "correct horse battery"

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import NameOID, ObjectIdentifier
 
-from gateway import pki
-from gateway.pkifiles import ThrowawayPki, write_atomic, write_private_key
+from gateway.certs import builders as pki
+from gateway.certs.files import ThrowawayPki, write_atomic, write_private_key
 from tests.harness import Harness, start_harness
 
 NOW = dt.datetime.now(dt.UTC)
@@ -341,7 +341,7 @@ async def test_same_name_ca_with_a_pathlen_free_root_is_refused_by_policy(tmp_pa
 
 def pki_files(directory: Path, root: x509.Certificate, root_key: pki.PrivateKey) -> ThrowawayPki:
     """A ThrowawayPki around a given root (server certificate, one client, an empty CRL)."""
-    from gateway.pkifiles import issue_client_files
+    from gateway.certs.files import issue_client_files
 
     directory.mkdir(parents=True)
     server_key = pki.generate_key()

@@ -25,10 +25,10 @@ import aiohttp
 import pytest
 from prometheus_client import REGISTRY
 
-from gateway.login import LoginAccess
-from gateway.passwords import hash_password
-from gateway.pkifiles import ThrowawayPki
-from gateway.users import UserStore
+from gateway.access.login import LoginAccess
+from gateway.access.passwords import hash_password
+from gateway.access.users import UserStore
+from gateway.certs.files import ThrowawayPki
 from tests.harness import Harness, start_harness
 
 FAST = {"limits": {"header_timeout_seconds": 1, "body_timeout_seconds": 1}}

@@ -10,8 +10,8 @@ from cryptography import x509
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import issuance
-from gateway.issuance import (
+from gateway.ca import issuance
+from gateway.ca.issuance import (
     JST,
     CertificateRecord,
     RevocationReason,

@@ -17,14 +17,14 @@ import aiohttp
 import pytest
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from gateway import pki
-from gateway.ca import CA_KEY, CertificateAuthority
-from gateway.login import LoginAccess
-from gateway.pkifiles import ThrowawayPki, read_private_key, write_atomic, write_private_key
-from gateway.portal import SESSION_COOKIE as PORTAL_COOKIE
-from gateway.portal import start_portal
-from gateway.sessions import SESSION_COOKIE as GATEWAY_COOKIE
-from gateway.users import UserStore
+from gateway.access.login import LoginAccess
+from gateway.access.sessions import SESSION_COOKIE as GATEWAY_COOKIE
+from gateway.access.users import UserStore
+from gateway.ca.authority import CA_KEY, CertificateAuthority
+from gateway.ca.portal import SESSION_COOKIE as PORTAL_COOKIE
+from gateway.ca.portal import start_portal
+from gateway.certs import builders as pki
+from gateway.certs.files import ThrowawayPki, read_private_key, write_atomic, write_private_key
 from tests.harness import Harness, ListAudit, start_harness
 from tests.test_portal import (
     PASSWORD,

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, cast
 import pytest
 import uvloop
 
-from gateway.listener import ACCEPT_BATCH, listen
+from gateway.tls.listener import ACCEPT_BATCH, listen
 
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
     "asyncio": asyncio.new_event_loop,

@@ -11,13 +11,13 @@ import aiohttp
 import pytest
 from yarl import URL
 
-from gateway.accounts import MAX_FORM_BYTES
+from gateway.access.accounts import MAX_FORM_BYTES
+from gateway.access.login import LoginAccess
+from gateway.access.passwords import hash_password
+from gateway.access.sessions import SessionStore, unsign
+from gateway.access.users import UserStore
+from gateway.certs.files import ThrowawayPki
 from gateway.config import Config
-from gateway.login import LoginAccess
-from gateway.passwords import hash_password
-from gateway.pkifiles import ThrowawayPki
-from gateway.sessions import SessionStore, unsign
-from gateway.users import UserStore
 from tests.harness import Harness, start_harness
 
 PASSWORD = "correct horse battery"
@@ -527,7 +527,7 @@ async def test_passthrough_login_body_over_the_form_limit_is_refused(
 
 
 async def test_logout_closes_an_open_websocket(gw: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("gateway.proxy.WEBSOCKET_RECHECK_SECONDS", 0.1)
+    monkeypatch.setattr("gateway.forward.proxy.WEBSOCKET_RECHECK_SECONDS", 0.1)
     async with gw.session() as s:
         await login(gw, s)
         async with s.ws_connect(gw.url("/onre/ws").replace("https", "wss")) as ws:

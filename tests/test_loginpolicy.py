@@ -8,8 +8,7 @@ from urllib.parse import urljoin, urlsplit
 
 import pytest
 
-from gateway.config import LoginConfig, SessionConfig
-from gateway.loginpolicy import (
+from gateway.access.policy import (
     LoginAttempt,
     LoginSettings,
     SessionLimits,
@@ -20,7 +19,8 @@ from gateway.loginpolicy import (
     safe_next,
     same_text,
 )
-from gateway.sessions import SessionRecord
+from gateway.access.sessions import SessionRecord
+from gateway.config import LoginConfig, SessionConfig
 from gateway.verdict import Reason, Verdict
 
 NOW = dt.datetime(2025, 1, 15, 9, 0, tzinfo=dt.UTC)

@@ -1,6 +1,6 @@
 """The three PKCS#12 download formats, read back by four independent readers.
 
-Each format is written by :func:`gateway.p12.bundle` and opened by OpenSSL
+Each format is written by :func:`gateway.certs.p12.bundle` and opened by OpenSSL
 (``openssl pkcs12``), NSS (``pk12util``, the store Chrome and Firefox use on
 Linux), Java (``keytool``) and GnuTLS (``certtool``), with the password the
 user would type (empty for the default). Each reader must find the user ID as
@@ -26,8 +26,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, pkcs12
 
-from gateway import p12, pki
-from gateway.p12 import P12Format
+from gateway.certs import builders as pki
+from gateway.certs import p12
+from gateway.certs.p12 import P12Format
 
 USER = "LC000001"
 PASSWORD = "correct horse 7"

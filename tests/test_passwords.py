@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.passwords import (
+from gateway.access.passwords import (
     MAX_PASSWORD_LENGTH,
     PolicyRule,
     check_password_policy,

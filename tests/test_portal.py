@@ -27,15 +27,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.x509.oid import NameOID
 
-from gateway.ca import CertificateAuthority
+from gateway.access.passwords import hash_password
+from gateway.access.sessions import SESSION_COOKIE as GATEWAY_COOKIE
+from gateway.access.sessions import SessionStore, load_session_key, sign
+from gateway.access.users import UserStore
+from gateway.ca.authority import CertificateAuthority
+from gateway.ca.issuance import JST
+from gateway.ca.portal import LOGIN_CSRF_COOKIE, SESSION_COOKIE, start_portal
+from gateway.ca.publisher import CrlPublisher
 from gateway.config import Config, load_config
-from gateway.crlpublisher import CrlPublisher
-from gateway.issuance import JST
-from gateway.passwords import hash_password
-from gateway.portal import LOGIN_CSRF_COOKIE, SESSION_COOKIE, start_portal
-from gateway.sessions import SESSION_COOKIE as GATEWAY_COOKIE
-from gateway.sessions import SessionStore, load_session_key, sign
-from gateway.users import UserStore
 from gateway.verdict import Reason
 from tests.harness import ListAudit
 

@@ -20,11 +20,11 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway import pki
-from gateway.certpolicy import USER_ID_PATTERN, PeerCertificate, check_subject, parse_peer
-from gateway.loginpolicy import LoginAttempt, LoginSettings, decide_login, same_text
-from gateway.proxy import GATEWAY_COOKIE_PREFIX, strip_gateway_cookies
-from gateway.routing import check_path
+from gateway.access.policy import LoginAttempt, LoginSettings, decide_login, same_text
+from gateway.certs import builders as pki
+from gateway.certs.policy import USER_ID_PATTERN, PeerCertificate, check_subject, parse_peer
+from gateway.forward.proxy import GATEWAY_COOKIE_PREFIX, strip_gateway_cookies
+from gateway.forward.routing import check_path
 from gateway.verdict import Verdict
 
 SETTINGS = settings(deadline=None, max_examples=200, database=None, suppress_health_check=[HealthCheck.too_slow])

@@ -28,8 +28,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from prometheus_client import REGISTRY
 
-from gateway import pki as pki_mod
-from gateway.pkifiles import ThrowawayPki, make_throwaway_pki, write_atomic
+from gateway.certs import builders as pki_mod
+from gateway.certs.files import ThrowawayPki, make_throwaway_pki, write_atomic
 from tests.harness import Harness, start_backend, start_harness, write_config
 
 NOW = dt.datetime.now(dt.UTC)

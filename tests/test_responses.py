@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from gateway.login import LoginAccess
-from gateway.pkifiles import ThrowawayPki
+from gateway.access.login import LoginAccess
+from gateway.certs.files import ThrowawayPki
 from tests.harness import Harness, start_harness
 
 ICO_MAGIC = b"\x00\x00\x01\x00"
@@ -174,8 +174,8 @@ def test_the_icon_ships_as_package_data() -> None:
     import tomllib
 
     root = Path(__file__).resolve().parent.parent
-    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["gateway"]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["gateway.web"]
     for folder in ("static", "templates"):
-        for file in (root / "gateway" / folder).iterdir():
+        for file in (root / "gateway" / "web" / folder).iterdir():
             name = f"{folder}/{file.name}"
             assert any(fnmatch.fnmatch(name, g) for g in globs), f"{name} is not in package-data"

@@ -1,4 +1,4 @@
-"""CRL parsing, the serial index and the freshness rule (pure parts of gateway.revocation)."""
+"""CRL parsing, the serial index and the freshness rule (pure parts of gateway.certs.revocation)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pickle
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from gateway import pki
-from gateway.revocation import CrlError, RevocationState, SerialIndex, parse_crl, serial_key
+from gateway.certs import builders as pki
+from gateway.certs.revocation import CrlError, RevocationState, SerialIndex, parse_crl, serial_key
 
 NOW = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
 
@@ -103,8 +103,8 @@ def test_state_checks_revocation_and_freshness(ca: tuple) -> None:
 async def test_big_crl_file_is_parsed_in_a_child_process(ca: tuple, tmp_path) -> None:
     import os
 
+    from gateway.certs.revocation import PROCESS_PARSE_BYTES, CrlRefresher
     from gateway.config import RevocationConfig
-    from gateway.revocation import PROCESS_PARSE_BYTES, CrlRefresher
 
     serials = [pki.random_serial() for _ in range(30_000)]
     path = tmp_path / "big.crl"
@@ -128,8 +128,8 @@ async def test_no_parser_process_is_left_after_a_big_crl(ca: tuple, tmp_path) ->
     import multiprocessing
     import time
 
+    from gateway.certs.revocation import PROCESS_PARSE_BYTES, CrlRefresher
     from gateway.config import RevocationConfig
-    from gateway.revocation import PROCESS_PARSE_BYTES, CrlRefresher
 
     path = tmp_path / "big.crl"
     path.write_bytes(crl_bytes(ca, [pki.random_serial() for _ in range(30_000)], this_update=dt.datetime.now(dt.UTC)))
@@ -154,8 +154,8 @@ async def test_no_parser_process_is_left_after_a_big_crl(ca: tuple, tmp_path) ->
 
 
 async def test_an_older_crl_from_a_second_source_never_replaces_a_newer_one(ca: tuple, tmp_path) -> None:
+    from gateway.certs.revocation import CrlRefresher
     from gateway.config import RevocationConfig
-    from gateway.revocation import CrlRefresher
 
     now = dt.datetime.now(dt.UTC)
     fresh, mirror = tmp_path / "fresh.crl", tmp_path / "mirror.crl"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.config import Backend
-from gateway.routing import Router, check_path, normalise_host
+from gateway.forward.routing import Router, check_path, normalise_host
 
 BACKENDS = [
     Backend("tdnet", "/onre/", "http://a"),

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.pkifiles import ThrowawayPki
+from gateway.certs.files import ThrowawayPki
 from gateway.sdnotify import Notifier
 from tests.harness import write_config
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import ConfigError, StoreError
-from gateway.loginpolicy import SessionLimits
-from gateway.sessions import (
+from gateway.access.policy import SessionLimits
+from gateway.access.sessions import (
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
     TOUCH_INTERVAL,
@@ -32,7 +31,8 @@ from gateway.sessions import (
     sign,
     unsign,
 )
-from gateway.users import UserStore
+from gateway.access.users import UserStore
+from gateway.errors import ConfigError, StoreError
 
 NOW = dt.datetime(2025, 1, 15, 9, 0, tzinfo=dt.UTC)
 FP = "AB" * 32

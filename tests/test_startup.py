@@ -22,9 +22,9 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from gateway import pki
+from gateway.certs import builders as pki
+from gateway.certs.files import ThrowawayPki
 from gateway.config import load_config
-from gateway.pkifiles import ThrowawayPki
 from gateway.startup import GATEWAY_CHECKS
 from tests.harness import write_config
 
@@ -123,7 +123,7 @@ CASES = [
 
 @pytest.fixture
 def good(tmp_path: Path) -> Iterator[tuple[Path, ThrowawayPki]]:
-    from gateway.pkifiles import make_throwaway_pki
+    from gateway.certs.files import make_throwaway_pki
 
     the_pki = make_throwaway_pki(tmp_path / "pki", users=("LC000001",))
     ports = {"tdnet": 9, "j-iriss": 9, "clearing": 9}

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from gateway.pkifiles import ThrowawayPki
+from gateway.certs.files import ThrowawayPki
 from gateway.server import Backoff
 from tests.harness import write_config
 

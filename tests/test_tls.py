@@ -12,9 +12,9 @@ from typing import Any
 
 import pytest
 
-from gateway.pkifiles import ThrowawayPki
+from gateway.certs.files import ThrowawayPki
 from gateway.server import TICKET_KEYS_ENV, GatewayWorker
-from gateway.tls import TICKET_KEYS_BYTES
+from gateway.tls.termination import TICKET_KEYS_BYTES
 from tests.harness import ListAudit, start_harness
 
 
@@ -78,7 +78,7 @@ def test_message_callback_stops_after_the_handshake_and_one_ticket_per_handshake
     import _ssl
 
     from gateway.config import TlsConfig
-    from gateway.tls import _on_tls_message, build_server_context, load_client_cas, stop_message_callback
+    from gateway.tls.termination import _on_tls_message, build_server_context, load_client_cas, stop_message_callback
 
     seen: list[int] = []
 

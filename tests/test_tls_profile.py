@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from gateway import pki
-from gateway.pkifiles import ThrowawayPki
-from gateway.tls import served_chain
+from gateway.certs import builders as pki
+from gateway.certs.files import ThrowawayPki
+from gateway.tls.termination import served_chain
 from tests.harness import Harness, start_harness
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")

@@ -1,4 +1,4 @@
-"""The backend hop (gateway.upstream) against real servers on 127.0.0.1.
+"""The backend hop (gateway.forward.upstream) against real servers on 127.0.0.1.
 
 aiohttp servers play well-behaved backends; raw ``asyncio.start_server``
 servers send the exact (or broken) bytes a test needs. Every test runs on
@@ -26,7 +26,14 @@ import uvloop
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from gateway.upstream import HIGH_WATER, MAX_HEAD_BYTES, UpstreamError, UpstreamPool, UpstreamResponse, encode_head
+from gateway.forward.upstream import (
+    HIGH_WATER,
+    MAX_HEAD_BYTES,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+    encode_head,
+)
 
 Run = Callable[[Coroutine[Any, Any, None]], None]
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.errors import GatewayError, StoreError
-from gateway.loginpolicy import LoginAttempt, LoginSettings, decide_login
-from gateway.passwords import dummy_verify, hash_password, verify_password
-from gateway.users import (
+from gateway.access.passwords import dummy_verify, hash_password, verify_password
+from gateway.access.policy import LoginAttempt, LoginSettings, decide_login
+from gateway.access.users import (
     InvalidUserIdError,
     LoginState,
     UserError,
@@ -24,6 +23,7 @@ from gateway.users import (
     UserStore,
     validate_user_id,
 )
+from gateway.errors import GatewayError, StoreError
 from gateway.verdict import Reason, Verdict
 
 NOW = dt.datetime(2025, 1, 15, 9, 0, tzinfo=dt.UTC)
@@ -352,7 +352,7 @@ def test_many_processes_opening_a_new_database_at_once_all_succeed(tmp_path: Pat
     import sys
 
     code = (
-        "import sys; from pathlib import Path; from gateway.users import UserStore; from gateway.sessions import SessionStore\n"
+        "import sys; from pathlib import Path; from gateway.access.users import UserStore; from gateway.access.sessions import SessionStore\n"
         "p = Path(sys.argv[1]); UserStore(p).close(); SessionStore(p).close()"
     )
     for round_ in range(3):

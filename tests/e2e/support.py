@@ -32,15 +32,15 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from gateway.ca import CertificateAuthority
+from gateway.access.login import LoginAccess
+from gateway.access.passwords import hash_password
+from gateway.access.users import UserStore
+from gateway.ca.authority import CertificateAuthority
+from gateway.certs.builders import SSO_CA_NAME
+from gateway.certs.files import write_atomic
 from gateway.config import Config, load_config
-from gateway.demobackend import build_backend
-from gateway.login import LoginAccess
-from gateway.passwords import hash_password
-from gateway.pki import SSO_CA_NAME
-from gateway.pkifiles import write_atomic
+from gateway.demo.backend import build_backend
 from gateway.server import GatewayWorker
-from gateway.users import UserStore
 from tests.harness import SYSTEMS, ListAudit
 
 T = TypeVar("T")
@@ -168,7 +168,7 @@ class Servers:
         """Start the issuance portal on the same config, CA and users database."""
         if self.portal_port is not None:
             return
-        from gateway import portal  # built by another issue; imported late so 3, 6, 7 run without it
+        from gateway.ca import portal  # built by another issue; imported late so 3, 6, 7 run without it
 
         async def start() -> tuple[web.AppRunner, int]:
             return await portal.start_portal(self.config, audit=self.portal_audit, clock=self.portal_clock)

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit import EventKind
-from gateway.messages import NOT_VALID_JA
+from gateway.audit.events import EventKind
+from gateway.web.messages import NOT_VALID_JA
 from tests.e2e.support import (
     PASSWORD,
     Servers,

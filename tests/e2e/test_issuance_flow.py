@@ -16,9 +16,9 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from gateway.audit import EventKind
-from gateway.messages import NOT_VALID_JA
-from gateway.pki import SSO_CA_NAME
+from gateway.audit.events import EventKind
+from gateway.certs.builders import SSO_CA_NAME
+from gateway.web.messages import NOT_VALID_JA
 from tests.e2e.support import (
     Servers,
     Terminal,

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 from cryptography.hazmat.primitives.serialization import pkcs12
 
-from gateway.audit import EventKind
+from gateway.audit.events import EventKind
 from tests.e2e.support import Servers, Terminal, assert_tdnet_as, gateway_login, portal_login
 
 pytestmark = pytest.mark.browser

@@ -1,0 +1,8 @@
+"""The audit trail: events, their store, the non-blocking writer and the report page.
+
+Owns the event record and its one serialised form (``events``, pure), the
+append-only SQLite store (``store``), the queue-and-thread writer
+(``writer``) and the ``/audit`` page (``report``). May import config,
+errors, metrics, ``gateway.storage`` and ``gateway.web`` (the report
+page only); everything that refuses imports it, it imports none of them.
+"""

@@ -1,0 +1,206 @@
+"""The read-only ``/audit`` report page of the admin listener.
+
+The chart geometry is a pure function of the summary's hourly counts
+(:func:`refusal_chart`); the template draws it as inline SVG, so the page
+needs no script and no external asset, and every untrusted string (user
+agents, DNs, user IDs) reaches the HTML only through Jinja2 autoescaping.
+:func:`audit_handler` is the only aiohttp part: it parses the same filters
+as ``gateway audit list`` and runs the queries in an executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.audit.events import (
+    FIELDS,
+    FILTER_KEYS,
+    AuditEvent,
+    AuditFilter,
+    EventKind,
+    event_to_dict,
+    format_time,
+    parse_filter,
+    utcnow,
+)
+from gateway.audit.store import AuditStore, AuditSummary
+from gateway.errors import GatewayError, StoreError
+from gateway.web.pages import render
+
+PALETTE = (
+    "#b00020", "#00315e", "#e07b00", "#2e7d32", "#6a1b9a",
+    "#00838f", "#8d6e63", "#c2185b", "#7cb342", "#5c6bc0",
+)  # fmt: skip
+MAX_HOURLY_BUCKETS = 168  # longer windows are drawn per day
+DEFAULT_WINDOW = dt.timedelta(hours=24)
+PAGE_LIMIT = 200
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Bar:
+    x: float
+    y: float
+    width: float
+    height: float
+    color: str
+    title: str
+
+
+@dataclass(frozen=True, slots=True)
+class Chart:
+    """Everything the template needs to draw the stacked bar chart."""
+
+    width: int
+    height: int
+    plot_top: int
+    plot_bottom: int
+    plot_left: int
+    bars: list[Bar]
+    legend: list[tuple[str, str, int]]  # reason, colour, count
+    x_labels: list[tuple[float, str]]
+    y_labels: list[tuple[float, str]]
+    bucket: str  # "hour" or "day"
+    peak: int
+
+
+def refusal_chart(
+    per_hour: Sequence[tuple[dt.datetime, str, int]],
+    since: dt.datetime,
+    until: dt.datetime,
+    *,
+    width: int = 720,
+    height: int = 220,
+) -> Chart:
+    """Stacked bars of refusals per hour (per day beyond a week), one colour per reason."""
+    step = dt.timedelta(hours=1)
+    start = since.astimezone(dt.UTC).replace(minute=0, second=0, microsecond=0)
+    if (until - start) / step > MAX_HOURLY_BUCKETS:
+        step = dt.timedelta(days=1)
+        start = start.replace(hour=0)
+    count = max(1, -(-(until - start) // step))
+    totals: dict[str, int] = {}
+    cells: dict[tuple[int, str], int] = {}
+    for when, reason, n in per_hour:
+        index = (when - start) // step
+        if 0 <= index < count:
+            cells[index, reason] = cells.get((index, reason), 0) + n
+            totals[reason] = totals.get(reason, 0) + n
+    reasons = sorted(totals, key=lambda r: (-totals[r], r))
+    colors = {r: PALETTE[i % len(PALETTE)] for i, r in enumerate(reasons)}
+    per_bucket = [sum(cells.get((i, r), 0) for r in reasons) for i in range(count)]
+    peak = max(per_bucket, default=0)
+    left, top, bottom = 44, 10, height - 24
+    slot = (width - left - 4) / count
+    scale = (bottom - top) / peak if peak else 0.0
+    label = "%m-%d %H:00" if step.days == 0 else "%m-%d"
+    bars: list[Bar] = []
+    for i in range(count):
+        y = float(bottom)
+        for r in reasons:
+            n = cells.get((i, r), 0)
+            if n:
+                h = n * scale
+                y -= h
+                title = f"{(start + i * step).strftime(label)} {r}: {n}"
+                bars.append(Bar(left + i * slot, y, max(slot * 0.85, 1.0), h, colors[r], title))
+    every = max(1, count // 6)
+    return Chart(
+        width=width,
+        height=height,
+        plot_top=top,
+        plot_bottom=bottom,
+        plot_left=left,
+        bars=bars,
+        legend=[(r, colors[r], totals[r]) for r in reasons],
+        x_labels=[
+            (left + i * slot, (start + i * step).strftime(label))
+            for i in range(0, count, every)
+            if left + i * slot <= width - 64  # room for the text
+        ],
+        y_labels=[(bottom - v * scale, str(v)) for v in sorted({0, peak // 2, peak}) if peak or v == 0],
+        bucket="hour" if step.days == 0 else "day",
+        peak=peak,
+    )
+
+
+def render_report(
+    events: Sequence[AuditEvent],
+    summary: AuditSummary | None,
+    filters: Mapping[str, str],
+    *,
+    error: str = "",
+) -> str:
+    """The whole /audit page. ``filters`` are the form values as the user typed them."""
+    chart = refusal_chart(summary.per_hour, summary.since, summary.until) if summary else None
+    return render(
+        "audit.html",
+        title_ja="監査ログ",
+        events=[event_to_dict(e) for e in events],
+        detail=bool(filters.get("support_id")),
+        fields=FIELDS,
+        summary=summary,
+        chart=chart,
+        filters=filters,
+        kinds=[k.value for k in EventKind],
+        error=error,
+        since_text=format_time(summary.since) if summary else "",
+        until_text=format_time(summary.until) if summary else "",
+    )
+
+
+def load_report(store_path: Path, f: AuditFilter, now: dt.datetime) -> tuple[list[AuditEvent], AuditSummary]:
+    """The blocking part of the page: one read-only connection, two queries."""
+    since = f.since or now - DEFAULT_WINDOW
+    until = f.until or now
+    with AuditStore(store_path, readonly=True) as store:
+        return store.query(f), store.summary(since, until, match=f)
+
+
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def audit_handler(store_path: Path | str) -> Handler:
+    """A GET handler for the admin listener's ``/audit`` page."""
+    path = Path(store_path)
+
+    async def handle(request: web.Request) -> web.Response:
+        filters = {key: request.query.get(key, "") for key in FILTER_KEYS}
+        if not any(filters.values()):
+            filters["since"] = "24h"
+        now = utcnow()
+        try:
+            f = parse_filter(filters, now, default_limit=PAGE_LIMIT)
+            loop = asyncio.get_running_loop()
+            events, summary = await loop.run_in_executor(None, load_report, path, f, now)
+        except StoreError as exc:
+            return _page(render_report([], None, filters, error=str(exc)), 503)
+        except GatewayError as exc:
+            return _page(render_report([], None, filters, error=str(exc)), 400)
+        return _page(render_report(events, summary, filters), 200)
+
+    return handle
+
+
+def _page(html: str, status: int) -> web.Response:
+    return web.Response(
+        text=html,
+        status=status,
+        content_type="text/html",
+        charset="utf-8",
+        headers=SECURITY_HEADERS,
+    )

@@ -1,0 +1,289 @@
+"""The audit writer: request handlers record events without ever waiting for disk.
+
+``AuditLog.record`` is synchronous and only puts the event on a bounded
+``asyncio.Queue``; one writer task takes batches off the queue and writes
+them in a dedicated thread (SQLite blocks), to the store and, if set, to a
+JSON-lines sink for a SIEM. Nothing is dropped silently: an event that
+cannot be queued (queue full, log closed) or stored (database failing) is
+written to stderr as one JSON line carrying ``"audit_overflow": <cause>``,
+counted in ``gateway_audit_overflow_total{cause}`` and, for store
+failures, logged as an error. The writer keeps trying the store with each
+later batch, so it recovers on its own when the disk comes back.
+
+``record_now`` is the synchronous variant for short CLI processes (users,
+CA): it appends straight to the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TextIO
+
+from gateway.audit.events import AuditEvent, event_to_dict
+from gateway.audit.store import AuditStore
+from gateway.config import AuditConfig, Config
+from gateway.metrics import AUDIT_EVENTS, AUDIT_OVERFLOW
+
+log = logging.getLogger("gateway.audit")
+
+BATCH_SIZE = 500
+DEFAULT_QUEUE_SIZE = 10_000
+ERROR_LOG_INTERVAL = 60.0  # seconds between repeated error lines while a sink keeps failing
+
+
+def overflow_line(event: AuditEvent, cause: str) -> str:
+    """The stderr form of an event that missed the store: one JSON object, one line."""
+    return json.dumps({"audit_overflow": cause, **event_to_dict(event)}, ensure_ascii=False)
+
+
+def json_line(event: AuditEvent) -> str:
+    return json.dumps(event_to_dict(event), ensure_ascii=False)
+
+
+class _Complaints:
+    """Error logging for a failing sink: the first failure, then once a minute, then recovery."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failing = False
+        self.suppressed = 0
+        self.last = 0.0
+
+    def failed(self, exc: BaseException, lost: str) -> None:
+        now = time.monotonic()
+        if not self.failing or now - self.last >= ERROR_LOG_INTERVAL:
+            more = f" ({self.suppressed} more failures since last report)" if self.suppressed else ""
+            log.error("%s failed: %s; %s%s", self.what, exc, lost, more)
+            self.last, self.suppressed = now, 0
+        else:
+            self.suppressed += 1
+        self.failing = True
+
+    def succeeded(self) -> None:
+        if self.failing:
+            log.warning("%s works again", self.what)
+        self.failing, self.suppressed = False, 0
+
+
+class AuditLog:
+    """The non-blocking recorder handed to every component that audits.
+
+    Call :meth:`record` from the event loop's thread (request handlers);
+    from another thread use ``loop.call_soon_threadsafe(audit.record, e)``.
+    :meth:`start` and :meth:`aclose` bracket the application's life.
+    """
+
+    def __init__(
+        self,
+        target: AuditConfig | Path | str,
+        *,
+        jsonl: str | None = None,
+        queue_size: int | None = None,
+        batch_size: int = BATCH_SIZE,
+        worker: int | None = None,
+        stderr: TextIO | None = None,
+    ) -> None:
+        """``target`` is the config's ``audit`` section, or a database path.
+
+        With a section, ``jsonl`` and ``queue_size`` default to its values.
+        ``worker`` is stamped on events recorded without one.
+        """
+        if isinstance(target, AuditConfig):
+            self.database = target.database
+            jsonl = jsonl if jsonl is not None else target.jsonl
+            queue_size = queue_size if queue_size is not None else target.queue_size
+        else:
+            self.database = Path(target)
+        self.jsonl = jsonl
+        self.worker = worker
+        self.batch_size = batch_size
+        self._stderr = stderr
+        self._queue: asyncio.Queue[AuditEvent | None] = asyncio.Queue(
+            maxsize=queue_size if queue_size is not None else DEFAULT_QUEUE_SIZE
+        )
+        self._task: asyncio.Task[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._closed = False
+        self._store: AuditStore | None = None
+        self._store_identity: tuple[int, int] | None = None
+        self._jsonl_fd: int | None = None
+        self._store_complaints = _Complaints(f"audit store {self.database}")
+        self._jsonl_complaints = _Complaints(f"audit JSON lines sink {jsonl}")
+
+    # -- the request side --
+
+    def record(self, event: AuditEvent) -> None:
+        """Queue one event; never blocks, never raises for a full queue."""
+        if self.worker is not None and event.worker is None:
+            event = dataclasses.replace(event, worker=self.worker)
+        AUDIT_EVENTS.labels(event=str(event.event), reason=event.reason).inc()
+        if self._closed:
+            self._overflow([event], "closed")
+            return
+        try:
+            self._queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self._overflow([event], "queue_full")
+
+    # -- lifecycle --
+
+    async def start(self) -> None:
+        """Start the writer task (events recorded before this wait in the queue)."""
+        if self._task is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-writer")
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="audit-writer")
+
+    async def aclose(self) -> None:
+        """Stop taking events, write everything queued, close the sinks."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._task is None:  # never started: write what was queued, in a thread
+            await self.start()
+        assert self._task is not None and self._executor is not None
+        if not self._task.done():
+            await self._queue.put(None)
+            await asyncio.wait([self._task])
+        # If the writer task was cancelled by someone else, flush what it left.
+        leftover = [e for e in self._drain() if e is not None]
+        loop = asyncio.get_running_loop()
+        if leftover:
+            await loop.run_in_executor(self._executor, self._write, leftover)
+        await loop.run_in_executor(self._executor, self._close_sinks)
+        self._executor.shutdown(wait=True)
+
+    def _drain(self) -> list[AuditEvent | None]:
+        items: list[AuditEvent | None] = []
+        while not self._queue.empty():
+            items.append(self._queue.get_nowait())
+        return items
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = False
+        while not stop:
+            batch: list[AuditEvent] = []
+            item = await self._queue.get()
+            while item is not None:
+                batch.append(item)
+                if len(batch) >= self.batch_size or self._queue.empty():
+                    break
+                item = self._queue.get_nowait()
+            stop = item is None
+            if batch:
+                try:
+                    await loop.run_in_executor(self._executor, self._write, batch)
+                except Exception:  # a bug in a sink must not stop the writer
+                    log.exception("audit writer failed on a batch of %d events", len(batch))
+
+    # -- the writer thread --
+
+    def _write(self, batch: Sequence[AuditEvent]) -> None:
+        try:
+            self._write_jsonl(batch)
+        finally:
+            self._write_store(batch)
+
+    def _write_store(self, batch: Sequence[AuditEvent]) -> None:
+        try:
+            self._open_store().append(batch)
+        except Exception as exc:
+            self._drop_store()
+            self._overflow(batch, "store_failed")
+            self._store_complaints.failed(exc, "events go to stderr until it recovers")
+        else:
+            self._store_complaints.succeeded()
+
+    def _open_store(self) -> AuditStore:
+        """The store, reopened if its file was moved, deleted or replaced.
+
+        An open SQLite connection keeps writing to a file that was renamed
+        or unlinked, so without this check events would vanish with it.
+        One stat per batch is cheap.
+        """
+        try:
+            st = os.stat(self.database)
+            identity: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            identity = None
+        if self._store is not None and identity != self._store_identity:
+            log.warning("audit database %s was moved or replaced; reopening it", self.database)
+            self._drop_store()
+        if self._store is None:
+            self._store = AuditStore(self.database)
+            st = os.stat(self.database)
+            self._store_identity = (st.st_dev, st.st_ino)
+        return self._store
+
+    def _write_jsonl(self, batch: Sequence[AuditEvent]) -> None:
+        if self.jsonl is None:
+            return
+        data = "".join(json_line(e) + "\n" for e in batch)
+        try:
+            if self.jsonl == "-":
+                sys.stdout.write(data)
+                sys.stdout.flush()
+            else:
+                self._append_jsonl(data.encode())
+        except Exception as exc:
+            self._close_jsonl()
+            self._jsonl_complaints.failed(exc, "the events are still in the audit database")
+        else:
+            self._jsonl_complaints.succeeded()
+
+    def _append_jsonl(self, data: bytes) -> None:
+        # O_APPEND and whole batches per write(): workers sharing the file
+        # never interleave inside a line.
+        if self._jsonl_fd is None:
+            assert self.jsonl is not None
+            self._jsonl_fd = os.open(self.jsonl, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._jsonl_fd, view) :]
+
+    def _overflow(self, events: Sequence[AuditEvent], cause: str) -> None:
+        stream = self._stderr or sys.stderr
+        stream.write("".join(overflow_line(e, cause) + "\n" for e in events))
+        stream.flush()
+        AUDIT_OVERFLOW.labels(cause=cause).inc(len(events))
+
+    def _drop_store(self) -> None:
+        if self._store is not None:
+            store, self._store = self._store, None
+            with contextlib.suppress(Exception):  # already failing; the reopen will report
+                store.close()
+
+    def _close_jsonl(self) -> None:
+        if self._jsonl_fd is not None:
+            fd, self._jsonl_fd = self._jsonl_fd, None
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _close_sinks(self) -> None:
+        self._drop_store()
+        self._close_jsonl()
+
+
+def record_now(config: Config, event: AuditEvent, *, stderr: TextIO | None = None) -> bool:
+    """Append one event at once, for CLI processes (admin actions); True if stored.
+
+    On failure the event goes to stderr as an overflow line and is counted,
+    like in the gateway, and the error is logged; the caller's action has
+    already happened, so this does not raise.
+    """
+    audit = AuditLog(config.audit, stderr=stderr)
+    AUDIT_EVENTS.labels(event=str(event.event), reason=event.reason).inc()
+    audit._write([event])
+    audit._close_sinks()
+    return not audit._store_complaints.failing
