@@ -39,8 +39,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gateway.access.policy import SessionLimits
-from gateway.access.users import SqliteStore, from_epoch, join_systems, split_systems, to_epoch
+from gateway.access.users import from_epoch, join_systems, split_systems, to_epoch
 from gateway.errors import ConfigError
+from gateway.storage.sqlite import SqliteStore
 
 SESSION_COOKIE = "__Host-gw_session"
 LOGIN_CSRF_COOKIE = "__Host-gw_csrf"

@@ -17,22 +17,17 @@ exists, so a lock looks the same for unknown IDs (see gateway.access.policy).
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 import sqlite3
-import threading
-import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal, Self
 
 from gateway.access.passwords import HASH_PREFIX
 from gateway.access.policy import LoginSettings, lock_due
-from gateway.errors import GatewayError, StoreError
+from gateway.errors import GatewayError
+from gateway.storage.sqlite import SqliteStore
 
-BUSY_TIMEOUT_MS = 10_000
 USER_ID_PATTERN = re.compile(r"[A-Za-z0-9._@-]{1,64}", re.ASCII)
 SYSTEM_PATTERN = re.compile(r"[a-z0-9._-]{1,32}", re.ASCII)
 SCHEMA_VERSION = 1
@@ -130,72 +125,6 @@ def validate_systems(systems: Iterable[str]) -> frozenset[str]:
     return result
 
 
-def open_database(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed, mode 0600) a SQLite file shared by processes.
-
-    Autocommit mode (transactions are explicit), WAL so readers never wait
-    for the writer, and a busy timeout so a writer waits for another instead
-    of failing at once. The file holds password hashes and session IDs,
-    hence 0600; SQLite gives the -wal and -shm files the same mode.
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if not path.exists():
-            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-        conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        _set_wal(conn)
-        conn.execute("PRAGMA synchronous = NORMAL")
-    except (OSError, sqlite3.Error) as exc:
-        raise StoreError(f"cannot open database {path}: {exc}") from exc
-    return conn
-
-
-def _set_wal(conn: sqlite3.Connection) -> None:
-    """Switch to WAL, waiting out a concurrent opener.
-
-    Changing the journal mode takes an exclusive lock and SQLite does not
-    always run the busy handler for it: two workers starting together on a
-    new file saw "database is locked". Retry for up to the busy timeout.
-    """
-    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
-    while True:
-        try:
-            conn.execute("PRAGMA journal_mode = WAL")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
-
-
-def ensure_schema(conn: sqlite3.Connection, component: str, version: int, schema: str) -> None:
-    """Create a component's tables once and refuse a file from a newer release.
-
-    Several components (users, sessions) may share one file; each has a row
-    in ``schema_version``.
-    """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
-        row = conn.execute("SELECT version FROM schema_version WHERE component = ?", (component,)).fetchone()
-        if row is not None and row[0] > version:
-            raise StoreError(f"the {component} tables are version {row[0]}; this release knows {version}")
-        for statement in schema.split(";"):
-            if statement.strip():
-                conn.execute(statement)
-        if row is None:
-            conn.execute(
-                "INSERT INTO schema_version (component, version) VALUES (?, ?)",
-                (component, version),
-            )
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
 def to_epoch(when: dt.datetime) -> float:
     """Seconds since the epoch; refuses naive datetimes (all times are UTC-aware)."""
     if when.tzinfo is None:
@@ -213,69 +142,6 @@ def join_systems(systems: Iterable[str]) -> str:
 
 def split_systems(text: str) -> frozenset[str]:
     return frozenset(s for s in text.split(",") if s)
-
-
-class SqliteStore:
-    """One connection to a shared SQLite file, one component's tables in it.
-
-    Threads are serialised on the connection; sqlite3 errors become
-    :class:`StoreError` naming the store and the file.
-    """
-
-    component = ""
-    label = ""  # how errors name the store
-    schema_version = 1
-    schema = ""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._conn = open_database(self.path)
-        self._guarded = _Guard(self)
-        try:
-            with self._guard():
-                ensure_schema(self._conn, self.component, self.schema_version, self.schema)
-        except BaseException:
-            self._conn.close()
-            raise
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _guard(self) -> _Guard:
-        """Serialise threads on the connection; turn sqlite3 errors into StoreError."""
-        return self._guarded
-
-
-class _Guard:
-    """``with store._guard() as conn``: the store's lock held, sqlite3 errors as StoreError.
-
-    A plain context manager, not ``@contextmanager``: the session lookup runs it on
-    every logged-in request, and a generator-based one costs ~0.75 µs more a call.
-    """
-
-    __slots__ = ("_store",)
-
-    def __init__(self, store: SqliteStore) -> None:
-        self._store = store
-
-    def __enter__(self) -> sqlite3.Connection:
-        self._store._lock.acquire()
-        return self._store._conn
-
-    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> Literal[False]:
-        store = self._store
-        store._lock.release()
-        if isinstance(exc, sqlite3.Error):
-            raise StoreError(f"{store.label} store {store.path}: {exc}") from exc
-        return False
 
 
 class UserStore(SqliteStore):
