@@ -1,10 +1,13 @@
 """The ``gateway`` command: one argparse tree, one exit path for errors.
 
-Each concern registers its own sub-commands (``register(subparsers)`` in
-``cli_*`` modules) so this file stays the table of contents. Errors of the
-:class:`GatewayError` family print one line (several for config problems)
-and exit 2, or 1 for a service (``serve``, ``portal``, ``demo``) that could
-not start (its ``failure_status``); tracebacks only with ``--debug``.
+Each concern registers its own sub-commands (``register(subparsers)`` in the
+``gateway.cli.*`` modules: serve, users, audit, ca) so this package's face
+stays the table of contents. Errors of the :class:`GatewayError` family print
+one line (several for config problems) and exit 2, or 1 for a service
+(``serve``, ``portal``, ``demo``) that could not start (its
+``failure_status``); tracebacks only with ``--debug``. The command line is the
+top layer: it may import any package, lazily, so a command loads only what it
+runs.
 """
 
 from __future__ import annotations
