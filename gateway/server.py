@@ -569,13 +569,10 @@ def _worker_main(config: Config, worker: int, log_level: str, results: Any, life
 def run(config: Config) -> int:
     """``gateway serve``: one worker in-process, or a supervisor with N workers.
 
-    The start-up checks come first, the very ones ``gateway check-config``
-    runs (:mod:`gateway.startup`), so both refuse the same files with the
-    same lines.
+    The caller runs the start-up checks first (``gateway serve`` runs the very
+    ones ``gateway check-config`` runs, :mod:`gateway.startup`), so both refuse
+    the same files with the same lines.
     """
-    from gateway.startup import check_startup
-
-    check_startup(config)
     setup_logging(config.log_level)
     notifier = Notifier.from_environment()  # taken, so spawned workers cannot speak for the unit
     if config.workers <= 1:

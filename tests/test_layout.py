@@ -30,6 +30,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "gateway.metrics",
             "gateway.certs.builders",
             "gateway.storage.sqlite",
+            "gateway.sdnotify",
             # the subpackages' faces hold only their docstrings
             "gateway.tls",
             "gateway.certs",
@@ -42,7 +43,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "gateway.demo",
         ],
     ),
-    ("configuration and PKI files", ["gateway.config", "gateway.certs.files"]),
+    ("configuration and PKI files", ["gateway.config", "gateway.certs.files", "gateway.certs.p12"]),
     (
         "decisions (pure) and the texts of refusals",
         [
@@ -82,11 +83,13 @@ LAYERS: list[tuple[str, list[str]]] = [
             "gateway.access.accounts",
             "gateway.access.login",
             "gateway.audit.report",
-            "gateway.admin",
+            "gateway.web.admin",
+            "gateway.web.protocol",
             "gateway.demo.backend",
         ],
     ),
     ("processes: workers and the supervisor", ["gateway.server"]),
+    ("the start-up checks serve, portal and check-config share", ["gateway.startup"]),
     ("programs built on the processes: the portal, the demo", ["gateway.ca.portal", "gateway.demo.runner"]),
     ("the command line", ["gateway.cli", "gateway.cli.*", "gateway.__main__"]),
 ]

@@ -37,8 +37,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives._serialization import _KeySerializationEncryption
 from cryptography.hazmat.primitives.serialization import PrivateFormat, pkcs12
 
-from gateway.access.passwords import MAX_PASSWORD_LENGTH
 from gateway.certs.builders import PrivateKey
+
+# The longest file password taken (the portal's form caps its field at the same length).
+MAX_PASSWORD_LENGTH = 1024
 
 MIN_PASSWORD_LENGTH = 8
 # OWASP's figure for PBKDF2-HMAC-SHA256 (about 0.2 s per file here). The MAC's

@@ -40,8 +40,11 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     from gateway.server import run
+    from gateway.startup import check_startup
 
-    return run(load_config(args.config))
+    config = load_config(args.config)
+    check_startup(config)  # the same checks and lines as check-config
+    return run(config)
 
 
 def _check_config(args: argparse.Namespace) -> int:
