@@ -47,6 +47,12 @@ CRL_NEXT_UPDATE = Gauge(
     ["source"],
     multiprocess_mode="livemin",
 )
+CRL_SECONDS_TO_NEXT_UPDATE = Gauge(
+    "gateway_crl_seconds_to_next_update",
+    "Seconds left until the loaded CRL's nextUpdate (negative: past it); /healthz is degraded below the margin",
+    ["source"],
+    multiprocess_mode="livemin",
+)
 CRL_LOAD_SECONDS = Gauge(
     "gateway_crl_load_seconds",
     "Time the last CRL load took (parse, verify, index)",

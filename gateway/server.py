@@ -47,7 +47,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client.multiprocess import mark_process_dead
 
 from gateway import metrics
-from gateway.admin import build_admin_app, health_from_metrics
+from gateway.admin import build_admin_app, crl_health_detail, health_from_metrics
 from gateway.app import AccessLayer, AuditSink, GatewayRuntime, build_app, utcnow
 from gateway.audit import AuditEvent, EventKind
 from gateway.certpolicy import TrustAnchors, parse_peer
@@ -327,6 +327,11 @@ class GatewayWorker:
             "crl_entries": sum(s.entries for s in state.by_issuer.values()),
             "backends": len(self.config.backends),
             "crl_errors": dict(self.runtime.refresher.last_error),
+            **crl_health_detail(
+                [s.next_update.timestamp() for s in state.by_issuer.values()],
+                self.runtime.clock().timestamp(),
+                self.runtime.refresher.config.warn_before_next_update,
+            ),
         }
         return fresh and bool(self.config.backends), detail
 
@@ -669,7 +674,8 @@ class Supervisor:
         try:
             if config.admin is not None:  # first: a taken admin port stops us before any worker starts
                 grace = config.revocation.grace_seconds if config.revocation else 0.0
-                health = health_from_metrics(len(config.backends), grace, config.workers)
+                warn = config.revocation.warn_before_next_update if config.revocation else 0.0
+                health = health_from_metrics(len(config.backends), grace, config.workers, warn)
                 admin_runner = web.AppRunner(
                     build_admin_app(health, audit_routes(config), reload=self.reload), access_log=None
                 )
