@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "gateway.cli_users",
     "gateway.cli_audit",
     "gateway.cli_ca",
+    "gateway.cli_init",
 )
 
 
