@@ -163,6 +163,7 @@ def render_config(layout: Layout, hostnames: list[str], *, port: int, admin_port
         port=port,
         admin_port=admin_port,
         portal_port=portal_port,
+        portal_admin_port=admin_port + 1,
         server_cert=_path(layout, layout.server_cert),
         server_key=_path(layout, layout.server_key),
         ca_dir=_path(layout, layout.ca),
@@ -297,6 +298,7 @@ ca:
 portal:
   listen: {host: 0.0.0.0, port: $portal_port}
   tls: {cert: $server_cert, key: $server_key}
+  admin: {host: 127.0.0.1, port: $portal_admin_port}   # /healthz, /metrics (plain HTTP, keep it on loopback)
 
 log_level: info                   # debug, info, warning or error (JSON lines on stdout)
 """)

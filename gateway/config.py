@@ -341,6 +341,7 @@ class PortalTls:
 class PortalConfig:
     listen: Listen = section(Listen, port=8444)
     tls: PortalTls = section(PortalTls)
+    admin: Listen | None = section(Listen, optional=True, port=9101)  # /healthz, /metrics: plain HTTP, loopback
 
 
 # Browsers ask every site for this; the gateway answers it itself, whatever backend sits at ``/``.
