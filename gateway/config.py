@@ -251,6 +251,10 @@ class RevocationConfig:
     )
     refresh_seconds: float = setting(60.0, SECONDS)
     grace_seconds: float = setting(3600.0, Check(_plain(_non_negative), "a positive number of seconds"))
+    # /healthz says "degraded" (and the log warns hourly) this close to nextUpdate; 0 turns it off
+    warn_before_next_update: float = setting(
+        21600.0, Check(_plain(_non_negative), "a number of seconds (0: off)"), key="warn_before_next_update_seconds"
+    )
     fetch_timeout: float = setting(10.0, SECONDS, key="fetch_timeout_seconds")
     max_bytes: int = setting(512 * 1024 * 1024, BYTE_COUNT)
 
@@ -369,6 +373,7 @@ class PortalTls:
 class PortalConfig:
     listen: Listen = section(Listen, port=8444)
     tls: PortalTls = section(PortalTls)
+    admin: Listen | None = section(Listen, optional=True, port=9101)  # /healthz, /metrics: plain HTTP, loopback
 
 
 # Browsers ask every site for this; the gateway answers it itself, whatever backend sits at ``/``.

@@ -47,6 +47,12 @@ CRL_NEXT_UPDATE = Gauge(
     ["source"],
     multiprocess_mode="livemin",
 )
+CRL_SECONDS_TO_NEXT_UPDATE = Gauge(
+    "gateway_crl_seconds_to_next_update",
+    "Seconds left until the loaded CRL's nextUpdate (negative: past it); /healthz is degraded below the margin",
+    ["source"],
+    multiprocess_mode="livemin",
+)
 CRL_LOAD_SECONDS = Gauge(
     "gateway_crl_load_seconds",
     "Time the last CRL load took (parse, verify, index)",
@@ -105,3 +111,18 @@ def requests_answered(backend: str, status_class: str) -> Counter:
 @functools.lru_cache(maxsize=1024)
 def upstream_latency(backend: str) -> Histogram:
     return UPSTREAM_LATENCY.labels(backend)
+
+
+# The issuance portal (its own process, served on portal.admin).
+PORTAL_ISSUED = Counter("gateway_portal_certificates_issued_total", "Client certificates the portal issued")
+PORTAL_REVOKED = Counter("gateway_portal_certificates_revoked_total", "Certificates revoked through the portal")
+PORTAL_ISSUANCE_REFUSALS = Counter(
+    "gateway_portal_issuance_refusals_total", "Issuance requests the portal refused, by reason code", ["reason"]
+)
+PORTAL_LOGIN_REFUSALS = Counter(
+    "gateway_portal_login_refusals_total", "Portal logins refused (and lockouts), by reason code", ["reason"]
+)
+PORTAL_CRL_AGE = Gauge("gateway_portal_crl_age_seconds", "Seconds since the CA's last CRL's thisUpdate")
+PORTAL_CRL_SECONDS_TO_NEXT_UPDATE = Gauge(
+    "gateway_portal_crl_seconds_to_next_update", "Seconds left until the CA's last CRL's nextUpdate"
+)

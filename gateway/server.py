@@ -66,7 +66,7 @@ from gateway.tls.termination import (
     build_server_context,
     load_client_cas,
 )
-from gateway.web.admin import build_admin_app, health_from_metrics
+from gateway.web.admin import build_admin_app, crl_health_detail, health_from_metrics
 from gateway.web.protocol import GatewayRequestHandler
 
 log = logging.getLogger(__name__)
@@ -364,6 +364,11 @@ class GatewayWorker:
             "backends": len(self.config.backends),
             "crl_errors": dict(self.runtime.refresher.last_error),
             "ca_expiring": list(self._ca_warnings),
+            **crl_health_detail(
+                [s.next_update.timestamp() for s in state.by_issuer.values()],
+                self.runtime.clock().timestamp(),
+                self.runtime.refresher.config.warn_before_next_update,
+            ),
         }
         return fresh and bool(self.config.backends), detail
 
@@ -750,7 +755,8 @@ class Supervisor:
         try:
             if config.admin is not None:  # first: a taken admin port stops us before any worker starts
                 grace = config.revocation.grace_seconds if config.revocation else 0.0
-                health = health_from_metrics(len(config.backends), grace, config.workers)
+                warn = config.revocation.warn_before_next_update if config.revocation else 0.0
+                health = health_from_metrics(len(config.backends), grace, config.workers, warn)
                 admin_runner = web.AppRunner(
                     build_admin_app(health, audit_routes(config), reload=self.reload), access_log=None
                 )

@@ -90,7 +90,10 @@ LAYERS: list[tuple[str, list[str]]] = [
     ),
     ("processes: workers and the supervisor", ["gateway.server"]),
     ("the start-up checks serve, portal and check-config share", ["gateway.startup"]),
-    ("programs built on the processes: the portal, the demo", ["gateway.ca.portal", "gateway.demo.runner"]),
+    (
+        "programs built on the processes: the portal (and its admin listener), the demo",
+        ["gateway.ca.portal", "gateway.ca.portal_admin", "gateway.demo.runner"],
+    ),
     ("the command line", ["gateway.cli", "gateway.cli.*", "gateway.__main__"]),
 ]
 

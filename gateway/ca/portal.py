@@ -80,6 +80,7 @@ from gateway.audit.events import AuditEvent, EventKind, connection_fields, new_s
 from gateway.ca import issuance
 from gateway.ca.authority import CaSettings, CertificateAuthority, IssuanceRefused
 from gateway.ca.issuance import CertificateRecord, RevocationReason, Status
+from gateway.ca.portal_admin import MeteredAudit, setup_portal_admin
 from gateway.ca.publisher import DEFAULT_INTERVAL, AuditSink, CrlPublisher, crl_event
 from gateway.certs import builders as pki
 from gateway.certs import p12
@@ -286,6 +287,7 @@ class Portal:
         self.ca_der = ca.certificate.public_bytes(serialization.Encoding.DER)
         self.ca_pem = pki.cert_pem(ca.certificate)
         self._crl_files: dict[Path, PublishedFile] = {}
+        self.admin_port: int | None = None  # the portal.admin listener's port once it listens
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -838,12 +840,13 @@ def build_portal_app(
     if config.ca is None:
         raise ConfigError([f"{config.path}: ca: missing; the portal needs ca.dir"])
     ca = CertificateAuthority.open(config.ca.dir, CaSettings.from_config(config.ca))
-    portal = Portal(config, audit, ca, clock or utcnow, crl_interval, session_clock or utcnow)
+    portal = Portal(config, MeteredAudit(audit), ca, clock or utcnow, crl_interval, session_clock or utcnow)
     app = web.Application(client_max_size=MAX_FORM_BYTES)
     app[PORTAL] = portal
     portal.setup_routes(app)
     app.on_response_prepare.append(_security_headers)
     app.cleanup_ctx.append(portal.lifecycle)
+    setup_portal_admin(app, portal)
     return app
 
 

@@ -301,6 +301,22 @@ class _SourceState:
     number: int | None = None
 
 
+class HourlyWarning:
+    """Says "due" at most once per ``interval``: a warning for a window, not one per request or refresh."""
+
+    def __init__(self, interval: float = 3600.0, clock: Any = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._last: float | None = None
+
+    def due(self) -> bool:
+        now = self._clock()
+        if self._last is not None and now - self._last < self.interval:
+            return False
+        self._last = now
+        return True
+
+
 class CrlRefresher:
     """Loads every configured CRL source and keeps the state fresh.
 
@@ -324,6 +340,7 @@ class CrlRefresher:
         self._pools: set[concurrent.futures.ProcessPoolExecutor] = set()  # parses in flight
         self._session: aiohttp.ClientSession | None = None
         self.last_error: dict[str, str] = {}
+        self.lapse_warning = HourlyWarning()
 
     async def refresh_all(self) -> None:
         for source in self.config.sources:
@@ -393,6 +410,19 @@ class CrlRefresher:
         now = time.time()
         for snap in self.state.by_issuer.values():
             metrics.CRL_AGE.labels(snap.source).set(now - snap.this_update.timestamp())
+            left = snap.next_update.timestamp() - now
+            metrics.CRL_SECONDS_TO_NEXT_UPDATE.labels(snap.source).set(left)
+            if self.config.warn_before_next_update > 0 and left < self.config.warn_before_next_update:
+                self._warn_lapse(snap, left)
+
+    def _warn_lapse(self, snap: CrlSnapshot, left: float) -> None:
+        """Silence before the lapse is the trap: say so in the log, once an hour (not per request)."""
+        if self.lapse_warning.due():
+            log.warning(
+                "CRL close to nextUpdate: nobody re-signed it; past nextUpdate + grace every user is refused "
+                "(run the CRL timer or the portal on the CA host)",
+                extra={"source": snap.source, "next_update": snap.next_update.isoformat(), "seconds_left": int(left)},
+            )
 
     def _fail(self, source: str, why: str) -> None:
         self.last_error[source] = why

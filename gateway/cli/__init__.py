@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "gateway.cli.users",
     "gateway.cli.audit",
     "gateway.cli.ca",
+    "gateway.cli.init",
 )
 
 

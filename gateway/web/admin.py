@@ -32,7 +32,8 @@ RELOAD = web.AppKey("gateway_reload", object)
 async def healthz(request: web.Request) -> web.Response:
     check: HealthCheck = request.app[HEALTH]  # type: ignore[assignment]
     ok, detail = check()
-    return web.json_response({"status": "ok" if ok else "unhealthy", **detail}, status=200 if ok else 503)
+    status = ("degraded" if detail.get("degraded") else "ok") if ok else "unhealthy"
+    return web.json_response({"status": status, **detail}, status=200 if ok else 503)
 
 
 async def metrics_page(request: web.Request) -> web.Response:
@@ -65,7 +66,24 @@ def build_admin_app(
     return app
 
 
-def health_from_metrics(backends: int, grace_seconds: float, workers: int = 1) -> HealthCheck:
+def crl_degraded(next_updates: list[float], now: float, warn_before: float) -> list[str]:
+    """Why /healthz is "degraded" (still 200): a CRL within ``warn_before`` seconds of its nextUpdate.
+
+    Past nextUpdate + grace every user is refused; this is the warning before
+    that, while someone can still re-sign the CRL. No CRL at all is
+    "unhealthy", not degraded; a margin of 0 turns the warning off.
+    """
+    if warn_before > 0 and next_updates and min(next_updates) - now < warn_before:
+        return ["crl_near_next_update"]
+    return []
+
+
+def crl_health_detail(next_updates: list[float], now: float, warn_before: float) -> dict[str, Any]:
+    left = round(min(next_updates) - now) if next_updates else None
+    return {"degraded": crl_degraded(next_updates, now, warn_before), "crl_seconds_to_next_update": left}
+
+
+def health_from_metrics(backends: int, grace_seconds: float, workers: int = 1, warn_before: float = 0.0) -> HealthCheck:
     """Health for the multi-worker supervisor: every worker listens and reported a fresh CRL."""
 
     def check() -> tuple[bool, dict[str, Any]]:
@@ -90,6 +108,7 @@ def health_from_metrics(backends: int, grace_seconds: float, workers: int = 1) -
             )
         )
         ok = fresh and backends > 0 and listening >= workers
-        return ok, {"crl_fresh": fresh, "backends": backends, "workers_listening": listening, "workers": workers}
+        detail = {"crl_fresh": fresh, "backends": backends, "workers_listening": listening, "workers": workers}
+        return ok, {**detail, **crl_health_detail(next_updates, time.time(), warn_before)}
 
     return check
