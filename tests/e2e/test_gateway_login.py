@@ -1,4 +1,4 @@
-"""Issue 6, scenarios 3, 6 and 7: the gateway's login in real Chromium, certificates from the CA.
+"""Browser scenarios: the gateway's login in real Chromium, certificates from the CA.
 
 The certificates are issued by the suite's CA directly (as ``gateway ca``
 would), so these run without the issuance portal.

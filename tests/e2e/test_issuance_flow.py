@@ -1,4 +1,4 @@
-"""Issue 6, scenarios 1, 2, 4 and 5: the issuance service and the gateway, as a user lives them.
+"""Browser scenarios: the issuance service and the gateway, as a user lives them.
 
 Every certificate here comes from the portal's pages (申請 → 証明書ダウンロード),
 is imported into the terminal's NSS database with an empty password, and is
