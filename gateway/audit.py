@@ -189,6 +189,8 @@ def event_to_dict(event: AuditEvent) -> dict[str, Any]:
             value = format_time(value)
         elif name == "event":
             value = str(value)
+        elif name == "cert_serial" and value:
+            value = normalize_serial(value)  # as openssl prints it, in every output and the JSONL stream
         out[name] = value
     return out
 

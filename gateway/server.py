@@ -51,6 +51,7 @@ from gateway.admin import build_admin_app, health_from_metrics
 from gateway.app import AccessLayer, AuditSink, GatewayRuntime, build_app, utcnow
 from gateway.audit import AuditEvent, EventKind
 from gateway.certpolicy import TrustAnchors, parse_peer
+from gateway.cli_common import plural
 from gateway.config import Config, load_config, require_gateway
 from gateway.deadlines import ClientDeadlines, peer_address
 from gateway.errors import GatewayError, StartupError, listener_error
@@ -628,10 +629,12 @@ class Supervisor:
         failed = [f"worker {pid}: {msg}" for pid, (ok, msg) in answers.items() if not ok]
         missing = sorted(pids - set(answers))
         if missing:
-            failed.append(f"no answer from worker(s) {missing} within {RELOAD_WAIT_SECONDS:.0f} s")
+            failed.append(
+                f"no answer from {plural(len(missing), 'worker')} {missing} within {RELOAD_WAIT_SECONDS:.0f} s"
+            )
         ok = not failed  # each worker counted its own result in gateway_reloads_total
         messages = {msg for good, msg in answers.values() if good}
-        message = "; ".join(failed) if failed else f"{len(answers)} workers " + "; ".join(sorted(messages))
+        message = "; ".join(failed) if failed else f"{plural(len(answers), 'worker')} " + "; ".join(sorted(messages))
         (log.info if ok else log.error)("reload finished", extra={"ok": ok, "detail": message})
         return ok, message
 

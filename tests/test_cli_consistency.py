@@ -313,9 +313,7 @@ def test_dev_sh_without_a_command_prints_its_usage(argv: list[str]) -> None:
 
 # Paths outside the repository and references to an issue tracker's numbers.
 _OUTSIDE = re.compile(r"\.\./shared|/work/shared")
-_ISSUE_REF = re.compile(
-    r"\b(?:issues?|tickets?)\s*#?\d+\b|(?:^|[\s(])(?:see|fixes|closes|refs?)\s+#\d+|\(#\d+\)", re.I
-)
+_ISSUE_REF = re.compile(r"\b(?:issues?|tickets?)\s*#?\d+\b|(?:^|[\s(])(?:see|fixes|closes|refs?)\s+#\d+|\(#\d+\)", re.I)
 
 
 def _project_files() -> list[Path]:
