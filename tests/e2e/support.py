@@ -32,6 +32,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from gateway.audit import serial_hex
 from gateway.ca import CertificateAuthority
 from gateway.config import Config, load_config
 from gateway.demobackend import build_backend
@@ -443,7 +444,7 @@ def assert_tdnet_as(page: Any, servers: Servers, user_id: str, cert: x509.Certif
     assert "/onre/" in page.url, page.url
     assert page.locator("h1#system").inner_text().startswith("TDnet")
     shown = identity(page)
-    serial = format(cert.serial_number, "X")
+    serial = serial_hex(cert.serial_number)
     assert shown["X-Authenticated-User"] == user_id
     assert shown["X-Client-Cert-Serial"] == serial
     assert f"CN={user_id}" in shown["X-Forwarded-Client-Cert"]

@@ -16,7 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from gateway.audit import EventKind
+from gateway.audit import EventKind, serial_hex
 from gateway.messages import NOT_VALID_JA
 from gateway.pki import SSO_CA_NAME
 from tests.e2e.support import (
@@ -43,7 +43,7 @@ def _cn(name: x509.Name) -> str:
 
 
 def _serial(cert: x509.Certificate) -> str:
-    return format(cert.serial_number, "X")
+    return serial_hex(cert.serial_number)
 
 
 @pytest.fixture
