@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         help="the Tokyo Stock Exchange SSO CA (issue, list, revoke, CRL)",
         description="The Tokyo Stock Exchange SSO CA: create it, issue server and client certificates, list and "
         "revoke them, publish the CRL. Each command takes the config's ca: section or --dir DIR.",
-        epilog="example:\n  gateway ca issue LC000001 --config /etc/gateway/portal.yaml --out LC000001.p12",
+        epilog="example:\n  gateway ca issue LC000001 --config /etc/tse-gateway/portal.yaml --out LC000001.p12",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     commands = ca.add_subparsers(dest="ca_command", metavar="CA_COMMAND", required=True)

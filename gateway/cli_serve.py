@@ -30,9 +30,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "serve",
         "run the gateway in the foreground (SIGTERM/SIGINT stop, SIGHUP reloads)",
         "Run the gateway in the foreground: TLS listener, workers and the admin listener.\n"
-        "SIGTERM or SIGINT drain open requests and stop; SIGHUP re-reads the TLS files, CRLs,\n"
-        "backends and limits (see `gateway reload`). Logs are JSON lines on stdout.",
-        "gateway serve --config /etc/gateway/tdnet.yaml",
+        "SIGTERM or SIGINT drain open requests and stop; SIGHUP re-reads the TLS files, CAs, CRLs\n"
+        "and backends (see `gateway reload`). Logs are JSON lines on stdout.",
+        "gateway serve --config /etc/tse-gateway/tdnet.yaml",
     )
     add_config_argument(p)
     p.set_defaults(func=_serve, failure_status=1)
@@ -43,7 +43,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "validate a config file; one line per problem",
         "Run the start-up checks `gateway serve` runs (and with --portal those of `gateway portal`)\n"
         "without starting anything: one line per problem naming the file and key; exit 0 when OK.",
-        "gateway check-config --config /etc/gateway/tdnet.yaml",
+        "gateway check-config --config /etc/tse-gateway/tdnet.yaml",
     )
     add_config_argument(p)
     p.add_argument("--portal", action="store_true", help="also require the portal and CA sections")
@@ -55,7 +55,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "ask a running gateway to reload its config and files (via the admin listener)",
         "Ask a running gateway to reload (the same as SIGHUP) through its admin listener, and print\n"
         "the result as JSON. Exit 1 if the new files are refused; the gateway then keeps the old ones.",
-        "gateway reload --config /etc/gateway/tdnet.yaml",
+        "gateway reload --config /etc/tse-gateway/tdnet.yaml",
     )
     add_config_argument(p)
     p.set_defaults(func=_reload)
@@ -67,7 +67,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         "Run the TSE-CA issuance service in the foreground: users log in with their password and\n"
         "download their certificate; it also re-signs the CRL on schedule. Uses the config's\n"
         "ca:, portal: and users: sections.",
-        "gateway portal --config /etc/gateway/portal.yaml",
+        "gateway portal --config /etc/tse-gateway/portal.yaml",
     )
     add_config_argument(p)
     p.set_defaults(func=_portal, failure_status=1)
