@@ -64,5 +64,8 @@ case "$cmd" in
         need_apt "${APT_BENCH[@]}"; setup_venv
         exec "$VENV/bin/python" -m bench "$@" ;;
     *)
-        sed -n '2,7p' "$0"; exit 2 ;;
+        # The usage is the command lines of the header comment, and only those.
+        echo "usage: ./dev.sh COMMAND [ARGS...]" >&2
+        sed -n 's/^#   \(\.\/dev\.sh .*\)$/  \1/p' "$0" >&2
+        exit 2 ;;
 esac

@@ -1,4 +1,4 @@
-"""``python -m bench``: the gateway against nginx, every figure of issue 8, one markdown table.
+"""``python -m bench``: the gateway against nginx, every figure of the benchmark, one markdown table.
 
 ./dev.sh bench                 # full run (~15 min on 2 cores), writes bench/RESULTS.md
 ./dev.sh bench --quick         # smoke run, a few seconds per figure (~3 min)

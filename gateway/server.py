@@ -67,6 +67,7 @@ from gateway.tls.termination import (
     load_client_cas,
 )
 from gateway.web.admin import build_admin_app, crl_health_detail, health_from_metrics
+from gateway.web.messages import plural
 from gateway.web.protocol import GatewayRequestHandler
 
 log = logging.getLogger(__name__)
@@ -713,10 +714,12 @@ class Supervisor:
         failed = [f"worker {pid}: {msg}" for pid, (ok, msg) in answers.items() if not ok]
         missing = sorted(pids - set(answers))
         if missing:
-            failed.append(f"no answer from worker(s) {missing} within {RELOAD_WAIT_SECONDS:.0f} s")
+            failed.append(
+                f"no answer from {plural(len(missing), 'worker')} {missing} within {RELOAD_WAIT_SECONDS:.0f} s"
+            )
         ok = not failed  # each worker counted its own result in gateway_reloads_total
         messages = {msg for good, msg in answers.values() if good}
-        message = "; ".join(failed) if failed else f"{len(answers)} workers " + "; ".join(sorted(messages))
+        message = "; ".join(failed) if failed else f"{plural(len(answers), 'worker')} " + "; ".join(sorted(messages))
         (log.info if ok else log.error)("reload finished", extra={"ok": ok, "detail": message})
         return ok, message
 

@@ -47,8 +47,9 @@ def test_normalize_serial_accepts_any_hex_spelling(text: str) -> None:
 
 def test_normalize_serial_leaves_non_hex_alone() -> None:
     assert normalize_serial("LC000001") == "LC000001"
-    assert normalize_serial("00") == "0"
+    assert normalize_serial("00") == "00"
     assert serial_hex(0x1A2B) == "1A2B"
+    assert serial_hex(0xF1127) == "0F1127"  # as openssl x509 -serial prints it
 
 
 def test_format_time_is_utc_iso_with_milliseconds() -> None:

@@ -20,6 +20,7 @@ import aiohttp
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from gateway.audit.events import serial_hex
 from gateway.audit.writer import AuditLog
 from gateway.certs.files import ThrowawayPki, make_throwaway_pki
 from gateway.cli import main
@@ -69,9 +70,9 @@ async def test_each_refusal_is_found_through_the_cli(
     await gw.publish_crl([revoked_serial])
     cases = {
         "no_certificate": ({"user": None}, ""),
-        "certificate_expired": ({"cert": expired[0], "key": expired[1]}, format(expired[2].serial_number, "X")),
-        "wrong_key_usage": ({"cert": wrong_usage[0], "key": wrong_usage[1]}, format(wrong_usage[2].serial_number, "X")),
-        "certificate_revoked": ({"user": "LC000002"}, format(revoked_serial, "X")),
+        "certificate_expired": ({"cert": expired[0], "key": expired[1]}, serial_hex(expired[2].serial_number)),
+        "wrong_key_usage": ({"cert": wrong_usage[0], "key": wrong_usage[1]}, serial_hex(wrong_usage[2].serial_number)),
+        "certificate_revoked": ({"user": "LC000002"}, serial_hex(revoked_serial)),
     }
     support_ids = {}
     for reason, (who, _serial) in cases.items():
@@ -92,14 +93,14 @@ async def test_each_refusal_is_found_through_the_cli(
         assert event["support_id"] == support_ids[reason]
     handshakes = cli_json(gw, capsys, "--event", "handshake_failed")  # aiohttp's client tries twice
     assert handshakes and {(e["reason"], e["cert_serial"], e["client_ip"]) for e in handshakes} == {
-        ("certificate_verify_failed", format(other.certificate.serial_number, "X"), "127.0.0.1")
+        ("certificate_verify_failed", serial_hex(other.certificate.serial_number), "127.0.0.1")
     }
     by_serial = cli_json(gw, capsys, "--serial", format(revoked_serial, "x"))
     assert [e["reason"] for e in by_serial] == ["certificate_revoked"]
 
     assert main(["audit", "show", support_ids["certificate_revoked"], "--config", str(gw.config.path)]) == 0
     shown = capsys.readouterr().out
-    assert "certificate_revoked" in shown and format(revoked_serial, "X") in shown
+    assert "certificate_revoked" in shown and serial_hex(revoked_serial) in shown
 
 
 async def test_refusal_page_support_id_finds_its_event(gw: Harness, capsys: pytest.CaptureFixture[str]) -> None:
@@ -134,7 +135,7 @@ async def test_parser_refusal_and_client_timeout_are_found_through_the_cli(
         await closed_within(reader, 5)
         writer.close()
         await flush(h)
-        serial = format(pki.clients["LC000001"].certificate.serial_number, "X")
+        serial = serial_hex(pki.clients["LC000001"].certificate.serial_number)
         [stalled] = cli_json(h, capsys, "--reason", "client_timeout")
         for support_id, reason in ((found.group(1).decode(), "bad_request"), (stalled["support_id"], "client_timeout")):
             assert main(["audit", "show", support_id, "--config", str(h.config.path), "--format", "json"]) == 0

@@ -44,7 +44,7 @@ def test_serve_imports_no_other_command_module() -> None:
         [*argv, "--debug", "serve", "--config", "x.yaml"], check=False, capture_output=True, text=True
     )
     assert serve.returncode == 0, serve.stderr
-    assert serve.stdout.split() == ["gateway.cli.serve"]
+    assert serve.stdout.split() == ["gateway.cli.common", "gateway.cli.serve"]  # common: config rule, texts
     everything = subprocess.run([*argv, "--help"], check=False, capture_output=True, text=True)
     assert everything.returncode == 0, everything.stderr
     assert {

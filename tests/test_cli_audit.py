@@ -75,7 +75,7 @@ def test_list_table_newest_first_and_escaped(
     code, out, _ = run(capsys, "list", "--config", str(config))
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].startswith("TIME (UTC)")
+    assert lines[0].startswith("TIME (JST)")
     order = [k for line in lines[1:] for k, e in events.items() if e.support_id in line]
     assert order == ["login", "badpw", "revoked", "old"]
     assert "[2001:db8::1]:443" in out and "192.0.2.7:51000" in out
@@ -163,7 +163,7 @@ def test_summary_counts_and_charts_refusals(
     assert "Events: 3   refusals: 2" in out
     assert "certificate_revoked" in out and "bad_credentials" in out
     assert "no_certificate" not in out  # 500 days old
-    assert "Refusals per hour (UTC)" in out and "█" in out
+    assert "Refusals per hour (JST)" in out and "█" in out
     code, out, _ = run(capsys, "summary", "--config", str(config), "--format", "json")
     data = json.loads(out)
     assert data["by_reason"] == {"certificate_revoked": 1, "bad_credentials": 1}
@@ -177,7 +177,7 @@ def test_prune_applies_retention_and_refuses_a_typo(
     code, _, err = run(capsys, "prune", "--config", str(config), "--older-than", "4m")
     assert code == 2 and "younger than a day" in err
     code, out, _ = run(capsys, "prune", "--config", str(config), "--older-than", "400d")
-    assert code == 0 and out.startswith("deleted 1 audit events recorded before ")
+    assert code == 0 and out.startswith("deleted 1 audit event recorded before ")
     with AuditStore(config.parent / "audit.db", readonly=True) as s:
         left = s.query(AuditFilter())
     assert events["old"].support_id not in {e.support_id for e in left}
@@ -190,7 +190,7 @@ def test_every_audit_command_has_help(capsys: pytest.CaptureFixture[str]) -> Non
         with pytest.raises(SystemExit) as exc:
             main(["audit", command, "--help"])
         assert exc.value.code == 0
-        assert "--config PATH" in capsys.readouterr().out
+        assert "--config FILE" in capsys.readouterr().out
 
 
 def test_printable_escapes_terminal_controls_but_keeps_japanese() -> None:
@@ -217,7 +217,6 @@ def test_hourly_chart_one_line_per_day_scaled_to_the_peak() -> None:
             (dt.datetime(2026, 11, 30, 1, tzinfo=dt.UTC), "bad_credentials", 2),
         ],
     )  # fmt: skip
-    header, day1, day2 = hourly_chart(summary)
+    header, day = hourly_chart(summary)  # 07:30-11:00 JST: one JST day
     assert "█ = 8" in header
-    assert day1 == "  2026-11-29  " + " " * 22 + ".▁  1"
-    assert day2 == "  2026-11-30  .█" + " " * 22 + "  8"
+    assert day == "  2026-11-30  " + " " * 7 + ".▁.█" + " " * 13 + "  9"

@@ -175,13 +175,13 @@ def test_set_systems_updates_user_and_open_sessions(
 ) -> None:
     add_with_password(config, monkeypatch)
     session_id, _ = sessions.create("LC000001", "ab" * 32, ["tdnet", "clearing"], False, dt.datetime.now(dt.UTC))
-    assert users(config, "set-systems", "LC000001", "j-iriss, clearing") == 0
+    assert users(config, "set-systems", "LC000001", "--systems", "j-iriss, clearing") == 0
     user = store.get_user("LC000001")
     assert user is not None and user.systems == {"j-iriss", "clearing"}
     record = sessions.get(session_id)
     assert record is not None and record.systems == {"j-iriss", "clearing"}
     assert audited[-1].detail == "users set-systems systems=clearing,j-iriss"
-    assert users(config, "set-systems", "LC000001", ",") == 2
+    assert users(config, "set-systems", "LC000001", "--systems", ",") == 2
 
 
 def test_reset_password_sets_temporary_unlocks_and_ends_sessions(

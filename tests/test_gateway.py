@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.audit.events import serial_hex
 from gateway.certs import builders as pki
 from gateway.certs.files import ThrowawayPki, make_throwaway_pki
 from gateway.errors import GatewayError
@@ -70,7 +71,7 @@ async def test_valid_certificate_reaches_backend_with_identity_headers(gw: Harne
     cert = gw.pki.clients["LC000001"].certificate
     fingerprint = cert.fingerprint(hashes.SHA256()).hex()
     assert identity["X-Forwarded-Client-Cert"] == f'Hash={fingerprint};Subject="CN=LC000001"'
-    assert identity["X-Client-Cert-Serial"] == format(cert.serial_number, "X")
+    assert identity["X-Client-Cert-Serial"] == serial_hex(cert.serial_number)  # as openssl prints it
     assert identity["X-Forwarded-For"] == "127.0.0.1"
     assert identity["X-Forwarded-Proto"] == "https"
     assert identity["X-Authenticated-User"] is None  # no login in passthrough mode

@@ -28,6 +28,7 @@ from prometheus_client import REGISTRY
 from gateway.access.login import LoginAccess
 from gateway.access.passwords import hash_password
 from gateway.access.users import UserStore
+from gateway.audit.events import serial_hex
 from gateway.certs.files import ThrowawayPki
 from tests.harness import Harness, start_harness
 
@@ -152,7 +153,7 @@ async def test_parser_refusals_get_the_page_a_support_id_and_an_audit_event(
     event = refusals[0]
     assert (event.event, event.support_id) == ("request_refused", found.group(1).decode())
     assert (event.client_ip, event.cert_subject) == ("127.0.0.1", "LC000001")
-    assert event.cert_serial == format(gw.pki.clients["LC000001"].certificate.serial_number, "X")
+    assert event.cert_serial == serial_hex(gw.pki.clients["LC000001"].certificate.serial_number)
     assert event.tls_version.startswith("TLS") and event.method == "" and event.path == ""
     assert detail in event.detail and event.detail
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR], [
@@ -464,7 +465,7 @@ def assert_client_timeout(h: Harness, event: Any) -> None:
     """The stalled client is named: its address and its certificate."""
     assert (event.event, event.reason) == ("request_refused", "client_timeout")
     assert (event.client_ip, event.cert_subject) == ("127.0.0.1", "LC000001")
-    assert event.cert_serial == format(h.pki.clients["LC000001"].certificate.serial_number, "X")
+    assert event.cert_serial == serial_hex(h.pki.clients["LC000001"].certificate.serial_number)
     assert event.client_port and event.tls_version.startswith("TLS")
 
 

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from gateway.access.login import LoginAccess
 from gateway.access.sessions import SESSION_COOKIE as GATEWAY_COOKIE
 from gateway.access.users import UserStore
+from gateway.audit.events import serial_hex
 from gateway.ca.authority import CA_KEY, CertificateAuthority
 from gateway.ca.portal import SESSION_COOKIE as PORTAL_COOKIE
 from gateway.ca.portal import start_portal
@@ -113,7 +114,7 @@ async def test_issue_login_revoke_refused(loop: Loop, tmp_path: Path) -> None:
         cert_path, key_path = tmp_path / "user.crt", tmp_path / "user.key"
         write_atomic(cert_path, pki.cert_pem(cert))
         write_private_key(key_path, key)
-        serial = f"{cert.serial_number:X}"
+        serial = serial_hex(cert.serial_number)
 
         # 2. Log in through the gateway with that certificate, user ID and password.
         async with gateway.session(cert=cert_path, key=key_path) as gs:

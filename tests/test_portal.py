@@ -31,6 +31,7 @@ from gateway.access.passwords import hash_password
 from gateway.access.sessions import SESSION_COOKIE as GATEWAY_COOKIE
 from gateway.access.sessions import SessionStore, load_session_key, sign
 from gateway.access.users import UserStore
+from gateway.audit.events import serial_hex
 from gateway.ca.authority import CertificateAuthority
 from gateway.ca.issuance import JST
 from gateway.ca.portal import LOGIN_CSRF_COOKIE, SESSION_COOKIE, start_portal
@@ -393,7 +394,7 @@ async def test_issue_then_download_once_a_pkcs12_with_key_cert_and_ca(portal: Po
         if path.is_file():
             assert key_der not in path.read_bytes(), path
     issued = portal.events("certificate_issued")
-    assert [(e.user_id, e.cert_serial) for e in issued] == [("LC000001", f"{cert.serial_number:X}")]
+    assert [(e.user_id, e.cert_serial) for e in issued] == [("LC000001", serial_hex(cert.serial_number))]
     assert all("/download/" not in e.path or e.path == "/download/***" for e in portal.audit.events)
     assert portal.ca.get(cert.serial_number).requested_by == "portal:LC000001"
 
@@ -604,7 +605,7 @@ async def test_revoke_in_three_steps_updates_list_and_crl(portal: Portal) -> Non
         data = await issue_and_download(portal, s)
         _, cert, _ = pkcs12.load_key_and_certificates(data, None)
         assert cert is not None
-        serial = f"{cert.serial_number:X}"
+        serial = serial_hex(cert.serial_number)
         done = await revoke(portal, s, serial)
         assert re.search(r'<h1 id="done">失効しました', done)
         _, page, _ = await get(portal, s, "/certificates?run=1")
@@ -629,7 +630,7 @@ async def test_revoke_in_three_steps_updates_list_and_crl(portal: Portal) -> Non
 async def test_every_post_needs_the_session_token(portal: Portal, path: str, token: str) -> None:
     async with await logged_in(portal) as s:
         await issue(portal, s)
-        serial = f"{portal.ca.list(user='LC000001')[0].serial:X}"
+        serial = serial_hex(portal.ca.list(user="LC000001")[0].serial)
         status, page, _ = await post(portal, s, path.format(serial=serial), {"csrf": token, "old_password": PASSWORD})
         assert status == 403 and '<code id="reason">csrf_failed</code>' in page
         assert (await get(portal, s, "/"))[0] == 200  # still logged in

@@ -124,23 +124,32 @@ def strip_query(path_qs: str) -> str:
 
 
 def normalize_serial(text: str) -> str:
-    """A certificate serial as upper-case hex without separators or leading zeros.
+    """A certificate serial as ``openssl x509 -serial`` prints it: upper-case hex, an even number of digits.
 
-    Accepts ``0x1a2b``, ``1A:2B``, ``001a2b`` alike, so the help desk can
-    paste a serial in whatever form a tool printed it. Non-hex input is
-    returned stripped, unchanged otherwise (it then matches nothing).
+    Accepts ``0x1a2b``, ``1A:2B``, ``001a2b``, ``F1127`` and ``0F1127`` alike, so
+    the help desk can paste a serial in whatever form a tool printed it.
+    Non-hex input is returned stripped, unchanged otherwise (it then matches
+    nothing).
     """
     raw = text.strip().replace(":", "").replace(" ", "")
     if raw[:2].lower() == "0x":
         raw = raw[2:]
     if not raw or not re.fullmatch(r"[0-9A-Fa-f]+", raw):
         return text.strip()
-    return raw.upper().lstrip("0") or "0"
+    return serial_hex(int(raw, 16))
 
 
 def serial_hex(serial: int) -> str:
-    """The stored form of an ``x509.Certificate.serial_number``."""
-    return f"{serial:X}"
+    """The printed and stored form of a serial: what ``openssl x509 -serial`` shows (``0F1127...``)."""
+    digits = format(serial, "X")
+    return digits if len(digits) % 2 == 0 else "0" + digits
+
+
+def serial_spellings(text: str) -> tuple[str, ...]:
+    """The forms a stored serial may have: openssl's and the one without a leading zero older stores kept."""
+    even = normalize_serial(text)
+    bare = even.lstrip("0") or "0"
+    return (even,) if bare == even else (even, bare)
 
 
 def format_time(when: dt.datetime) -> str:
@@ -180,6 +189,8 @@ def event_to_dict(event: AuditEvent) -> dict[str, Any]:
             value = format_time(value)
         elif name == "event":
             value = str(value)
+        elif name == "cert_serial" and value:
+            value = normalize_serial(value)  # as openssl prints it, in every output and the JSONL stream
         out[name] = value
     return out
 

@@ -43,6 +43,7 @@ from gateway.audit.events import (
     format_time,
     from_epoch_ms,
     normalize_serial,
+    serial_spellings,
 )
 from gateway.errors import StoreError
 
@@ -328,9 +329,12 @@ def _where(f: AuditFilter) -> tuple[str, list[Any]]:
         "reason": f.reason,
         "user_id": f.user_id,
         "client_ip": f.client_ip,
-        "cert_serial": normalize_serial(f.cert_serial) if f.cert_serial else "",
         "support_id": f.support_id,
     }
+    if f.cert_serial:
+        spellings = serial_spellings(f.cert_serial)
+        clauses.append(f"cert_serial IN ({', '.join('?' for _ in spellings)})")
+        params.extend(spellings)
     for column, value in exact.items():
         if value:
             clauses.append(f"{column} = ?")

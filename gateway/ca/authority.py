@@ -61,7 +61,7 @@ CRL_RESIGN_FRACTION = 1 / 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS certificates (
-    serial TEXT PRIMARY KEY,            -- upper-case hex (too big for INTEGER)
+    serial TEXT PRIMARY KEY,            -- upper-case hex, no leading zeros (too big for INTEGER)
     kind TEXT NOT NULL CHECK (kind IN ('client', 'server')),
     user_id TEXT NOT NULL,
     not_before INTEGER NOT NULL,        -- Unix seconds, UTC
@@ -374,7 +374,7 @@ class CertificateAuthority:
         """The issued certificate itself (for a detail page or a re-check)."""
         with self._connect() as conn:
             row = conn.execute(
-                "SELECT der FROM certificates WHERE serial = ?", (issuance.format_serial(serial),)
+                "SELECT der FROM certificates WHERE serial = ?", (issuance.storage_serial(serial),)
             ).fetchone()
         if row is None:
             raise CaError(f"no certificate with serial {issuance.format_serial(serial)}")
@@ -408,7 +408,7 @@ class CertificateAuthority:
             conn.execute(
                 "UPDATE certificates SET status = 'revoked', revoked_at = ?, "
                 "revocation_reason = ?, revoked_by = ? WHERE serial = ?",
-                (_ts(at), reason.value, by, record.serial_hex),
+                (_ts(at), reason.value, by, issuance.storage_serial(record.serial)),
             )
             conn.execute("UPDATE meta SET value = 1 WHERE key = 'crl_stale'")
             revoked = _get(conn, serial)
@@ -609,7 +609,7 @@ def _insert(conn: sqlite3.Connection, record: CertificateRecord, cert: x509.Cert
         "fingerprint, requested_by, windows_login, status, der) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'valid', ?)",
         (
-            record.serial_hex,
+            issuance.storage_serial(record.serial),
             record.kind,
             record.user_id,
             _ts(record.not_before),
@@ -624,13 +624,12 @@ def _insert(conn: sqlite3.Connection, record: CertificateRecord, cert: x509.Cert
 
 
 def _get(conn: sqlite3.Connection, serial: int) -> CertificateRecord:
-    hex_serial = issuance.format_serial(serial)
     row = conn.execute(
         f"SELECT {_COLUMNS} FROM certificates WHERE serial = ?",  # noqa: S608
-        (hex_serial,),
+        (issuance.storage_serial(serial),),
     ).fetchone()
     if row is None:
-        raise CaError(f"no certificate with serial {hex_serial}")
+        raise CaError(f"no certificate with serial {issuance.format_serial(serial)}")
     return _row_record(row)
 
 

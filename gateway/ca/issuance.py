@@ -34,6 +34,7 @@ from typing import Literal
 
 from cryptography import x509
 
+from gateway.audit.events import serial_hex
 from gateway.verdict import Reason, Verdict
 
 JST = dt.timezone(dt.timedelta(hours=9), "JST")
@@ -263,14 +264,23 @@ def format_revoked_at(record: CertificateRecord) -> str:
 
 
 def format_serial(serial: int) -> str:
-    """Upper-case hex without colons or leading zeros (what ``openssl x509 -serial`` prints)."""
+    """Upper-case hex, an even number of digits: what ``openssl x509 -serial`` prints (``0F1127...``)."""
+    return serial_hex(serial)
+
+
+def storage_serial(serial: int) -> str:
+    """The key of a serial in issuance.db: hex without leading zeros (the form its rows were written in)."""
     return format(serial, "X")
 
 
 def parse_serial(text: str) -> int:
-    """Read a serial typed by a person: hex, optional ``0x``, colons or spaces tolerated."""
+    """Read a serial typed by a person: hex, optional ``0x``, colons or spaces, leading zeros tolerated.
+
+    ``0F1127...`` (as ``openssl x509 -serial`` prints it) and ``F1127...`` are the same serial.
+    """
     cleaned = text.strip().replace(":", "").replace(" ", "")
     cleaned = cleaned.removeprefix("0x").removeprefix("0X")
+    cleaned = cleaned.lstrip("0") or cleaned[:1]
     if not cleaned or not re.fullmatch(r"[0-9A-Fa-f]{1,40}", cleaned):
         raise ValueError(f"not a hexadecimal serial number: {text!r}")
     value = int(cleaned, 16)

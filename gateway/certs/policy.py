@@ -47,6 +47,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.name import _ASN1Type
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from gateway.audit.events import serial_hex
 from gateway.certs.revocation import RevocationState
 from gateway.config import DEFAULT_KEY_TYPES
 from gateway.verdict import Reason, Verdict
@@ -84,7 +85,8 @@ class PeerCertificate:
 
     @property
     def serial_hex(self) -> str:
-        return format(self.serial, "X") if self.serial >= 0 else "-" + format(-self.serial, "X")
+        # As openssl x509 -serial prints it (even number of digits); a negative serial keeps its sign.
+        return serial_hex(self.serial) if self.serial >= 0 else "-" + serial_hex(-self.serial)
 
     @property
     def common_name(self) -> str:

@@ -43,6 +43,7 @@ import aiohttp
 from cryptography import x509
 
 from gateway import metrics
+from gateway.audit.events import serial_hex
 from gateway.config import RevocationConfig
 from gateway.verdict import Reason, Verdict
 
@@ -278,7 +279,7 @@ class RevocationState:
                 f"CRL from {snapshot.source} past nextUpdate {snapshot.next_update.isoformat()} + grace",
             )
         if serial in snapshot.index:
-            return Verdict.deny(Reason.CERTIFICATE_REVOKED, f"serial {serial:X} is on the CRL")
+            return Verdict.deny(Reason.CERTIFICATE_REVOKED, f"serial {serial_hex(serial)} is on the CRL")
         return Verdict.allow()
 
     def fresh(self, now: dt.datetime) -> bool:

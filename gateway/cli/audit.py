@@ -27,18 +27,21 @@ from gateway.audit.events import (
     AuditEvent,
     event_to_dict,
     format_time,
+    normalize_serial,
     parse_filter,
     parse_when,
     utcnow,
 )
 from gateway.audit.store import AuditStore, AuditSummary
+from gateway.cli.common import JST, add_config_argument, config_path, format_person_time
 from gateway.config import load_config
 from gateway.errors import GatewayError
+from gateway.web.messages import plural
 
 MIN_RETENTION = dt.timedelta(days=1)
 _SPARK = "▁▂▃▄▅▆▇█"
 _TABLE_COLUMNS = (
-    ("TIME (UTC)", "time", 24),
+    ("TIME (JST)", "time", 25),
     ("EVENT", "event", 18),
     ("REASON", "reason", 28),
     ("SUPPORT ID", "support_id", 12),
@@ -72,7 +75,9 @@ def _cell(event: AuditEvent, key: str) -> str:
     if key == "request":
         return f"{event.method} {event.path}".strip()
     if key == "time":
-        return format_time(event.time)
+        return format_person_time(event.time)
+    if key == "cert_serial":
+        return normalize_serial(event.cert_serial) if event.cert_serial else ""
     return str(getattr(event, key))
 
 
@@ -115,22 +120,23 @@ def format_csv(events: Sequence[AuditEvent]) -> str:
 
 
 def format_event(event: AuditEvent) -> str:
-    """Every field of one event, one per line, escaped."""
+    """Every field of one event, one per line, escaped; the time in JST for people."""
     data = event_to_dict(event)
+    data["time"] = format_person_time(event.time)
     width = max(len(name) for name in FIELDS)
     lines = [f"{name.ljust(width)}  {printable('' if data[name] is None else str(data[name]))}" for name in FIELDS]
     return "\n".join(lines) + "\n"
 
 
 def hourly_chart(summary: AuditSummary) -> list[str]:
-    """Refusals per UTC hour: one line per day, one character per hour, scaled to the peak."""
+    """Refusals per hour: one line per JST day, one character per hour, scaled to the peak."""
     counts: dict[dt.datetime, int] = {}
     for hour, _, n in summary.per_hour:
         counts[hour] = counts.get(hour, 0) + n
     peak = max(counts.values(), default=0)
     if not peak:
         return ["  (no refusals)"]
-    day = summary.since.astimezone(dt.UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    day = summary.since.astimezone(JST).replace(hour=0, minute=0, second=0, microsecond=0)
     lines = [f"  {'':10}  00    06    12    18      (one column per hour, █ = {peak})"]
     while day < summary.until:
         hours = [day + dt.timedelta(hours=h) for h in range(24)]
@@ -151,7 +157,7 @@ def hourly_chart(summary: AuditSummary) -> list[str]:
 def format_summary(summary: AuditSummary) -> str:
     """The text ``gateway audit summary`` prints."""
     lines = [
-        f"Audit summary {format_time(summary.since)} .. {format_time(summary.until)}",
+        f"Audit summary {format_person_time(summary.since)} .. {format_person_time(summary.until)}",
         f"Events: {summary.total}   refusals: {summary.refusals}",
     ]
     sections = (
@@ -165,7 +171,7 @@ def format_summary(summary: AuditSummary) -> str:
         lines += ["", title]
         width = max((len(printable(v)) for v, _ in rows), default=0)
         lines += [f"  {printable(v).ljust(width)}  {n:>7}" for v, n in rows] or ["  -"]
-    lines += ["", "Refusals per hour (UTC)", *hourly_chart(summary)]
+    lines += ["", "Refusals per hour (JST)", *hourly_chart(summary)]
     return "\n".join(lines) + "\n"
 
 
@@ -188,7 +194,7 @@ def summary_to_dict(summary: AuditSummary) -> dict[str, Any]:
 
 
 def _store(args: argparse.Namespace, *, readonly: bool = True) -> AuditStore:
-    config = load_config(args.config)
+    config = load_config(config_path(args.config))
     return AuditStore(config.audit.database, readonly=readonly)
 
 
@@ -216,7 +222,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     since = parse_when(args.since, now)
     until = parse_when(args.until, now) if args.until else now
     if since >= until:
-        raise GatewayError(f"--since ({format_time(since)}) must be before --until")
+        raise GatewayError(f"--since ({format_person_time(since)}) must be before --until")
     with _store(args) as store:
         summary = store.summary(since, until, top=args.top)
     if args.format == "json":
@@ -244,22 +250,25 @@ def cmd_prune(args: argparse.Namespace) -> int:
     cutoff = parse_when(args.older_than, now)
     if cutoff > now - MIN_RETENTION:
         raise GatewayError(f"--older-than {args.older_than}: refusing to delete events younger than a day")
-    config = load_config(args.config)
+    config = load_config(config_path(args.config))
     if not config.audit.database.is_file():
         raise GatewayError(f"no audit database at {config.audit.database}")
     with AuditStore(config.audit.database) as store:
         deleted = store.prune(cutoff, actor=f"cli:{getpass.getuser()}")
-    print(f"deleted {deleted} audit events recorded before {format_time(cutoff)}")
+    print(f"deleted {plural(deleted, 'audit event')} recorded before {format_person_time(cutoff)}")
     return 0
 
 
 # -- argparse -----------------------------------------------------------------
 
-_WHEN = "a duration before now (30m, 24h, 7d, 2w) or a UTC date/time (2026-11-01, 2026-11-01T10:00)"
+_WHEN = (
+    "a duration before now (30m, 24h, 7d, 2w) or a date/time, UTC unless an offset is given "
+    "(2026-11-01, 2026-11-01T10:00, 2026-11-01T19:00+09:00)"
+)
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, metavar="PATH", help="the gateway's YAML config")
+    add_config_argument(p)
 
 
 def _positive(text: str) -> int:
@@ -273,7 +282,8 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     audit = sub.add_parser(
         "audit",
         help="read, summarise and prune the audit trail",
-        description="Read the audit trail (refusals, logins, admin actions). All times are UTC.",
+        description="Read the audit trail (refusals, logins, admin actions). Tables and text show JST with the "
+        "offset (2026-11-30 21:00:00+09:00); JSON and CSV keep UTC.",
     )
     actions = audit.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
 

@@ -1,9 +1,11 @@
 """Sub-commands ``gateway ca ...``: the administrator's side of the SSO CA.
 
 Each command works on a CA directory, named directly (``--dir DIR``) or
-through the config file's ``ca:`` section (``--config PATH``, which also
-brings the CRL URL, nextUpdate and drop-after settings). Serials are read
-and printed as upper-case hex without colons. Every change is handed to the
+through the config file's ``ca:`` section, found by the one rule of
+:mod:`gateway.cli.common` (which also brings the CRL URL, nextUpdate and
+drop-after settings). Serials print as ``openssl x509 -serial`` does
+(upper-case hex, even number of digits) and are read in any hex spelling.
+Times print in JST with the offset; ``--format json`` keeps UTC. Every change is handed to the
 audit trail as an :class:`~gateway.audit.events.AuditEvent` with actor
 ``cli:<os user>``.
 """
@@ -28,8 +30,10 @@ from gateway.certs import p12
 from gateway.certs.builders import KEY_TYPES, SSO_CA_NAME
 from gateway.certs.files import write_atomic
 from gateway.certs.p12 import MIN_PASSWORD_LENGTH, P12Format
+from gateway.cli.common import add_config_argument, config_path, format_person_time
 from gateway.config import Config, load_config
 from gateway.errors import CaError, ConfigError
+from gateway.web.messages import plural
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,14 @@ class _Target:
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
     """Add the ``ca`` sub-commands to the CLI."""
-    ca = sub.add_parser("ca", help="the Tokyo Stock Exchange SSO CA (issue, list, revoke, CRL)")
+    ca = sub.add_parser(
+        "ca",
+        help="the Tokyo Stock Exchange SSO CA (issue, list, revoke, CRL)",
+        description="The Tokyo Stock Exchange SSO CA: create it, issue server and client certificates, list and "
+        "revoke them, publish the CRL. Each command takes the config's ca: section or --dir DIR.",
+        epilog="example:\n  gateway ca issue LC000001 --config /etc/tse-gateway/portal.yaml --out LC000001.p12",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = ca.add_subparsers(dest="ca_command", metavar="CA_COMMAND", required=True)
 
     p = _command(commands, "init", "create a new CA (refuses to overwrite an existing one)")
@@ -105,9 +116,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 def _command(commands: argparse._SubParsersAction[Any], name: str, help_text: str) -> argparse.ArgumentParser:
     parser: argparse.ArgumentParser = commands.add_parser(name, help=help_text, description=help_text)
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--config", metavar="PATH", help="config file (uses its ca: section)")
-    where.add_argument("--dir", type=Path, metavar="DIR", help="CA directory")
+    where = parser.add_mutually_exclusive_group()
+    add_config_argument(where)
+    where.add_argument("--dir", type=Path, metavar="DIR", help="CA directory, instead of a config's ca: section")
     return parser
 
 
@@ -135,7 +146,7 @@ def cmd_server_cert(args: argparse.Namespace) -> int:
     )
     _record(target, _event(EventKind.CERTIFICATE_ISSUED, files.record, detail="server"))
     print(f"issued server certificate {files.record.serial_hex} for {', '.join(args.hostnames)}")
-    print(f"  expires {issuance.format_jst(files.record.not_after)} JST")
+    print(f"  expires {format_person_time(files.record.not_after)}")
     print(f"  chain: {files.cert}\n  key:   {files.key} (0600)")
     return 0
 
@@ -168,7 +179,7 @@ def cmd_issue(args: argparse.Namespace) -> int:
     record = issued.record
     _record(target, _event(EventKind.CERTIFICATE_ISSUED, record, detail=f"pkcs12 format {p12_format}"))
     print(f"issued {record.serial_hex} to {record.user_id}")
-    print(f"  expires {issuance.format_jst(record.not_after)} JST")
+    print(f"  expires {format_person_time(record.not_after)}")
     print(f"  SHA-256 {record.fingerprint}")
     print(f"  PKCS#12 {out} (format {p12_format}, {'password set' if password else 'empty password'})")
     return 0
@@ -200,7 +211,7 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     _record(target, _event(EventKind.CERTIFICATE_REVOKED, result.record, reason=args.reason))
     _record(target, _crl_event(result.crl.number, result.crl.entries))
     print(f"revoked {result.record.serial_hex} ({result.record.user_id}, {args.reason})")
-    print(f"  CRL #{result.crl.number} published with {result.crl.entries} entries")
+    print(f"  CRL #{result.crl.number} published with {plural(result.crl.entries, 'entry')}")
     return 0
 
 
@@ -215,8 +226,8 @@ def cmd_crl(args: argparse.Namespace) -> int:
         return 0
     info = ca.publish_crl(now)
     _record(target, _crl_event(info.number, info.entries))
-    print(f"CRL #{info.number}: {info.entries} entries, {info.der_bytes} bytes")
-    print(f"  next update {issuance.format_jst(info.next_update)} JST")
+    print(f"CRL #{info.number}: {plural(info.entries, 'entry')}, {plural(info.der_bytes, 'byte')}")
+    print(f"  next update {format_person_time(info.next_update)}")
     print(f"  {ca.crl_der_path}\n  {ca.crl_pem_path}")
     return 0
 
@@ -227,7 +238,7 @@ def cmd_crl(args: argparse.Namespace) -> int:
 def _target(args: argparse.Namespace) -> _Target:
     if args.dir is not None:
         return _Target(Path(args.dir), CaSettings(), None)
-    config = load_config(args.config)
+    config = load_config(config_path(args.config))
     if config.ca is None:
         raise ConfigError([f"{config.path}: ca: missing; `gateway ca` needs ca.dir"])
     return _Target(config.ca.dir, CaSettings.from_config(config.ca), config)
@@ -306,11 +317,9 @@ def _json_row(row: issuance.ListRow) -> dict[str, Any]:
         "serial": row.serial,
         "not_before": r.not_before.isoformat(),
         "not_after": r.not_after.isoformat(),
-        "expiry_jst": row.expiry,
         "status": row.status.value,
         "status_ja": row.status.label_ja,
         "revoked_at": r.revoked_at.isoformat() if r.revoked_at else None,
-        "revoked_at_jst": row.revoked_at,
         "revocation_reason": r.revocation_reason.value if r.revocation_reason else None,
         "revoked_by": r.revoked_by,
         "fingerprint": r.fingerprint,
@@ -319,7 +328,7 @@ def _json_row(row: issuance.ListRow) -> dict[str, Any]:
     }
 
 
-_HEADERS = ("No.", "User ID", "Serial", "Expiry (JST)", "Status", "Revoked (JST)")
+_HEADERS = ("No.", "User ID", "Serial", "Expiry", "Status", "Revoked")
 
 
 def _table(rows: list[issuance.ListRow]) -> str:
@@ -329,9 +338,9 @@ def _table(rows: list[issuance.ListRow]) -> str:
             str(row.no),
             row.user_id,
             row.serial,
-            row.expiry,
+            format_person_time(row.record.not_after),
             f"{row.status.label_en} ({row.status.label_ja})",
-            row.revoked_at,
+            format_person_time(row.record.revoked_at) if row.record.revoked_at else "-",
         )
         for row in rows
     ]

@@ -1,6 +1,6 @@
 """Sub-commands ``gateway users ...``: manage accounts in the users database.
 
-Every command reads ``--config PATH`` (only its ``users:`` section matters;
+Every command finds its config by the one rule (:mod:`gateway.cli.common`; only its ``users:`` section matters;
 the database defaults to gateway.db next to the config file) and records an
 audit event for the change it made. Passwords are read from stdin or
 generated, never taken from the command line (where ``ps`` would show them).
@@ -27,9 +27,9 @@ from gateway.access.passwords import (
 from gateway.access.sessions import SessionStore
 from gateway.access.users import User, UserError, UserStore
 from gateway.audit.events import AuditEvent, EventKind
+from gateway.cli.common import add_config_argument, config_path
 from gateway.config import SYSTEMS, Config, load_config
-
-DEFAULT_CONFIG = "gateway.yaml"
+from gateway.web.messages import plural
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
@@ -41,12 +41,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     cmds = users.add_subparsers(dest="users_command", metavar="ACTION", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--config",
-        metavar="PATH",
-        default=os.environ.get("GATEWAY_CONFIG", DEFAULT_CONFIG),
-        help="config file (default: $GATEWAY_CONFIG or %(default)s)",
-    )
+    add_config_argument(common)
 
     add = cmds.add_parser(
         "add",
@@ -85,7 +80,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
         description="Replace the systems a user may use (open sessions follow at once).",
     )
     systems.add_argument("user_id", metavar="USER_ID")
-    systems.add_argument("systems", metavar="LIST", help=f"comma-separated, from {_systems_help()}")
+    systems.add_argument("--systems", required=True, metavar="LIST", help=f"comma-separated, from {_systems_help()}")
     systems.set_defaults(func=cmd_set_systems)
 
     reset = cmds.add_parser(
@@ -166,7 +161,7 @@ def _read_password(user_id: str, config: Config) -> str:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(config_path(args.config))
     systems = _parse_systems(config, args.systems)
     temporary = not args.password_stdin
     password = generate_temporary_password() if temporary else _read_password(args.user_id, config)
@@ -187,7 +182,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(config_path(args.config))
     now = _now()
     with UserStore(config.users.database) as store:
         rows = [_describe(user, store.locked_until(user.user_id, now)) for user in store.list_users()]
@@ -225,19 +220,19 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def cmd_set_enabled(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(config_path(args.config))
     with UserStore(config.users.database) as store:
         store.set_enabled(args.user_id, args.enabled, now=_now())
     ended = 0 if args.enabled else _end_sessions(config, args.user_id)
     action = "enable" if args.enabled else "disable"
     _audit(config, args.user_id, f"users {action}")
-    note = f"; {ended} session(s) ended" if ended else ""
+    note = f"; {plural(ended, 'session')} ended" if ended else ""
     print(f"user {args.user_id} {action}d{note}", file=sys.stderr)
     return 0
 
 
 def cmd_set_systems(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(config_path(args.config))
     systems = _parse_systems(config, args.systems)
     with UserStore(config.users.database) as store:
         store.set_systems(args.user_id, systems, now=_now())
@@ -250,7 +245,7 @@ def cmd_set_systems(args: argparse.Namespace) -> int:
 
 
 def cmd_reset_password(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(config_path(args.config))
     password = generate_temporary_password()
     with UserStore(config.users.database) as store:
         store.set_password(args.user_id, hash_password(password), temporary=True, now=_now())
@@ -266,7 +261,7 @@ def cmd_reset_password(args: argparse.Namespace) -> int:
 
 
 def cmd_unlock(args: argparse.Namespace) -> int:
-    config = load_config(args.config)
+    config = load_config(config_path(args.config))
     with UserStore(config.users.database) as store:
         existed = store.unlock(args.user_id)
         known = store.get_user(args.user_id) is not None

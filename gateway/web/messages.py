@@ -258,3 +258,12 @@ def message_for(reason: Reason) -> Message:
 
 def is_certificate_reason(reason: Reason) -> bool:
     return reason in CERTIFICATE_REASONS
+
+
+def plural(count: int, word: str, many: str | None = None) -> str:
+    """``1 entry``, ``2 entries``, ``0 sessions``: the count with the right form of ``word``."""
+    if count == 1:
+        return f"{count} {word}"
+    if many is None:
+        many = word[:-1] + "ies" if word.endswith("y") and word[-2:-1] not in "aeiou" else word + "s"
+    return f"{count} {many}"

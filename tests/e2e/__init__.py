@@ -1,1 +1,1 @@
-"""End-to-end tests in real headless Chromium (issue 6); see README.md."""
+"""End-to-end tests in real headless Chromium; see README.md."""

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.serialization import pkcs12
 from gateway.access.login import LoginAccess
 from gateway.access.passwords import hash_password
 from gateway.access.users import UserStore
+from gateway.audit.events import serial_hex
 from gateway.ca.authority import CertificateAuthority
 from gateway.certs.builders import SSO_CA_NAME
 from gateway.certs.files import write_atomic
@@ -443,7 +444,7 @@ def assert_tdnet_as(page: Any, servers: Servers, user_id: str, cert: x509.Certif
     assert "/onre/" in page.url, page.url
     assert page.locator("h1#system").inner_text().startswith("TDnet")
     shown = identity(page)
-    serial = format(cert.serial_number, "X")
+    serial = serial_hex(cert.serial_number)
     assert shown["X-Authenticated-User"] == user_id
     assert shown["X-Client-Cert-Serial"] == serial
     assert f"CN={user_id}" in shown["X-Forwarded-Client-Cert"]

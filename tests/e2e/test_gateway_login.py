@@ -1,4 +1,4 @@
-"""Issue 6, scenarios 3, 6 and 7: the gateway's login in real Chromium, certificates from the CA.
+"""Browser scenarios: the gateway's login in real Chromium, certificates from the CA.
 
 The certificates are issued by the suite's CA directly (as ``gateway ca``
 would), so these run without the issuance portal.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.audit.events import EventKind
+from gateway.audit.events import EventKind, serial_hex
 from gateway.web.messages import NOT_VALID_JA
 from tests.e2e.support import (
     PASSWORD,
@@ -60,7 +60,7 @@ def test_3_wrong_certificate_and_no_certificate(
         "LC000301",
         "LC000302",
     )
-    assert refused[0].cert_serial == format(other_cert.serial_number, "X")
+    assert refused[0].cert_serial == serial_hex(other_cert.serial_number)
     # ... and the backend stays closed to that browser afterwards.
     page.goto(servers.gateway_url("/onre/"))
     assert "/_gateway/login" in page.url

@@ -1,4 +1,4 @@
-"""Issue 6, scenarios 1, 2, 4 and 5: the issuance service and the gateway, as a user lives them.
+"""Browser scenarios: the issuance service and the gateway, as a user lives them.
 
 Every certificate here comes from the portal's pages (申請 → 証明書ダウンロード),
 is imported into the terminal's NSS database with an empty password, and is
@@ -16,7 +16,7 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from gateway.audit.events import EventKind
+from gateway.audit.events import EventKind, serial_hex
 from gateway.certs.builders import SSO_CA_NAME
 from gateway.web.messages import NOT_VALID_JA
 from tests.e2e.support import (
@@ -43,7 +43,7 @@ def _cn(name: x509.Name) -> str:
 
 
 def _serial(cert: x509.Certificate) -> str:
-    return format(cert.serial_number, "X")
+    return serial_hex(cert.serial_number)
 
 
 @pytest.fixture
