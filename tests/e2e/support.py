@@ -513,12 +513,10 @@ class CertificateRow:
 
 
 def portal_certificates(page: Any, servers: Servers) -> list[CertificateRow]:
-    """Open 証明書情報の確認 / 失効, press 実行 and read table#certificates."""
+    """Open 証明書情報の確認 / 失効 and read table#certificates (listed at once, no 実行 needed)."""
     page.goto(servers.portal_url("/"))
     with page.expect_navigation():
         page.click("a#menu-certificates")
-    with page.expect_navigation():
-        page.click("button#run")
     rows = page.eval_on_selector_all(
         "table#certificates tr:has(td)",
         """rows => rows.map(r => ({
@@ -540,7 +538,7 @@ def status_is(row: CertificateRow, status_ja: str) -> bool:
 
 
 def portal_revoke(page: Any, servers: Servers, serial: int) -> None:
-    """Open the certificate's detail, 失効する, confirm with 実行, see 失効しました."""
+    """Open the certificate's detail, 失効する / Revoke, confirm (失効する / Revoke), see 失効しました."""
     rows = {row.serial: row for row in portal_certificates(page, servers)}
     assert serial in rows, f"{serial:X} not in the portal's list: {list(rows.values())}"
     with page.expect_navigation():
