@@ -362,7 +362,9 @@ class LoginAccess:
             detail = f"locked until {result.locked_until.isoformat()}"
             self._record(request, EventKind.ACCOUNT_LOCKED, Reason.ACCOUNT_LOCKED, user_id=user_id, detail=detail)
         if outcome.verdict.reason is Reason.BAD_CREDENTIALS:
-            event = rt.record_refusal(request, outcome.verdict, peer=peer, kind=EventKind.LOGIN_REFUSED, user_id=user_id)
+            event = rt.record_refusal(
+                request, outcome.verdict, peer=peer, kind=EventKind.LOGIN_REFUSED, user_id=user_id
+            )
             if wants_json(request):
                 return rt.refuse_recorded(request, outcome.verdict.reason, event.support_id)
             return self._login_form(

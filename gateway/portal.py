@@ -65,12 +65,12 @@ from gateway.crlpublisher import DEFAULT_INTERVAL, AuditSink, CrlPublisher, crl_
 from gateway.errors import CaError, ConfigError, PkiError, listener_error
 from gateway.issuance import CertificateRecord, RevocationReason, Status
 from gateway.loginpolicy import LoginSettings, SessionLimits, decide_session, safe_next
+from gateway.messages import message_for
 from gateway.p12 import P12Format
 from gateway.pages import render
 from gateway.passwords import (
     dummy_verify,
 )
-from gateway.messages import message_for
 from gateway.responses import NO_STORE, SECURITY_HEADERS, refusal, wants_json
 from gateway.sessions import (
     SessionRecord,

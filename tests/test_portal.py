@@ -179,7 +179,9 @@ async def issue(p: Portal, s: aiohttp.ClientSession, **fields: str) -> tuple[int
 
 
 def download_link(page: str) -> str:
-    found = re.search(r'<a class="button" id="download" href="(/download/[^"]+)">証明書ダウンロード / Download certificate</a>', page)
+    found = re.search(
+        r'<a class="button" id="download" href="(/download/[^"]+)">証明書ダウンロード / Download certificate</a>', page
+    )
     assert found, page
     return found.group(1)
 
