@@ -364,8 +364,12 @@ class Terminal:
     def profile(self) -> Path:
         return self.home / "chromium-profile"
 
-    def start(self) -> Any:
-        """Start Chromium on this terminal's HOME and profile; return its first tab."""
+    def start(self, *, bypass_csp: bool = False) -> Any:
+        """Start Chromium on this terminal's HOME and profile; return its first tab.
+
+        ``bypass_csp`` only for the accessibility check: axe-core is injected as a
+        script, which the pages' CSP (no script at all) would block.
+        """
         assert self.context is None, f"{self.name}: the browser is already running"
         if self.auto_select_in_profile:
             self._write_profile_rule()
@@ -378,6 +382,7 @@ class Terminal:
             timeout=LAUNCH_TIMEOUT_MS,
             accept_downloads=True,
             locale="ja-JP",
+            bypass_csp=bypass_csp,
         )
         self.context.set_default_timeout(PAGE_TIMEOUT_MS)
         self.context.set_default_navigation_timeout(PAGE_TIMEOUT_MS)
