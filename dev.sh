@@ -11,8 +11,9 @@ PY="$(command -v python3.11 || command -v python3)"
 
 # Debian packages the tests and benchmarks drive for real.
 # libnss3-tools, gnutls-bin, openjdk-17-jre-headless: NSS, GnuTLS and Java read back every PKCS#12 format;
-# systemd: systemd-analyze verifies the units; prometheus: promtool checks and unit-tests the alert rules.
-APT_TEST=(openssl chromium chromium-driver libnss3-tools gnutls-bin openjdk-17-jre-headless systemd prometheus)
+# systemd: systemd-analyze verifies the units; prometheus: promtool checks and unit-tests the alert rules;
+# nodejs + npm: npm installs axe-core (pinned, in tests/e2e/.axe) for the browser suite's accessibility check.
+APT_TEST=(openssl chromium chromium-driver libnss3-tools gnutls-bin openjdk-17-jre-headless systemd prometheus nodejs npm)
 # nodejs + npm: autocannon (npm registry, pinned in bench/load.py) drives keep-alive load with the client
 # certificate; stunnel4 + wrk only for `python -m bench.probe --tool wrk-stunnel` (the previous method).
 APT_BENCH=(openssl curl nginx nodejs npm stunnel4 wrk)
@@ -20,7 +21,10 @@ APT_BENCH=(openssl curl nginx nodejs npm stunnel4 wrk)
 need_apt() {
     local missing=()
     # A command of the package's name on PATH counts too: a nodejs build that bundles npm conflicts with Debian's npm.
-    for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || command -v "$pkg" >/dev/null || missing+=("$pkg"); done
+    for pkg in "$@"; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || command -v "$pkg" >/dev/null || { [ "$pkg" = nodejs ] && command -v node >/dev/null; } \
+            || missing+=("$pkg")
+    done
     [ ${#missing[@]} -eq 0 ] && return 0
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
         echo "==> installing ${missing[*]} (apt)" >&2

@@ -226,12 +226,44 @@ class GatewayRuntime:
         status: int | None = None,
         links: tuple[tuple[str, str, str], ...] = (),
         headers: dict[str, str] | None = None,
+        presented: str = "",
     ) -> web.Response:
         """Record and answer one refusal (same support ID in both)."""
+        event = self.record_refusal(request, verdict, peer=peer, kind=kind, user_id=user_id)
+        return refusal(
+            request,
+            verdict.reason,
+            event.support_id,
+            status=status,
+            links=links,
+            headers=headers,
+            presented=presented,
+            **self.page_context(),
+        )
+
+    def record_refusal(
+        self,
+        request: web.BaseRequest,
+        verdict: Verdict,
+        *,
+        peer: PeerCertificate | None = None,
+        kind: EventKind = EventKind.REQUEST_REFUSED,
+        user_id: str = "",
+    ) -> AuditEvent:
+        """The audit half of :meth:`refuse`, for refusals answered with a page of their own (the login form)."""
         event = self.event(request, kind, verdict.reason, peer=peer, user_id=user_id, detail=verdict.detail)
         self.audit.record(event)
         metrics.REFUSALS.labels(str(verdict.reason)).inc()
-        return refusal(request, verdict.reason, event.support_id, status=status, links=links, headers=headers)
+        return event
+
+    def refuse_recorded(self, request: web.BaseRequest, reason: Reason, support_id: str) -> web.Response:
+        """The refusal response for an event :meth:`record_refusal` already wrote."""
+        return refusal(request, reason, support_id, **self.page_context())
+
+    def page_context(self) -> dict[str, Any]:
+        """What every refusal page of the gateway names: the support desk and the issuance service."""
+        portal = self.config.portal
+        return {"support": self.config.support, "issuance_url": portal.public_url if portal else None}
 
     def refuse_unparsed(self, request: web.BaseRequest, detail: str) -> web.StreamResponse:
         """A request aiohttp's parser refused: audited with the connection's client and certificate.
@@ -249,7 +281,9 @@ class GatewayRuntime:
             "refused a request the HTTP parser could not read",
             extra={"client_ip": event.client_ip, "support_id": event.support_id, "detail": detail},
         )
-        return refusal(request, Reason.BAD_REQUEST, event.support_id, headers={"Connection": "close"})
+        return refusal(
+            request, Reason.BAD_REQUEST, event.support_id, headers={"Connection": "close"}, **self.page_context()
+        )
 
 
 def _certificate_fields(peer: PeerCertificate | None) -> dict[str, Any]:

@@ -374,6 +374,18 @@ class PortalConfig:
     listen: Listen = section(Listen, port=8444)
     tls: PortalTls = section(PortalTls)
     admin: Listen | None = section(Listen, optional=True, port=9101)  # /healthz, /metrics: plain HTTP, loopback
+    # Where users reach the issuance service; the gateway's no-certificate page links to it.
+    public_url: str | None = setting(None, HTTP_URL)
+
+
+@dataclass(frozen=True)
+class SupportConfig:
+    """Who a refused user calls: shown on every refusal page of the gateway and the portal."""
+
+    name: str | None = setting(None, Check(_plain(_string), "the support desk's name"))
+    phone: str | None = setting(None, Check(_plain(_string), "a phone number"))
+    email: str | None = setting(None, Check(_plain(_string), "an e-mail address"))
+    hours: str | None = setting(None, Check(_plain(_string), "opening hours, e.g. 平日 9:00-17:00"))
 
 
 # Browsers ask every site for this; the gateway answers it itself, whatever backend sits at ``/``.
@@ -461,6 +473,7 @@ class Config:
     audit: AuditConfig = section(AuditConfig)
     ca: CaConfig | None = section(CaConfig, optional=True)
     portal: PortalConfig | None = section(PortalConfig, optional=True)
+    support: SupportConfig = section(SupportConfig)
     gateway_paths: GatewayPaths = section(GatewayPaths)
     log_level: str = setting(
         "info", Check(_plain(_one_of("debug", "info", "warning", "error")), "debug, info, warning or error")

@@ -103,7 +103,7 @@ async def test_no_certificate_json_body(gw: Harness) -> None:
     status, body = await get_json(gw, "/onre/page", user=None)
     assert status == 403
     assert body["error"] == "no_certificate"
-    assert NOT_VALID_JA in str(body["message"])
+    assert "証明書が提示されていません" in str(body["message"])
     assert body["support_id"] == refused_with(gw, "no_certificate")[0].support_id
     assert set(body) == {"error", "message", "support_id"}
 

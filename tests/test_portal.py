@@ -180,7 +180,9 @@ async def issue(p: Portal, s: aiohttp.ClientSession, **fields: str) -> tuple[int
 
 
 def download_link(page: str) -> str:
-    found = re.search(r'<a class="button" id="download" href="(/download/[^"]+)">証明書ダウンロード</a>', page)
+    found = re.search(
+        r'<a class="button" id="download" href="(/download/[^"]+)">証明書ダウンロード / Download certificate</a>', page
+    )
     assert found, page
     return found.group(1)
 
@@ -219,7 +221,7 @@ async def test_login_leads_to_the_main_menu_with_four_items(portal: Portal) -> N
         for needle in (
             'id="user_id"',
             'id="password"',
-            'id="go">ログイン<',
+            'id="go">ログイン / Login<',
             'href="/help#password">パスワードをお忘れですか?',
         ):
             assert needle in page
@@ -366,7 +368,7 @@ async def test_issue_then_download_once_a_pkcs12_with_key_cert_and_ca(portal: Po
     async with await logged_in(portal) as s:
         status, page, _ = await get(portal, s, "/issue")
         assert status == 200
-        for needle in ('id="windows_login"', 'id="p12_password"', 'id="apply">申請<', 'action="/issue"'):
+        for needle in ('id="windows_login"', 'id="p12_password"', 'id="apply">申請 / Apply<', 'action="/issue"'):
             assert needle in page
         assert 'id="duplicate-notice"' not in page
         status, page = await issue(portal, s)
@@ -544,8 +546,9 @@ async def test_list_shows_own_certificates_with_the_manuals_columns(portal: Port
         portal.clock.offset = -dt.timedelta(days=10)
         await issue(portal, s)
         portal.clock.offset = dt.timedelta()
-        status, page, _ = await get(portal, s, "/certificates")
-        assert status == 200 and 'id="run">実行<' in page and 'id="certificates"' not in page
+        status, page, _ = await get(portal, s, "/certificates")  # the list at once, no blank 実行 step
+        assert status == 200 and 'id="run" autofocus>実行 / Run<' in page and 'id="certificates"' in page
+        assert len(serials_of(page)) == 2
         _, page, _ = await get(portal, s, "/certificates?run=1")
         revoked_serial = serials_of(page)[0]
         await revoke(portal, s, revoked_serial)
@@ -590,7 +593,7 @@ async def test_detail_of_own_certificate_and_404_for_anyone_elses(portal: Portal
         own = serials_of(page)[0]
         status, page, _ = await get(portal, s, f"/certificates/{own}")
         assert status == 200
-        assert 'id="close" href="/certificates?run=1">閉じる<' in page and 'id="revoke">失効する<' in page
+        assert 'id="close" href="/certificates">閉じる / Close<' in page and 'id="revoke">失効する / Revoke<' in page
         status, page, _ = await get(portal, s, f"/certificates/{others_serial}")
         assert status == 404 and 'id="revoke"' not in page
         assert (await get(portal, s, "/certificates/NOT-HEX"))[0] == 404

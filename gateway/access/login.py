@@ -79,6 +79,7 @@ from gateway.certs.policy import PeerCertificate
 from gateway.config import SYSTEMS, Backend, Config
 from gateway.keys import PEER, USER
 from gateway.verdict import Reason, Verdict
+from gateway.web.messages import Message, message_for
 from gateway.web.pages import render
 from gateway.web.responses import NO_STORE, wants_json
 
@@ -302,7 +303,16 @@ class LoginAccess:
             response.headers.add("Set-Cookie", cookie)
         return response
 
-    async def login_page(self, request: web.Request, *, error: str = "") -> web.Response:
+    async def login_page(self, request: web.Request) -> web.Response:
+        return self._login_form(request)
+
+    def _login_form(
+        self, request: web.Request, *, user_id: str = "", error: Message | None = None, support_id: str = ""
+    ) -> web.Response:
+        """The login form; after a wrong password, again with the error, the typed user ID and 401.
+
+        The error is the same for an unknown user ID (it never says which of the two was wrong).
+        """
         peer: PeerCertificate = request[PEER]
         now = self._now(request)
         nonce = request.cookies.get(LOGIN_CSRF_COOKIE) or new_login_nonce()
@@ -311,7 +321,12 @@ class LoginAccess:
         days_left = (peer.not_after - now).days
         return self._page(
             "login.html",
+            status=401 if error else 200,
             cookies=(set_cookie_header(LOGIN_CSRF_COOKIE, nonce),),
+            user_id=user_id,
+            error=error,
+            support_id=support_id,
+            reason=str(Reason.BAD_CREDENTIALS) if error else "",
             csrf=token,
             next=next_path,
             cert_subject=peer.common_name,
@@ -346,7 +361,17 @@ class LoginAccess:
         if result.locked_until is not None:
             detail = f"locked until {result.locked_until.isoformat()}"
             self._record(request, EventKind.ACCOUNT_LOCKED, Reason.ACCOUNT_LOCKED, user_id=user_id, detail=detail)
+        if outcome.verdict.reason is Reason.BAD_CREDENTIALS:
+            event = rt.record_refusal(
+                request, outcome.verdict, peer=peer, kind=EventKind.LOGIN_REFUSED, user_id=user_id
+            )
+            if wants_json(request):
+                return rt.refuse_recorded(request, outcome.verdict.reason, event.support_id)
+            return self._login_form(
+                request, user_id=user_id, error=message_for(Reason.BAD_CREDENTIALS), support_id=event.support_id
+            )
         if not outcome.verdict.allowed:
+            mismatch = outcome.verdict.reason is Reason.SUBJECT_MISMATCH
             return rt.refuse(
                 request,
                 outcome.verdict,
@@ -354,6 +379,7 @@ class LoginAccess:
                 kind=EventKind.LOGIN_REFUSED,
                 user_id=user_id,
                 links=self.login_link,
+                presented=peer.common_name if mismatch else "",
             )
         assert user is not None
         session_id, _csrf = await self._run(

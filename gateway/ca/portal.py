@@ -88,8 +88,9 @@ from gateway.certs.p12 import P12Format
 from gateway.config import Config, PortalConfig
 from gateway.errors import CaError, ConfigError, PkiError, listener_error
 from gateway.verdict import Reason, Verdict
+from gateway.web.messages import message_for
 from gateway.web.pages import render
-from gateway.web.responses import NO_STORE, SECURITY_HEADERS, refusal
+from gateway.web.responses import NO_STORE, SECURITY_HEADERS, refusal, wants_json
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -406,7 +407,9 @@ class Portal:
     ) -> web.Response:
         """The refusal page (reason code and support ID), recorded in the audit trail."""
         event = self.record(request, kind, reason, user_id=user_id, detail=detail)
-        return refusal(request, reason, event.support_id, links=links, headers=headers)
+        return refusal(
+            request, reason, event.support_id, links=links, headers=headers, support=self.config.support, portal=True
+        )
 
     def not_found(self, request: web.BaseRequest, user_id: str, detail: str) -> web.Response:
         """Someone else's certificate looks exactly like no certificate at all."""
@@ -415,9 +418,28 @@ class Portal:
     # -- login, password, logout -------------------------------------------------
 
     async def login_page(self, request: web.Request) -> web.Response:
+        return self._login_form(request, next_path=safe_next(request.query.get("next")) or "")
+
+    def _login_form(
+        self, request: web.Request, *, next_path: str, user_id: str = "", support_id: str = ""
+    ) -> web.Response:
+        """The login form; with ``support_id``, after a wrong password: the error, the typed ID, 401.
+
+        An unknown user ID gets the very same answer (it never says which of the two was wrong).
+        """
         nonce = request.cookies.get(LOGIN_CSRF_COOKIE) or new_login_nonce()
         token = login_csrf_token(self.key, nonce, self.session_clock())
-        response = page("portal_login.html", csrf=token, next=safe_next(request.query.get("next")) or "")
+        error = message_for(Reason.BAD_CREDENTIALS) if support_id else None
+        response = page(
+            "portal_login.html",
+            status=401 if error else 200,
+            csrf=token,
+            next=next_path,
+            user_id=user_id,
+            error=error,
+            support_id=support_id,
+            reason=str(Reason.BAD_CREDENTIALS),
+        )
         response.headers.add("Set-Cookie", set_cookie_header(LOGIN_CSRF_COOKIE, nonce))
         return response
 
@@ -443,6 +465,12 @@ class Portal:
         if result.locked_until is not None:
             detail = f"locked until {result.locked_until.isoformat()}"
             self.record(request, EventKind.ACCOUNT_LOCKED, Reason.ACCOUNT_LOCKED, user_id=user_id, detail=detail)
+        if outcome.verdict.reason is Reason.BAD_CREDENTIALS and not wants_json(request):
+            event = self.record(
+                request, EventKind.LOGIN_REFUSED, outcome.verdict.reason, user_id=user_id, detail=outcome.verdict.detail
+            )
+            next_path = safe_next(_text(form.get("next")) or None) or ""
+            return self._login_form(request, next_path=next_path, user_id=user_id, support_id=event.support_id)
         if not outcome.verdict.allowed:
             return self.refuse(
                 request,
@@ -524,7 +552,13 @@ class Portal:
 
     @logged_in
     async def main_page(self, request: web.Request, session: SessionRecord) -> web.StreamResponse:
-        return page("portal_main.html", user_id=session.user_id, csrf=session.csrf_token)
+        records = await self._run(self.ca.list, user=session.user_id)
+        return page(
+            "portal_main.html",
+            user_id=session.user_id,
+            csrf=session.csrf_token,
+            glance=at_a_glance(records, self.clock()),
+        )
 
     @logged_in
     async def issue_page(self, request: web.Request, session: SessionRecord) -> web.StreamResponse:
@@ -621,12 +655,10 @@ class Portal:
 
     @logged_in
     async def certificates(self, request: web.Request, session: SessionRecord) -> web.StreamResponse:
-        run = request.query.get("run") == "1"
-        rows: list[issuance.ListRow] = []
-        if run:
-            records = await self._run(self.ca.list, user=session.user_id)
-            rows = issuance.list_rows(records, self.clock())
-        return page("portal_certificates.html", user_id=session.user_id, csrf=session.csrf_token, run=run, rows=rows)
+        """The list at once: the manual's 実行 on this screen only repeats the search (``?run=1`` still works)."""
+        records = await self._run(self.ca.list, user=session.user_id)
+        rows = issuance.list_rows(records, self.clock())
+        return page("portal_certificates.html", user_id=session.user_id, csrf=session.csrf_token, rows=rows)
 
     async def _own_certificate(
         self, request: web.Request, session: SessionRecord
@@ -769,6 +801,38 @@ class Portal:
 
 
 # -- helpers ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Glance:
+    """The main page's summary of the user's current certificate (None fields: not applicable)."""
+
+    record: CertificateRecord | None
+    status: Status | None
+    expiry: str  # JST with its offset, e.g. 2027/11/30 09:00:00 JST (+09:00)
+    window_open: bool  # a new certificate may be issued now (renewal window, or nothing valid)
+    window_first: str  # the first day of the renewal window (JST), "" without a valid certificate
+    window_last: str
+
+
+def at_a_glance(records: Sequence[CertificateRecord], now: dt.datetime) -> Glance:
+    """The certificate the user holds now: the valid one expiring last, else the newest.
+
+    Issuing is open when no certificate is valid, or inside the 30-day renewal
+    window of the valid one (the same rule as :func:`gateway.ca.issuance.may_issue`).
+    """
+    clients = [r for r in records if r.kind == "client"]
+    if not clients:
+        return Glance(None, None, "", True, "", "")
+    valid = [r for r in clients if issuance.status_of(r, now) is Status.VALID]
+    current = max(valid or clients, key=lambda r: (r.not_after, r.issued_at))
+    status = issuance.status_of(current, now)
+    expiry = issuance.format_jst(current.not_after) + " JST (+09:00)"
+    if status is not Status.VALID:
+        return Glance(current, status, expiry, True, "", "")
+    window = issuance.renewal_window(current.not_after)
+    first, last = (day.strftime("%Y/%m/%d") for day in (window.first_day, window.last_day))
+    return Glance(current, status, expiry, issuance.may_issue(valid, now).allowed, first, last)
 
 
 def page(template: str, status: int = 200, **ctx: Any) -> web.Response:

@@ -157,6 +157,11 @@ def _path(layout: Layout, path: Path) -> str:
     return json.dumps(text)
 
 
+def _url_host(name: str) -> str:
+    """A host name as it goes into a URL (an IPv6 address in brackets)."""
+    return f"[{name}]" if ":" in name else name
+
+
 def render_config(layout: Layout, hostnames: list[str], *, port: int, admin_port: int, portal_port: int) -> str:
     return CONFIG_TEMPLATE.substitute(
         hostnames=", ".join(hostnames),
@@ -164,6 +169,7 @@ def render_config(layout: Layout, hostnames: list[str], *, port: int, admin_port
         admin_port=admin_port,
         portal_port=portal_port,
         portal_admin_port=admin_port + 1,
+        portal_url=json.dumps(f"https://{_url_host(hostnames[0])}:{portal_port}"),
         server_cert=_path(layout, layout.server_cert),
         server_key=_path(layout, layout.server_key),
         ca_dir=_path(layout, layout.ca),
@@ -304,6 +310,14 @@ portal:
   listen: {host: 0.0.0.0, port: $portal_port}
   tls: {cert: $server_cert, key: $server_key}
   admin: {host: 127.0.0.1, port: $portal_admin_port}   # /healthz, /metrics (plain HTTP, keep it on loopback)
+  public_url: $portal_url   # the issuance service as users reach it (linked from the no-certificate page)
+
+# Shown on every refusal page (gateway and portal) beside the support ID; every key optional.
+# support:
+#   name: TSE SSO ヘルプデスク / helpdesk
+#   phone: 03-0000-0000
+#   email: sso-support@example.jp
+#   hours: 平日 9:00-17:00 (JST)
 
 log_level: info                   # debug, info, warning or error (JSON lines on stdout)
 """)

@@ -2,7 +2,9 @@
 
 Generic to clients, precise in the audit: these texts never carry DNs,
 serials of other users, paths or stack traces. The certificate reasons all
-open with the manual's sentence 有効なクライアント証明書ではありません.
+open with the manual's sentence 有効なクライアント証明書ではありません, except
+the no-certificate page: it names what happened (nothing was presented) and
+lists the steps, the manual's sentence below its title.
 """
 
 from __future__ import annotations
@@ -31,17 +33,35 @@ class Message:
     title_en: str
     advice_ja: str
     advice_en: str
+    # Numbered steps (Japanese, English), shown as a list under the advice.
+    steps: tuple[tuple[str, str], ...] = ()
+
+
+NO_CERTIFICATE_TITLE_JA = "証明書が提示されていません"
+NO_CERTIFICATE_TITLE_EN = "No client certificate was presented"
+SUPPORT_ID_ADVICE_JA = "お問い合わせの際はこのサポートIDをお伝えください"
+SUPPORT_ID_ADVICE_EN = "Please quote this support ID"
 
 
 MESSAGES: dict[Reason, Message] = {
     Reason.NO_CERTIFICATE: Message(
         403,
-        NOT_VALID_JA,
-        NOT_VALID_EN,
-        "クライアント証明書が提示されませんでした。証明書発行サービスで証明書を取得して端末にインストールし、"
-        + _RESTART_JA,
-        "No client certificate was presented. Obtain one in the certificate issuance service, install it on this terminal, then: "
-        + _RESTART_EN,
+        NO_CERTIFICATE_TITLE_JA,
+        NO_CERTIFICATE_TITLE_EN,
+        NOT_VALID_JA + "。ブラウザからクライアント証明書が送られませんでした。次の手順でお試しください。",
+        NOT_VALID_EN + ": the browser sent no client certificate. Please follow these steps.",
+        (
+            (
+                "この端末に証明書がない場合は、証明書発行サービスで証明書を取得してインストールしてください。",
+                "If this terminal has no certificate, obtain one in the certificate issuance service and install it.",
+            ),
+            ("ブラウザをすべて閉じて再起動してください。", "Close every browser window and restart the browser."),
+            ("正しい https の URL であることを確認してください。", "Make sure the https URL is correct."),
+            (
+                "証明書の選択画面で、ご自身のユーザIDに対して Tokyo Stock Exchange SSO CA が発行した証明書を選択してください。",
+                "In the certificate selection dialog, choose the certificate issued to your user ID by Tokyo Stock Exchange SSO CA.",
+            ),
+        ),
     ),
     Reason.UNTRUSTED_CERTIFICATE: Message(
         403,
@@ -91,8 +111,8 @@ MESSAGES: dict[Reason, Message] = {
         403,
         NOT_VALID_JA,
         NOT_VALID_EN,
-        "証明書の発行先(サブジェクト)がユーザIDの形式ではありません。" + _PICK_JA,
-        "The certificate's subject is not a user ID. " + _PICK_EN,
+        "証明書の発行先がユーザIDの形式ではありません。" + _PICK_JA,
+        "The certificate is not issued to a user ID. " + _PICK_EN,
     ),
     Reason.MALFORMED_CERTIFICATE: Message(
         403,
@@ -174,15 +194,15 @@ MESSAGES: dict[Reason, Message] = {
         403,
         "選択された証明書はこのユーザIDのものではありません",
         "The selected certificate does not belong to this user ID",
-        "証明書の発行先(サブジェクト)が入力したユーザIDと一致しません。ブラウザを再起動し、ご自身のユーザIDの証明書を選択してください。",
-        "The certificate's subject does not match the user ID you entered. Restart the browser and choose the certificate issued to your user ID.",
+        "選択された証明書の発行先(証明書の名前)が、入力したユーザIDと一致しません。ブラウザを再起動し、ご自身のユーザIDの証明書を選択してください。",
+        "The certificate chosen is issued to a different name than the user ID you entered. Restart the browser and choose the certificate issued to your user ID.",
     ),
     Reason.BAD_CREDENTIALS: Message(
         401,
         "ユーザIDまたはパスワードが正しくありません",
         "User ID or password is incorrect",
-        "入力内容を確認して、もう一度お試しください。",
-        "Check what you entered and try again.",
+        "入力内容を確認して、もう一度お試しください。続けて失敗するとアカウントが一定時間ロックされます。",
+        "Check what you entered and try again. Repeated failures lock the account for a while.",
     ),
     Reason.ACCOUNT_LOCKED: Message(
         403,

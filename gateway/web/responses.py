@@ -13,6 +13,7 @@ from importlib.resources import files
 
 from aiohttp import web
 
+from gateway.config import SupportConfig
 from gateway.verdict import Reason
 from gateway.web.messages import message_for
 from gateway.web.pages import render
@@ -60,15 +61,35 @@ def refusal(
     status: int | None = None,
     links: Sequence[tuple[str, str, str]] = (),
     headers: dict[str, str] | None = None,
+    support: SupportConfig | None = None,
+    portal: bool = False,
+    issuance_url: str | None = None,
+    presented: str = "",
 ) -> web.Response:
-    """The response a refused client sees (403 by default, per-reason status otherwise)."""
+    """The response a refused client sees (403 by default, per-reason status otherwise).
+
+    ``support`` is the desk the page names beside the support ID; ``portal``
+    gives the page the issuance service's name; ``issuance_url`` is linked from
+    the no-certificate steps; ``presented`` is the name of the certificate the
+    browser chose (subject mismatch), shown escaped.
+    """
     msg = message_for(reason)
     code = status or msg.status
     all_headers = {**NO_STORE, **(headers or {})}
     if wants_json(request):
         body = {"error": str(reason), "message": f"{msg.title_ja} / {msg.title_en}", "support_id": support_id}
         return web.json_response(body, status=code, headers=all_headers, dumps=_dumps)
-    html = render("refusal.html", msg=msg, reason=str(reason), support_id=support_id, links=links)
+    html = render(
+        "refusal.html",
+        layout="portal_layout.html" if portal else "base.html",
+        msg=msg,
+        reason=str(reason),
+        support_id=support_id,
+        links=links,
+        support=support,
+        issuance_url=issuance_url if reason is Reason.NO_CERTIFICATE else None,
+        presented=presented,
+    )
     return web.Response(text=html, status=code, content_type="text/html", charset="utf-8", headers=all_headers)
 
 

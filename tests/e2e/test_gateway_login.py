@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.audit.events import EventKind, serial_hex
-from gateway.web.messages import NOT_VALID_JA
+from gateway.web.messages import NO_CERTIFICATE_TITLE_JA, NOT_VALID_JA
 from tests.e2e.support import (
     PASSWORD,
     Servers,
@@ -72,8 +72,9 @@ def test_3_wrong_certificate_and_no_certificate(
     for path in ("/_gateway/login", "/onre/"):
         response = page.goto(servers.gateway_url(path))
         assert response is not None and response.status == 403
-        support_id = assert_refusal(page, "no_certificate", NOT_VALID_JA)
-        assert "クライアント証明書が提示されませんでした" in page.inner_text("#advice")
+        support_id = assert_refusal(page, "no_certificate", NO_CERTIFICATE_TITLE_JA)
+        assert NOT_VALID_JA in page.inner_text("#advice")
+        assert page.locator("ol#steps li").count() >= 3
         event = next(e for e in servers.audit.events if e.support_id == support_id)
         assert (event.event, event.reason, event.path, event.cert_serial) == (
             EventKind.REQUEST_REFUSED,
@@ -100,7 +101,9 @@ def test_6_forced_password_change_after_admin_reset(
 
     # The password from before the reset no longer opens anything.
     assert gateway_login(page, servers, "LC000601", PASSWORD).status == 401
-    assert_refusal(page, "bad_credentials", "ユーザIDまたはパスワードが正しくありません")
+    assert page.locator("#reason").inner_text() == "bad_credentials"  # on the login form, the ID kept
+    assert "ユーザIDまたはパスワードが正しくありません" in page.inner_text("#error")
+    assert page.input_value("#user_id") == "LC000601"
 
     # The temporary one leads straight to the forced change, and nowhere else.
     gateway_login(page, servers, "LC000601", temporary)

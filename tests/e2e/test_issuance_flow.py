@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 
 from gateway.audit.events import EventKind, serial_hex
 from gateway.certs.builders import SSO_CA_NAME
-from gateway.web.messages import NOT_VALID_JA
+from gateway.web.messages import NO_CERTIFICATE_TITLE_JA, NOT_VALID_JA
 from tests.e2e.support import (
     Servers,
     Terminal,
@@ -65,7 +65,7 @@ def test_1_new_user_issues_imports_and_logs_in(portal: Servers, terminal: Callab
     # Without a certificate the gateway turns the terminal away ...
     response = page.goto(portal.gateway_url("/onre/"))
     assert response is not None and response.status == 403
-    assert_refusal(page, "no_certificate", NOT_VALID_JA)
+    assert_refusal(page, "no_certificate", NO_CERTIFICATE_TITLE_JA)
 
     # ... while the issuance service needs none.
     portal_login(page, portal, "LC000101")
