@@ -45,6 +45,7 @@ from gateway.accounts import (
 )
 from gateway.app import RUNTIME, forward_to, proxy_handler
 from gateway.audit import EventKind
+from gateway.auditworkspace import AuditWorkspace
 from gateway.certpolicy import PeerCertificate
 from gateway.config import SYSTEMS, Backend, Config
 from gateway.keys import PEER, USER
@@ -128,6 +129,7 @@ class LoginAccess:
         app.router.add_get(paths.landing, self.landing)
         app.router.add_get(paths.landing.rstrip("/"), self.to_landing)
         app.router.add_get("/", self.root)
+        AuditWorkspace(self).setup(app)  # <prefix>audit, for users with the auditor role
         app.on_startup.append(self._warm)
         app.cleanup_ctx.append(self._housekeeping)
         app.on_cleanup.append(self._close)

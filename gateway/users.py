@@ -31,11 +31,15 @@ from typing import Literal, Self
 from gateway.errors import GatewayError, StoreError
 from gateway.loginpolicy import LoginSettings, lock_due
 from gateway.passwords import HASH_PREFIX
+from gateway.verdict import Reason, Verdict
 
 BUSY_TIMEOUT_MS = 10_000
 USER_ID_PATTERN = re.compile(r"[A-Za-z0-9._@-]{1,64}", re.ASCII)
 SYSTEM_PATTERN = re.compile(r"[a-z0-9._-]{1,32}", re.ASCII)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Roles are separate from systems: a system is a backend a user may reach, a role a
+# duty at the gateway itself. ``auditor`` opens the audit workspace.
+ROLES = ("auditor",)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -45,7 +49,8 @@ CREATE TABLE IF NOT EXISTS users (
     enabled INTEGER NOT NULL,
     must_change_password INTEGER NOT NULL,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    roles TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS login_failures (
     kind TEXT NOT NULL,
@@ -59,6 +64,11 @@ CREATE TABLE IF NOT EXISTS lockouts (
     locked_until REAL NOT NULL
 ) WITHOUT ROWID;
 """
+# Upgrades of an existing file, by the version they lead to (run in order, in the
+# same transaction that records the new version).
+_MIGRATIONS = {
+    2: "ALTER TABLE users ADD COLUMN roles TEXT NOT NULL DEFAULT ''",
+}
 
 
 class UserError(GatewayError):
@@ -87,6 +97,7 @@ class User:
     enabled: bool
     must_change_password: bool
     created_at: dt.datetime
+    roles: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +141,24 @@ def validate_systems(systems: Iterable[str]) -> frozenset[str]:
     return result
 
 
+def validate_roles(roles: Iterable[str]) -> frozenset[str]:
+    """The roles as a set (empty is allowed: no role); each must be a known role."""
+    result = frozenset(r for r in roles if r)
+    for name in sorted(result):
+        if name not in ROLES:
+            raise UserError(f"unknown role {name!r}: known roles are {', '.join(ROLES)}")
+    return result
+
+
+def decide_audit_access(user: User | None) -> Verdict:
+    """May this (logged-in) user open the audit workspace? Only an enabled account with ``auditor``."""
+    if user is None or not user.enabled:
+        return Verdict.deny(Reason.NOT_AUTHORIZED, "audit workspace: no enabled account")
+    if "auditor" not in user.roles:
+        return Verdict.deny(Reason.NOT_AUTHORIZED, "audit workspace needs the auditor role")
+    return Verdict.allow("auditor")
+
+
 def open_database(path: Path) -> sqlite3.Connection:
     """Open (creating if needed, mode 0600) a SQLite file shared by processes.
 
@@ -169,11 +198,18 @@ def _set_wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.02)
 
 
-def ensure_schema(conn: sqlite3.Connection, component: str, version: int, schema: str) -> None:
-    """Create a component's tables once and refuse a file from a newer release.
+def ensure_schema(
+    conn: sqlite3.Connection,
+    component: str,
+    version: int,
+    schema: str,
+    migrations: dict[int, str] | None = None,
+) -> None:
+    """Create a component's tables once, upgrade an older file, refuse one from a newer release.
 
     Several components (users, sessions) may share one file; each has a row
-    in ``schema_version``.
+    in ``schema_version``. A file at an older version gets ``migrations``
+    (keyed by the version each leads to) in order, in the same transaction.
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -189,6 +225,12 @@ def ensure_schema(conn: sqlite3.Connection, component: str, version: int, schema
                 "INSERT INTO schema_version (component, version) VALUES (?, ?)",
                 (component, version),
             )
+        elif row[0] < version:
+            for step in range(row[0] + 1, version + 1):
+                upgrade = (migrations or {}).get(step)
+                if upgrade:
+                    conn.execute(upgrade)
+            conn.execute("UPDATE schema_version SET version = ? WHERE component = ?", (version, component))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -226,6 +268,7 @@ class SqliteStore:
     label = ""  # how errors name the store
     schema_version = 1
     schema = ""
+    migrations: dict[int, str] = {}  # noqa: RUF012 - read-only, per subclass
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -234,7 +277,7 @@ class SqliteStore:
         self._guarded = _Guard(self)
         try:
             with self._guard():
-                ensure_schema(self._conn, self.component, self.schema_version, self.schema)
+                ensure_schema(self._conn, self.component, self.schema_version, self.schema, self.migrations)
         except BaseException:
             self._conn.close()
             raise
@@ -284,6 +327,7 @@ class UserStore(SqliteStore):
     component = "users"
     schema_version = SCHEMA_VERSION
     schema = _SCHEMA
+    migrations = _MIGRATIONS
     label = "user"
 
     @contextmanager
@@ -310,11 +354,13 @@ class UserStore(SqliteStore):
         now: dt.datetime,
         must_change_password: bool = False,
         enabled: bool = True,
+        roles: Iterable[str] = (),
     ) -> User:
         """Create an account; raise UserExistsError if the ID is taken."""
         validate_user_id(user_id)
         _check_hash(password_hash)
         wanted = validate_systems(systems)
+        granted = validate_roles(roles)
         at = to_epoch(now)
         with self._write() as conn:
             exists = conn.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone()
@@ -322,7 +368,7 @@ class UserStore(SqliteStore):
                 raise UserExistsError(f"user {user_id} already exists")
             conn.execute(
                 "INSERT INTO users (user_id, password_hash, systems, enabled,"
-                " must_change_password, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " must_change_password, created_at, updated_at, roles) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     user_id,
                     password_hash,
@@ -331,9 +377,10 @@ class UserStore(SqliteStore):
                     must_change_password,
                     at,
                     at,
+                    join_systems(granted),
                 ),
             )
-        return User(user_id, password_hash, wanted, enabled, must_change_password, from_epoch(at))
+        return User(user_id, password_hash, wanted, enabled, must_change_password, from_epoch(at), granted)
 
     def get_user(self, user_id: str) -> User | None:
         """The account with exactly this ID, or None (any string may be asked)."""
@@ -345,7 +392,7 @@ class UserStore(SqliteStore):
         with self._guard() as conn:
             rows = conn.execute(
                 "SELECT user_id, password_hash, systems, enabled, must_change_password,"
-                " created_at FROM users ORDER BY user_id"
+                " created_at, roles FROM users ORDER BY user_id"
             ).fetchall()
         return [_user(row) for row in rows]
 
@@ -356,6 +403,12 @@ class UserStore(SqliteStore):
         wanted = validate_systems(systems)
         self._update(user_id, "systems = ?", (join_systems(wanted),), now)
         return wanted
+
+    def set_roles(self, user_id: str, roles: Iterable[str], *, now: dt.datetime) -> frozenset[str]:
+        """Replace the user's roles (an empty set takes every role away)."""
+        granted = validate_roles(roles)
+        self._update(user_id, "roles = ?", (join_systems(granted),), now)
+        return granted
 
     def set_password(self, user_id: str, password_hash: str, *, temporary: bool, now: dt.datetime) -> None:
         """Store a new hash; ``temporary`` forces a change at the next login."""
@@ -487,14 +540,14 @@ def _check_hash(password_hash: str) -> None:
 def _select_user(conn: sqlite3.Connection, user_id: str) -> User | None:
     row = conn.execute(
         "SELECT user_id, password_hash, systems, enabled, must_change_password,"
-        " created_at FROM users WHERE user_id = ?",
+        " created_at, roles FROM users WHERE user_id = ?",
         (user_id,),
     ).fetchone()
     return None if row is None else _user(row)
 
 
-def _user(row: tuple[str, str, str, int, int, float]) -> User:
-    user_id, password_hash, systems, enabled, must_change, created = row
+def _user(row: tuple[str, str, str, int, int, float, str]) -> User:
+    user_id, password_hash, systems, enabled, must_change, created, roles = row
     return User(
         user_id=user_id,
         password_hash=password_hash,
@@ -502,4 +555,5 @@ def _user(row: tuple[str, str, str, int, int, float]) -> User:
         enabled=bool(enabled),
         must_change_password=bool(must_change),
         created_at=from_epoch(created),
+        roles=split_systems(roles),
     )
