@@ -53,7 +53,7 @@ EXPORT_BATCH = 5000
 EXPORT_COLUMNS = ("time_utc", "cert_cn", *(name for name in FIELDS if name != "time"))
 _CN = re.compile(r"(?:^|,)\s*CN=((?:[^,\\]|\\.)*)", re.IGNORECASE)
 BAD_FILTER_JA = "検索条件を読み取れません。日時は 24h、7d、2026-11-01、2026-11-01T09:00:00Z の形で指定してください。"
-_FORMULA_START = ("=", "+", "@", "\t", "\r")
+_FORMULA_START = frozenset("=+-@\t\r")
 
 
 def cert_cn(subject: str) -> str:
@@ -110,36 +110,36 @@ def page_rows(events: Sequence[AuditEvent]) -> list[dict[str, Any]]:
     return rows
 
 
-def export_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """One stored row as exported: ``time_utc`` (the stored UTC text) and ``cert_cn`` first."""
-    out: dict[str, Any] = {"time_utc": row["time"], "cert_cn": cert_cn(str(row["cert_subject"] or ""))}
-    for name in FIELDS:
-        if name != "time":
-            out[name] = row[name]
-    return out
+_TIME = FIELDS.index("time")
+_SUBJECT = FIELDS.index("cert_subject")
+_REST = tuple(i for i, name in enumerate(FIELDS) if name != "time")
 
 
-def csv_cell(value: Any) -> str:
+def export_values(row: Sequence[Any]) -> list[Any]:
+    """One stored row (in FIELDS order) as exported, in EXPORT_COLUMNS order: UTC time, certificate name, the rest."""
+    subject = row[_SUBJECT]
+    return [row[_TIME], cert_cn(subject) if subject else "", *(row[i] for i in _REST)]
+
+
+def csv_cell(value: Any) -> Any:
     """A CSV cell that a spreadsheet will not run as a formula (user agents and paths are untrusted)."""
-    text = "" if value is None else str(value)
-    if text.startswith(_FORMULA_START) or (text.startswith("-") and not text[1:].isdigit()):
-        return "'" + text
-    return text
+    if value is None:
+        return ""
+    risky = value.__class__ is str and value and value[0] in _FORMULA_START
+    return "'" + value if risky and not (value[0] == "-" and value[1:].isdigit()) else value
 
 
-def csv_chunk(rows: Sequence[Mapping[str, Any]], *, header: bool) -> str:
+def csv_chunk(rows: Sequence[Sequence[Any]], *, header: bool) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     if header:
         writer.writerow(EXPORT_COLUMNS)
-    for row in rows:
-        data = export_row(row)
-        writer.writerow([csv_cell(data[name]) for name in EXPORT_COLUMNS])
+    writer.writerows([csv_cell(v) for v in export_values(row)] for row in rows)
     return buffer.getvalue()
 
 
-def json_chunk(rows: Sequence[Mapping[str, Any]], *, first: bool) -> str:
-    parts = [json.dumps(export_row(row), ensure_ascii=False) for row in rows]
+def json_chunk(rows: Sequence[Sequence[Any]], *, first: bool) -> str:
+    parts = [json.dumps(dict(zip(EXPORT_COLUMNS, export_values(row), strict=True)), ensure_ascii=False) for row in rows]
     return ("" if first else ",\n") + ",\n".join(parts)
 
 
@@ -247,12 +247,12 @@ class AuditWorkspace:
                 rows += len(batch)
             if fmt == "json":
                 await response.write(b"\n]\n")
-            await response.write_eof()
             complete = True
-        finally:
+        finally:  # recorded before the end of the body, so an export is never seen unaudited
             await loop.run_in_executor(None, store.close)
             detail = f"format={fmt} filter: {filter_text(filters) or 'since=24h'}; rows={rows} complete={complete}"
             self.access._record(request, EventKind.AUDIT_EXPORTED, Reason.OK, user_id=who, detail=detail)
+        await response.write_eof()
         return response
 
     def _url(self, filters: Mapping[str, str], page: int) -> str:

@@ -458,11 +458,12 @@ async def test_healthz_and_metrics(gw: Harness) -> None:
     assert "gateway_crl_entries" in text
 
 
-async def test_admin_listener_serves_the_audit_report(gw: Harness) -> None:
-    """/audit is wired through the worker's admin listener (its module loads on the first request)."""
+async def test_admin_listener_serves_the_audit_report(tmp_path: Path, pki: ThrowawayPki) -> None:
+    """/audit, when enabled, is wired through the worker's admin listener (its module loads on the first request)."""
     from gateway.audit import AuditEvent, EventKind
     from gateway.auditstore import AuditStore
 
+    gw = await start_harness(tmp_path, pki, extra={"admin": {"host": "127.0.0.1", "port": 0, "audit_report": True}})
     event = AuditEvent(EventKind.REQUEST_REFUSED, reason="certificate_revoked", user_id="LC000009")
     with AuditStore(gw.config.audit.database) as store:
         store.append([event])
@@ -474,6 +475,7 @@ async def test_admin_listener_serves_the_audit_report(gw: Harness) -> None:
                 assert "LC000009" in await r.text()
         async with s.get(gw.admin_url("/audit"), params={"since": "not-a-time"}) as r:
             assert r.status == 400  # the report's own filter check answers, not a 404 or 500
+    await gw.close()
 
 
 async def test_underscore_spellings_of_identity_headers_are_dropped(gw: Harness) -> None:
