@@ -57,9 +57,11 @@ _FORMULA_START = frozenset("=+-@\t\r")
 
 
 def cert_cn(subject: str) -> str:
-    """The CN of an RFC 4514 subject as recorded (the certificate name people recognise)."""
+    """The certificate name people recognise: ``cert_subject`` as recorded (the CN), or the CN of a full DN."""
     match = _CN.search(subject or "")
-    return re.sub(r"\\(.)", r"\1", match.group(1)) if match else ""
+    if match:
+        return re.sub(r"\\(.)", r"\1", match.group(1))
+    return "" if "=" in (subject or "") else subject or ""
 
 
 def jst_text(utc_text: str) -> str:

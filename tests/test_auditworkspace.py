@@ -220,6 +220,7 @@ async def test_the_admin_listener_serves_the_report_when_enabled(tmp_path: Path,
 def test_cells_and_names() -> None:
     assert cert_cn(r"CN=Tanaka\, Taro,O=Example,C=JP") == "Tanaka, Taro"
     assert cert_cn("O=Example,C=JP") == ""
+    assert cert_cn("LC000001") == "LC000001"  # what the gateway records: the CN itself
     assert jst_text("2026-11-30T15:00:00.000Z") == "2026-12-01 00:00:00"
     assert csv_cell("=HYPERLINK(1)") == "'=HYPERLINK(1)"
     assert csv_cell("-1") == "-1" and csv_cell("LC-1") == "LC-1" and csv_cell(None) == ""
