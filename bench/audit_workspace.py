@@ -18,8 +18,8 @@ It prints the query plans too, so a missing index shows. Targets: a page under
 from __future__ import annotations
 
 import argparse
-import os
 import datetime as dt
+import os
 import random
 import sqlite3
 import statistics
