@@ -35,7 +35,6 @@ from aiohttp import web
 from gateway.accounts import see_other
 from gateway.app import RUNTIME
 from gateway.audit import FIELDS, FILTER_KEYS, AuditEvent, AuditFilter, EventKind, event_to_dict, parse_filter, utcnow
-from gateway.auditreport import DEFAULT_WINDOW, render_report
 from gateway.auditstore import AuditStore, AuditSummary
 from gateway.errors import GatewayError, StoreError
 from gateway.keys import PEER
@@ -45,6 +44,9 @@ from gateway.verdict import Reason
 
 if TYPE_CHECKING:
     from gateway.login import LoginAccess
+
+# gateway.auditreport (the chart, Jinja2's page) is imported on the first audit request, not with
+# the login layer: a worker that only proxies never loads it (tests/test_cli.py checks the serve path).
 
 JST = dt.timezone(dt.timedelta(hours=9), "JST")
 PER_PAGE = 100
@@ -173,6 +175,8 @@ class AuditWorkspace:
         return session.user_id
 
     async def page(self, request: web.Request) -> web.StreamResponse:
+        from gateway.auditreport import render_report
+
         who = await self._auditor(request)
         if not isinstance(who, str):
             return who
@@ -279,6 +283,8 @@ class AuditWorkspace:
 
 def _load(path: Path, f: AuditFilter, page: int, now: dt.datetime) -> tuple[list[AuditEvent], int, AuditSummary]:
     """The blocking part of a page: one read-only connection; the page, its total, the chart's counts."""
+    from gateway.auditreport import DEFAULT_WINDOW
+
     with AuditStore(path, readonly=True) as store:
         events, total = store.page(f, (page - 1) * f.limit)
         since = f.since or now - DEFAULT_WINDOW
