@@ -223,6 +223,13 @@ class Listen:
 
 
 @dataclass(frozen=True)
+class AdminListen(Listen):
+    """The plain-HTTP admin listener. ``/audit`` (personal data, no login) only when enabled."""
+
+    audit_report: bool = setting(False, Check(_plain(_boolean), "true or false"))
+
+
+@dataclass(frozen=True)
 class TlsConfig:
     cert: Path = setting(check=PATH_TO_PEM)
     key: Path = setting(check=PATH_TO_PEM)
@@ -462,7 +469,7 @@ class Config:
     path: Path = field(metadata={"internal": True})
     listen: Listen = section(Listen, port=8443)
     workers: int = setting(1, Check(_plain(_workers), "a positive integer or 'auto'"))
-    admin: Listen | None = section(Listen, optional=True, port=9100)
+    admin: AdminListen | None = section(AdminListen, optional=True, port=9100)
     tls: TlsConfig | None = section(TlsConfig, optional=True)
     revocation: RevocationConfig | None = section(RevocationConfig, optional=True)
     backends: tuple[Backend, ...] = sections(Backend, _unique_routes)

@@ -440,11 +440,16 @@ def make_audit(config: Config, worker: int | None = None) -> Any:
 
 
 def audit_routes(config: Config) -> Callable[[web.Application], None]:
-    """Adds the read-only /audit report to an admin app."""
+    """Adds the read-only /audit report to an admin app, only when ``admin.audit_report`` is on.
+
+    The admin listener has no login, so the report (user IDs, addresses,
+    certificates) is off by default; the audit workspace on the gateway is the place for it.
+    """
     from gateway.audit.report import audit_handler
 
     def add(app: web.Application) -> None:
-        app.router.add_get("/audit", audit_handler(config.audit.database))
+        if config.admin is not None and config.admin.audit_report:
+            app.router.add_get("/audit", audit_handler(config.audit.database))
 
     return add
 

@@ -134,7 +134,7 @@ def test_list_table_and_json(
     capsys.readouterr()
     assert users(config, "list") == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].split() == ["USER_ID", "SYSTEMS", "STATUS", "CREATED"]
+    assert table[0].split() == ["USER_ID", "SYSTEMS", "ROLES", "STATUS", "CREATED"]
     assert table[1].startswith("LC000001") and "temporary-password" in table[1]
     assert table[2].startswith("LC000002") and "disabled" in table[2]
     assert users(config, "list", "--format", "json") == 0
@@ -264,3 +264,38 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["users", "add", "--help"])
     assert "temporary password" in capsys.readouterr().out
+
+
+def test_roles_are_set_at_add_and_replaced_by_set_roles(
+    config: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    store: UserStore,
+    audited: list[AuditEvent],
+) -> None:
+    assert users(config, "add", "SEC00001", "--systems", "tdnet", "--roles", "auditor") == 0
+    assert users(config, "add", "LC000001", "--systems", "tdnet") == 0
+    user = store.get_user("SEC00001")
+    assert user is not None and user.roles == frozenset({"auditor"}) and user.systems == frozenset({"tdnet"})
+    plain = store.get_user("LC000001")
+    assert plain is not None and plain.roles == frozenset()
+    assert users(config, "set-roles", "LC000001", "--roles", "auditor") == 0
+    assert users(config, "set-roles", "SEC00001", "--roles", "") == 0
+    assert store.get_user("LC000001").roles == frozenset({"auditor"})  # type: ignore[union-attr]
+    assert store.get_user("SEC00001").roles == frozenset()  # type: ignore[union-attr]
+    assert [e.detail for e in audited][-2:] == ["users set-roles roles=auditor", "users set-roles roles="]
+    capsys.readouterr()
+    assert users(config, "list", "--format", "json") == 0
+    rows = {r["user_id"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["LC000001"]["roles"] == ["auditor"] and rows["SEC00001"]["roles"] == []
+
+
+def test_unknown_role_and_unknown_user_are_refused(
+    config: Path, capsys: pytest.CaptureFixture[str], store: UserStore, audited: list[AuditEvent]
+) -> None:
+    assert users(config, "add", "LC000001", "--systems", "tdnet", "--roles", "admin") == 2
+    assert "unknown role 'admin'" in capsys.readouterr().err
+    assert store.get_user("LC000001") is None
+    assert users(config, "set-roles", "LC000009", "--roles", "auditor") == 2
+    assert "no such user" in capsys.readouterr().err
+    assert audited == []

@@ -123,7 +123,7 @@ async def test_lookalike_ca_with_same_name_fails_in_handshake_and_is_audited(gw:
     assert event.reason == "certificate_verify_failed"
     assert event.client_ip == "127.0.0.1"
     assert event.cert_subject == "LC000001"
-    assert event.cert_serial == format(files.certificate.serial_number, "X")
+    assert event.cert_serial == serial_hex(files.certificate.serial_number)
     # The accept twin: the real CA's certificate still passes.
     assert (await get(gw, "/onre/page"))[0] == 200
 
@@ -403,7 +403,7 @@ async def test_websocket_upgrade_is_relayed_with_identity(gw: Harness) -> None:
     async with gw.session() as s, s.ws_connect(gw.url("/onre/ws").replace("https", "wss")) as ws:
         await ws.send_str("hello")
         msg = await ws.receive(timeout=5)
-        serial = format(gw.pki.clients["LC000001"].certificate.serial_number, "X")
+        serial = serial_hex(gw.pki.clients["LC000001"].certificate.serial_number)
         assert msg.data == f"{serial}:hello"
 
 
@@ -455,11 +455,12 @@ async def test_healthz_and_metrics(gw: Harness) -> None:
     assert "gateway_crl_entries" in text
 
 
-async def test_admin_listener_serves_the_audit_report(gw: Harness) -> None:
-    """/audit is wired through the worker's admin listener (its module loads on the first request)."""
+async def test_admin_listener_serves_the_audit_report(tmp_path: Path, pki: ThrowawayPki) -> None:
+    """/audit, when enabled, is wired through the worker's admin listener (its module loads on the first request)."""
     from gateway.audit.events import AuditEvent, EventKind
     from gateway.audit.store import AuditStore
 
+    gw = await start_harness(tmp_path, pki, extra={"admin": {"host": "127.0.0.1", "port": 0, "audit_report": True}})
     event = AuditEvent(EventKind.REQUEST_REFUSED, reason="certificate_revoked", user_id="LC000009")
     with AuditStore(gw.config.audit.database) as store:
         store.append([event])
@@ -471,6 +472,7 @@ async def test_admin_listener_serves_the_audit_report(gw: Harness) -> None:
                 assert "LC000009" in await r.text()
         async with s.get(gw.admin_url("/audit"), params={"since": "not-a-time"}) as r:
             assert r.status == 400  # the report's own filter check answers, not a 404 or 500
+    await gw.close()
 
 
 async def test_underscore_spellings_of_identity_headers_are_dropped(gw: Harness) -> None:

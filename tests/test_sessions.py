@@ -136,7 +136,7 @@ def test_shares_the_users_database(db: Path) -> None:
         assert sessions.get(new(sessions)) is not None
     with closing(sqlite3.connect(db)) as conn:
         versions = dict(conn.execute("SELECT component, version FROM schema_version"))
-    assert versions == {"users": 1, "sessions": 1}
+    assert versions == {"users": 2, "sessions": 1}  # users 2: roles
 
 
 # -- the per-worker cache --------------------------------------------------

@@ -360,3 +360,47 @@ def test_many_processes_opening_a_new_database_at_once_all_succeed(tmp_path: Pat
         procs = [subprocess.Popen([sys.executable, "-c", code, str(db)], stderr=subprocess.PIPE) for _ in range(8)]
         errors = [p.communicate(timeout=60)[1].decode() for p in procs]
         assert [p.returncode for p in procs] == [0] * 8, [e for e in errors if e][:1]
+
+
+def test_a_version_1_users_file_is_upgraded_with_no_roles(tmp_path: Path) -> None:
+    """A database made before roles existed gains the column; its users keep working, with no role."""
+    import sqlite3
+
+    from gateway.access.users import _SCHEMA
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    old_schema = _SCHEMA.replace(",\n    roles TEXT NOT NULL DEFAULT ''", "")
+    assert "roles" not in old_schema
+    conn.executescript(old_schema)
+    conn.execute("CREATE TABLE schema_version (component TEXT PRIMARY KEY, version INTEGER NOT NULL)")
+    conn.execute("INSERT INTO schema_version VALUES ('users', 1)")
+    conn.execute(
+        "INSERT INTO users VALUES ('LC000001', ?, 'tdnet', 1, 0, 0, 0)", (hash_password("correct horse battery"),)
+    )
+    conn.commit()
+    conn.close()
+    with UserStore(path) as store:
+        user = store.get_user("LC000001")
+        assert user is not None and user.roles == frozenset() and user.systems == frozenset({"tdnet"})
+        store.set_roles("LC000001", ["auditor"], now=dt.datetime.now(dt.UTC))
+        assert store.get_user("LC000001").roles == frozenset({"auditor"})  # type: ignore[union-attr]
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM schema_version WHERE component = 'users'").fetchone() == (2,)
+    conn.close()
+
+
+def test_audit_access_needs_an_enabled_auditor() -> None:
+    from gateway.access.users import User, decide_audit_access
+    from gateway.verdict import Reason
+
+    now = dt.datetime.now(dt.UTC)
+    auditor = User("SEC00001", "h", frozenset({"tdnet"}), True, False, now, frozenset({"auditor"}))
+    assert decide_audit_access(auditor).allowed
+    for user in (
+        None,
+        User("LC000001", "h", frozenset({"tdnet"}), True, False, now),
+        User("SEC00001", "h", frozenset({"tdnet"}), False, False, now, frozenset({"auditor"})),
+    ):
+        verdict = decide_audit_access(user)
+        assert not verdict.allowed and verdict.reason is Reason.NOT_AUTHORIZED

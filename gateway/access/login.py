@@ -75,6 +75,7 @@ from gateway.access.sessions import (
 from gateway.access.users import UserStore
 from gateway.app import RUNTIME, forward_to, proxy_handler
 from gateway.audit.events import EventKind
+from gateway.audit.workspace import AuditWorkspace
 from gateway.certs.policy import PeerCertificate
 from gateway.config import SYSTEMS, Backend, Config
 from gateway.keys import PEER, USER
@@ -129,6 +130,7 @@ class LoginAccess:
         app.router.add_get(paths.landing, self.landing)
         app.router.add_get(paths.landing.rstrip("/"), self.to_landing)
         app.router.add_get("/", self.root)
+        AuditWorkspace(self).setup(app)  # <prefix>audit, for users with the auditor role
         app.on_startup.append(self._warm)
         app.cleanup_ctx.append(self._housekeeping)
         app.on_cleanup.append(self._close)

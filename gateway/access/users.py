@@ -27,10 +27,14 @@ from gateway.access.passwords import HASH_PREFIX
 from gateway.access.policy import LoginSettings, lock_due
 from gateway.errors import GatewayError
 from gateway.storage.sqlite import SqliteStore
+from gateway.verdict import Reason, Verdict
 
 USER_ID_PATTERN = re.compile(r"[A-Za-z0-9._@-]{1,64}", re.ASCII)
 SYSTEM_PATTERN = re.compile(r"[a-z0-9._-]{1,32}", re.ASCII)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Roles are separate from systems: a system is a backend a user may reach, a role a
+# duty at the gateway itself. ``auditor`` opens the audit workspace.
+ROLES = ("auditor",)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS users (
@@ -40,7 +44,8 @@ CREATE TABLE IF NOT EXISTS users (
     enabled INTEGER NOT NULL,
     must_change_password INTEGER NOT NULL,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    roles TEXT NOT NULL DEFAULT ''
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS login_failures (
     kind TEXT NOT NULL,
@@ -54,6 +59,11 @@ CREATE TABLE IF NOT EXISTS lockouts (
     locked_until REAL NOT NULL
 ) WITHOUT ROWID;
 """
+# Upgrades of an existing file, by the version they lead to (run in order, in the
+# same transaction that records the new version).
+_MIGRATIONS = {
+    2: "ALTER TABLE users ADD COLUMN roles TEXT NOT NULL DEFAULT ''",
+}
 
 
 class UserError(GatewayError):
@@ -82,6 +92,7 @@ class User:
     enabled: bool
     must_change_password: bool
     created_at: dt.datetime
+    roles: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +136,24 @@ def validate_systems(systems: Iterable[str]) -> frozenset[str]:
     return result
 
 
+def validate_roles(roles: Iterable[str]) -> frozenset[str]:
+    """The roles as a set (empty is allowed: no role); each must be a known role."""
+    result = frozenset(r for r in roles if r)
+    for name in sorted(result):
+        if name not in ROLES:
+            raise UserError(f"unknown role {name!r}: known roles are {', '.join(ROLES)}")
+    return result
+
+
+def decide_audit_access(user: User | None) -> Verdict:
+    """May this (logged-in) user open the audit workspace? Only an enabled account with ``auditor``."""
+    if user is None or not user.enabled:
+        return Verdict.deny(Reason.NOT_AUTHORIZED, "audit workspace: no enabled account")
+    if "auditor" not in user.roles:
+        return Verdict.deny(Reason.NOT_AUTHORIZED, "audit workspace needs the auditor role")
+    return Verdict.allow("auditor")
+
+
 def to_epoch(when: dt.datetime) -> float:
     """Seconds since the epoch; refuses naive datetimes (all times are UTC-aware)."""
     if when.tzinfo is None:
@@ -150,6 +179,7 @@ class UserStore(SqliteStore):
     component = "users"
     schema_version = SCHEMA_VERSION
     schema = _SCHEMA
+    migrations = _MIGRATIONS
     label = "user"
 
     @contextmanager
@@ -176,11 +206,13 @@ class UserStore(SqliteStore):
         now: dt.datetime,
         must_change_password: bool = False,
         enabled: bool = True,
+        roles: Iterable[str] = (),
     ) -> User:
         """Create an account; raise UserExistsError if the ID is taken."""
         validate_user_id(user_id)
         _check_hash(password_hash)
         wanted = validate_systems(systems)
+        granted = validate_roles(roles)
         at = to_epoch(now)
         with self._write() as conn:
             exists = conn.execute("SELECT 1 FROM users WHERE user_id = ?", (user_id,)).fetchone()
@@ -188,7 +220,7 @@ class UserStore(SqliteStore):
                 raise UserExistsError(f"user {user_id} already exists")
             conn.execute(
                 "INSERT INTO users (user_id, password_hash, systems, enabled,"
-                " must_change_password, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " must_change_password, created_at, updated_at, roles) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     user_id,
                     password_hash,
@@ -197,9 +229,10 @@ class UserStore(SqliteStore):
                     must_change_password,
                     at,
                     at,
+                    join_systems(granted),
                 ),
             )
-        return User(user_id, password_hash, wanted, enabled, must_change_password, from_epoch(at))
+        return User(user_id, password_hash, wanted, enabled, must_change_password, from_epoch(at), granted)
 
     def get_user(self, user_id: str) -> User | None:
         """The account with exactly this ID, or None (any string may be asked)."""
@@ -211,7 +244,7 @@ class UserStore(SqliteStore):
         with self._guard() as conn:
             rows = conn.execute(
                 "SELECT user_id, password_hash, systems, enabled, must_change_password,"
-                " created_at FROM users ORDER BY user_id"
+                " created_at, roles FROM users ORDER BY user_id"
             ).fetchall()
         return [_user(row) for row in rows]
 
@@ -222,6 +255,12 @@ class UserStore(SqliteStore):
         wanted = validate_systems(systems)
         self._update(user_id, "systems = ?", (join_systems(wanted),), now)
         return wanted
+
+    def set_roles(self, user_id: str, roles: Iterable[str], *, now: dt.datetime) -> frozenset[str]:
+        """Replace the user's roles (an empty set takes every role away)."""
+        granted = validate_roles(roles)
+        self._update(user_id, "roles = ?", (join_systems(granted),), now)
+        return granted
 
     def set_password(self, user_id: str, password_hash: str, *, temporary: bool, now: dt.datetime) -> None:
         """Store a new hash; ``temporary`` forces a change at the next login."""
@@ -353,14 +392,14 @@ def _check_hash(password_hash: str) -> None:
 def _select_user(conn: sqlite3.Connection, user_id: str) -> User | None:
     row = conn.execute(
         "SELECT user_id, password_hash, systems, enabled, must_change_password,"
-        " created_at FROM users WHERE user_id = ?",
+        " created_at, roles FROM users WHERE user_id = ?",
         (user_id,),
     ).fetchone()
     return None if row is None else _user(row)
 
 
-def _user(row: tuple[str, str, str, int, int, float]) -> User:
-    user_id, password_hash, systems, enabled, must_change, created = row
+def _user(row: tuple[str, str, str, int, int, float, str]) -> User:
+    user_id, password_hash, systems, enabled, must_change, created, roles = row
     return User(
         user_id=user_id,
         password_hash=password_hash,
@@ -368,4 +407,5 @@ def _user(row: tuple[str, str, str, int, int, float]) -> User:
         enabled=bool(enabled),
         must_change_password=bool(must_change),
         created_at=from_epoch(created),
+        roles=split_systems(roles),
     )

@@ -39,6 +39,8 @@ class EventKind(StrEnum):
     ISSUANCE_REFUSED = "issuance_refused"
     CRL_PUBLISHED = "crl_published"
     CRL_REFRESH_FAILED = "crl_refresh_failed"
+    AUDIT_VIEWED = "audit_viewed"  # the audit workspace was searched (who, the filter, how many rows)
+    AUDIT_EXPORTED = "audit_exported"  # the audit workspace exported the filter as CSV or JSON
 
 
 # The kinds that count as a refusal in summaries and the chart.

@@ -15,6 +15,7 @@ import datetime as dt
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
@@ -24,14 +25,16 @@ from gateway.audit.events import (
     AuditEvent,
     AuditFilter,
     EventKind,
-    event_to_dict,
     format_time,
     parse_filter,
     utcnow,
 )
+from gateway.audit.rows import page_rows
 from gateway.audit.store import AuditStore, AuditSummary
 from gateway.errors import GatewayError, StoreError
+from gateway.verdict import Reason
 from gateway.web.pages import render
+from gateway.web.responses import SECURITY_HEADERS as RESPONSE_SECURITY_HEADERS
 
 PALETTE = (
     "#b00020", "#00315e", "#e07b00", "#2e7d32", "#6a1b9a",
@@ -42,11 +45,7 @@ DEFAULT_WINDOW = dt.timedelta(hours=24)
 PAGE_LIMIT = 200
 
 SECURITY_HEADERS = {
-    "Content-Security-Policy": (
-        "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
-    ),
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    **RESPONSE_SECURITY_HEADERS,
     "Cache-Control": "no-store",
 }
 
@@ -144,13 +143,30 @@ def render_report(
     filters: Mapping[str, str],
     *,
     error: str = "",
+    error_ja: str = "",
+    rows: list[dict[str, Any]] | None = None,
+    paging: Mapping[str, Any] | None = None,
+    workspace: Mapping[str, str] | None = None,
 ) -> str:
-    """The whole /audit page. ``filters`` are the form values as the user typed them."""
+    """The whole audit page. ``filters`` are the form values as the user typed them.
+
+    The admin listener's report and the gateway's workspace share it; the
+    workspace adds ``paging`` (total count, previous/next links) and
+    ``workspace`` (the form's action and the export links).
+    """
     chart = refusal_chart(summary.per_hour, summary.since, summary.until) if summary else None
+    if rows is None:
+        rows = page_rows(events)
+    typed = {filters["reason"]} if filters.get("reason") else set()
+    reasons = sorted({str(r) for r in Reason} | {"audit_pruned"} | typed)
     return render(
         "audit.html",
         title_ja="監査ログ",
-        events=[event_to_dict(e) for e in events],
+        events=rows,
+        reasons=reasons,
+        error_ja=error_ja,
+        paging=paging,
+        workspace=workspace,
         detail=bool(filters.get("support_id")),
         fields=FIELDS,
         summary=summary,

@@ -222,6 +222,41 @@ class AuditStore:
         sql = f"{_SELECT}{where} ORDER BY time_ms DESC, id DESC LIMIT ?"
         return [event_from_dict(dict(r)) for r in self._read(sql, [*params, f.limit])]
 
+    def page(self, f: AuditFilter, offset: int) -> tuple[list[AuditEvent], int]:
+        """One page of events matching ``f`` (newest first, ``f.limit`` from ``offset``) and the total count.
+
+        Both queries run in one read transaction, so the total and the page agree.
+        """
+        where, params = _where(f)
+        sql = f"{_SELECT}{where} ORDER BY time_ms DESC, id DESC LIMIT ? OFFSET ?"
+        with self._lock:
+            conn = self._conn
+
+            def read() -> tuple[list[sqlite3.Row], int]:
+                conn.execute("BEGIN")
+                try:
+                    total = conn.execute(f"SELECT count(*) FROM events{where}", params).fetchone()[0]  # noqa: S608
+                    return conn.execute(sql, [*params, f.limit, offset]).fetchall(), int(total)
+                finally:
+                    conn.execute("COMMIT")
+
+            rows, total = self._retry(read)
+        return [event_from_dict(dict(r)) for r in rows], total
+
+    def cursor(self, f: AuditFilter) -> sqlite3.Cursor:
+        """A cursor over every event matching ``f`` (its limit ignored), newest first.
+
+        For streamed exports: the caller fetches batches with ``fetchmany`` (from one
+        thread at a time) and never holds the whole result. Rows are plain tuples in
+        FIELDS order (cheaper than ``sqlite3.Row`` at a million rows). Use a store of its own.
+        """
+        where, params = _where(f)
+        sql = f"{_SELECT}{where} ORDER BY time_ms DESC, id DESC"
+        with self._lock:
+            cursor = self._conn.cursor()
+            cursor.row_factory = None
+            return self._retry(lambda: cursor.execute(sql, params))
+
     def get(self, support_id: str) -> AuditEvent | None:
         """The newest event with this support ID (IDs are not unique, see the module doc)."""
         found = self.query(AuditFilter(support_id=support_id.strip().upper(), limit=1))

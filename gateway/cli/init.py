@@ -266,7 +266,11 @@ gateway_paths:
 
 # Plain HTTP for operators: /healthz, /metrics (Prometheus), /audit (report), /reload (POST).
 # Keep it on loopback or a management network: it has no login of its own.
-admin: {host: 127.0.0.1, port: $admin_port}
+admin:
+  host: 127.0.0.1
+  port: $admin_port
+  audit_report: false             # true: also serve /audit here with NO login; the audit workspace is
+                                  # /_gateway/audit for users with the auditor role
 
 limits:
   max_connections: 10000          # per worker; more are closed at once (LimitNOFILE in the unit is 65536)

@@ -25,7 +25,7 @@ from gateway.access.passwords import (
     policy_message,
 )
 from gateway.access.sessions import SessionStore
-from gateway.access.users import User, UserError, UserStore
+from gateway.access.users import ROLES, User, UserError, UserStore, validate_roles
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.cli.common import add_config_argument, config_path
 from gateway.config import SYSTEMS, Config, load_config
@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     add.add_argument("user_id", metavar="USER_ID", help="the user ID (the certificate's CN)")
     add.add_argument("--systems", required=True, metavar="LIST", help=f"comma-separated, from {_systems_help()}")
+    add.add_argument(
+        "--roles", default="", metavar="LIST", help=f"comma-separated, from {', '.join(ROLES)}; default none"
+    )
     add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     add.set_defaults(func=cmd_add)
 
@@ -82,6 +85,19 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     systems.add_argument("user_id", metavar="USER_ID")
     systems.add_argument("--systems", required=True, metavar="LIST", help=f"comma-separated, from {_systems_help()}")
     systems.set_defaults(func=cmd_set_systems)
+
+    roles = cmds.add_parser(
+        "set-roles",
+        parents=[common],
+        help="replace a user's roles",
+        description=(
+            "Replace a user's roles (separate from systems). auditor opens the audit workspace;"
+            ' --roles "" takes every role away. Takes effect at the next request.'
+        ),
+    )
+    roles.add_argument("user_id", metavar="USER_ID")
+    roles.add_argument("--roles", required=True, metavar="LIST", help=f"comma-separated, from {', '.join(ROLES)}")
+    roles.set_defaults(func=cmd_set_roles)
 
     reset = cmds.add_parser(
         "reset-password",
@@ -163,6 +179,7 @@ def _read_password(user_id: str, config: Config) -> str:
 def cmd_add(args: argparse.Namespace) -> int:
     config = load_config(config_path(args.config))
     systems = _parse_systems(config, args.systems)
+    roles = validate_roles(_split(args.roles))
     temporary = not args.password_stdin
     password = generate_temporary_password() if temporary else _read_password(args.user_id, config)
     with UserStore(config.users.database) as store:
@@ -172,9 +189,12 @@ def cmd_add(args: argparse.Namespace) -> int:
             systems,
             now=_now(),
             must_change_password=temporary,
+            roles=roles,
         )
-    _audit(config, args.user_id, f"users add systems={','.join(sorted(systems))}")
-    print(f"user {args.user_id} added (systems: {', '.join(sorted(systems))})", file=sys.stderr)
+    roles_note = f" roles={','.join(sorted(roles))}" if roles else ""
+    _audit(config, args.user_id, f"users add systems={','.join(sorted(systems))}{roles_note}")
+    granted = f"; roles: {', '.join(sorted(roles))}" if roles else ""
+    print(f"user {args.user_id} added (systems: {', '.join(sorted(systems))}{granted})", file=sys.stderr)
     if temporary:
         print("temporary password (must be changed at the first login):", file=sys.stderr)
         print(password)
@@ -197,6 +217,7 @@ def _describe(user: User, locked_until: dt.datetime | None) -> dict[str, Any]:
     return {
         "user_id": user.user_id,
         "systems": sorted(user.systems),
+        "roles": sorted(user.roles),
         "enabled": user.enabled,
         "must_change_password": user.must_change_password,
         "locked_until": locked_until.isoformat(timespec="seconds") if locked_until else None,
@@ -205,7 +226,7 @@ def _describe(user: User, locked_until: dt.datetime | None) -> dict[str, Any]:
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    header = ("USER_ID", "SYSTEMS", "STATUS", "CREATED")
+    header = ("USER_ID", "SYSTEMS", "ROLES", "STATUS", "CREATED")
     lines = [header]
     for row in rows:
         status = ["enabled" if row["enabled"] else "disabled"]
@@ -213,7 +234,8 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
             status.append("temporary-password")
         if row["locked_until"]:
             status.append(f"locked-until={row['locked_until']}")
-        lines.append((row["user_id"], ",".join(row["systems"]), " ".join(status), row["created_at"]))
+        roles = ",".join(row["roles"]) or "-"
+        lines.append((row["user_id"], ",".join(row["systems"]), roles, " ".join(status), row["created_at"]))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for line in lines:
         print("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip())
@@ -242,6 +264,21 @@ def cmd_set_systems(args: argparse.Namespace) -> int:
     _audit(config, args.user_id, f"users set-systems systems={joined}")
     print(f"user {args.user_id} may now use: {', '.join(sorted(systems))}", file=sys.stderr)
     return 0
+
+
+def cmd_set_roles(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    roles = validate_roles(_split(args.roles))
+    with UserStore(config.users.database) as store:
+        store.set_roles(args.user_id, roles, now=_now())
+    joined = ",".join(sorted(roles))
+    _audit(config, args.user_id, f"users set-roles roles={joined}")
+    print(f"user {args.user_id} roles: {', '.join(sorted(roles)) or '(none)'}", file=sys.stderr)
+    return 0
+
+
+def _split(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def cmd_reset_password(args: argparse.Namespace) -> int:

@@ -63,11 +63,18 @@ def _set_wal(conn: sqlite3.Connection) -> None:
             time.sleep(0.02)
 
 
-def ensure_schema(conn: sqlite3.Connection, component: str, version: int, schema: str) -> None:
-    """Create a component's tables once and refuse a file from a newer release.
+def ensure_schema(
+    conn: sqlite3.Connection,
+    component: str,
+    version: int,
+    schema: str,
+    migrations: dict[int, str] | None = None,
+) -> None:
+    """Create a component's tables once, upgrade an older file, refuse one from a newer release.
 
     Several components (users, sessions) may share one file; each has a row
-    in ``schema_version``.
+    in ``schema_version``. A file at an older version gets ``migrations``
+    (keyed by the version each leads to) in order, in the same transaction.
     """
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -83,6 +90,12 @@ def ensure_schema(conn: sqlite3.Connection, component: str, version: int, schema
                 "INSERT INTO schema_version (component, version) VALUES (?, ?)",
                 (component, version),
             )
+        elif row[0] < version:
+            for step in range(row[0] + 1, version + 1):
+                upgrade = (migrations or {}).get(step)
+                if upgrade:
+                    conn.execute(upgrade)
+            conn.execute("UPDATE schema_version SET version = ? WHERE component = ?", (version, component))
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -101,6 +114,7 @@ class SqliteStore:
     label = ""  # how errors name the store
     schema_version = 1
     schema = ""
+    migrations: dict[int, str] = {}  # noqa: RUF012 - read-only, per subclass
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -109,7 +123,7 @@ class SqliteStore:
         self._guarded = _Guard(self)
         try:
             with self._guard():
-                ensure_schema(self._conn, self.component, self.schema_version, self.schema)
+                ensure_schema(self._conn, self.component, self.schema_version, self.schema, self.migrations)
         except BaseException:
             self._conn.close()
             raise

@@ -1,0 +1,141 @@
+"""How fast the audit workspace answers over a million events (a bench, not a timed test).
+
+Fills a throwaway audit database with ``--events`` events (1,000 users, 90
+days, a mix of kinds and reasons) through :class:`gateway.audit.store.AuditStore`,
+then times what the workspace's handlers run, minus the network:
+
+* a filtered page: one user, the last 30 days, 100 rows, with its total count
+  and the chart's counts (:func:`gateway.audit.workspace._load`) and the HTML;
+* an export: every row of a 90-day filter through the store's cursor in
+  batches, encoded as CSV and as JSON (:func:`csv_chunk`, :func:`json_chunk`).
+
+It prints the query plans too, so a missing index shows. Targets: a page under
+500 ms, an export at 50,000 rows/s or more.
+
+    .venv/bin/python bench/audit_workspace.py [--events 1000000] [--runs 5] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import random
+import sqlite3
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from gateway.audit.events import AuditEvent, EventKind, utcnow
+from gateway.audit.report import render_report
+from gateway.audit.store import AuditStore
+from gateway.audit.workspace import EXPORT_BATCH, _load, csv_chunk, json_chunk, page_rows, workspace_filter
+
+KINDS = [EventKind.LOGIN, EventKind.LOGIN_REFUSED, EventKind.REQUEST_REFUSED, EventKind.HANDSHAKE_FAILED]
+REASONS = ["ok", "bad_credentials", "certificate_revoked", "not_authorized", "no_certificate", "session_expired"]
+
+
+def fill(path: Path, events: int, now: dt.datetime, seed: int = 17) -> None:
+    """``events`` events over 90 days, appended in batches like the audit writer does."""
+    rng = random.Random(seed)
+    batch: list[AuditEvent] = []
+    with AuditStore(path) as store:
+        for i in range(events):
+            user = f"LC{rng.randrange(1000):06d}"
+            batch.append(
+                AuditEvent(
+                    rng.choice(KINDS),
+                    time=now - dt.timedelta(seconds=rng.randrange(90 * 86400)),
+                    reason=rng.choice(REASONS),
+                    user_id=user,
+                    client_ip=f"10.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}",
+                    client_port=rng.randrange(1024, 65535),
+                    cert_subject=f"CN={user},O=Example,C=JP",
+                    cert_serial=f"{rng.getrandbits(128):X}",
+                    method="GET",
+                    path="/onre/top",
+                    backend="tdnet",
+                    user_agent="Mozilla/5.0 (Windows NT 10.0; Win64; x64)",
+                )
+            )
+            if len(batch) == 20_000 or i == events - 1:
+                store.append(batch)
+                batch = []
+
+
+def timed_page(path: Path, now: dt.datetime) -> tuple[float, int, int]:
+    start = time.perf_counter()
+    f = workspace_filter({"user": "LC000042", "since": "30d"}, now)
+    events, total, summary = _load(path, f, 1, now)
+    render_report(events, summary, {"user": "LC000042", "since": "30d"}, rows=page_rows(events))
+    return time.perf_counter() - start, len(events), total
+
+
+def timed_export(path: Path, now: dt.datetime, fmt: str) -> tuple[float, float, int, int]:
+    """Wall and process CPU seconds, rows, bytes (CPU time: the machine may be shared and busy)."""
+    f = workspace_filter({"since": "90d"}, now)
+    start = time.perf_counter()
+    cpu = time.process_time()
+    rows = size = 0
+    with AuditStore(path, readonly=True) as store:
+        cursor = store.cursor(f)
+        while batch := cursor.fetchmany(EXPORT_BATCH):
+            chunk = csv_chunk(batch, header=rows == 0) if fmt == "csv" else json_chunk(batch, first=rows == 0)
+            size += len(chunk.encode())
+            rows += len(batch)
+    return time.perf_counter() - start, time.process_time() - cpu, rows, size
+
+
+def plans(path: Path, now: dt.datetime) -> list[str]:
+    since = int((now - dt.timedelta(days=30)).timestamp() * 1000)
+    conn = sqlite3.connect(path)
+    out = []
+    for sql in (
+        "SELECT * FROM events WHERE time_ms >= ? AND user_id = ? ORDER BY time_ms DESC, id DESC LIMIT 100",
+        "SELECT count(*) FROM events WHERE time_ms >= ? AND user_id = ?",
+    ):
+        rows = conn.execute("EXPLAIN QUERY PLAN " + sql, (since, "LC000042")).fetchall()
+        out.append(f"{sql}\n    -> " + "; ".join(str(r[-1]) for r in rows))
+    conn.close()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--keep", type=Path, help="reuse/keep the database in this directory")
+    args = parser.parse_args()
+    print(f"load average before: {', '.join(f'{x:.1f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs")
+    directory = args.keep or Path(tempfile.mkdtemp(prefix="audit-bench-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "audit.db"
+    now = utcnow()
+    if not path.exists():
+        start = time.perf_counter()
+        fill(path, args.events, now)
+        print(f"filled {args.events:,} events in {time.perf_counter() - start:.1f} s ({path})")
+    for line in plans(path, now):
+        print(line)
+    pages = [timed_page(path, now) for _ in range(args.runs)]
+    seconds = [p[0] for p in pages]
+    print(
+        f"filtered page (one user, 30 days, {pages[0][1]} rows of {pages[0][2]:,}, with count + chart + HTML): "
+        f"median {statistics.median(seconds) * 1000:.1f} ms, max {max(seconds) * 1000:.1f} ms "
+        f"over {args.runs} runs (target < 500 ms)"
+    )
+    for fmt in ("csv", "json"):
+        took, cpu, rows, size = timed_export(path, now, fmt)
+        print(
+            f"export {fmt}: {rows:,} rows, {size / 2**20:.0f} MiB in {took:.1f} s = {rows / took:,.0f} rows/s wall, "
+            f"{rows / cpu:,.0f} rows per CPU-second (target >= 50,000 rows/s)"
+        )
+    if args.keep is None:
+        for name in ("audit.db", "audit.db-wal", "audit.db-shm"):
+            (directory / name).unlink(missing_ok=True)
+        directory.rmdir()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""The security team's audit workspace, on the gateway behind mTLS + password login.
+
+Served under the gateway's reserved prefix (``<prefix>audit``, by default
+``/_gateway/audit``) to logged-in users holding the ``auditor`` role
+(:func:`gateway.access.users.decide_audit_access`); the plain-HTTP admin listener
+serves ``/audit`` only when ``admin.audit_report`` is on. The role is read
+from the users database on every request, so ``gateway users set-roles``
+takes effect at once.
+
+Every filter is a URL parameter (a search can be shared as a link), the
+page shows a total count and pages through it, and the same filter exports
+as CSV or JSON: streamed from a SQLite cursor in batches, so a million rows
+never sit in memory. Looking is itself audited: ``audit_viewed`` and
+``audit_exported`` events name the user, the filter and how many rows.
+
+Times on the page are JST (UTC+09:00, said in the column header); exports
+carry UTC (column ``time_utc``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import datetime as dt
+import io
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import quote, urlencode
+
+from aiohttp import web
+
+from gateway.access.accounts import see_other
+from gateway.access.users import decide_audit_access
+from gateway.app import RUNTIME
+from gateway.audit.events import (
+    FIELDS,
+    FILTER_KEYS,
+    AuditEvent,
+    AuditFilter,
+    EventKind,
+    parse_filter,
+    utcnow,
+)
+from gateway.audit.rows import cert_cn, page_rows
+from gateway.audit.store import AuditStore, AuditSummary
+from gateway.errors import GatewayError, StoreError
+from gateway.keys import PEER
+from gateway.verdict import Reason
+from gateway.web.responses import NO_STORE
+
+if TYPE_CHECKING:
+    from gateway.access.sessions import SessionRecord
+    from gateway.access.users import UserStore
+    from gateway.config import Config, GatewayPaths
+
+
+class LoginAccess(Protocol):
+    """What the workspace uses of the login layer (a protocol: the login layer imports this module)."""
+
+    users: UserStore
+    config: Config
+    paths: GatewayPaths
+
+    async def _run(self, func: Any, *args: Any) -> Any: ...
+
+    def _live_session(self, request: web.Request) -> SessionRecord | None: ...
+
+    def _record(self, request: web.Request, kind: EventKind, reason: Reason | str = "", **fields: Any) -> None: ...
+
+
+# gateway.audit.report (the chart, Jinja2's page) is imported on the first audit request, not with
+# the login layer: a worker that only proxies never loads it (tests/test_cli.py checks the serve path).
+
+PER_PAGE = 100
+MAX_PER_PAGE = 1000
+EXPORT_BATCH = 5000
+EXPORT_COLUMNS = ("time_utc", "cert_cn", *(name for name in FIELDS if name != "time"))
+BAD_FILTER_JA = "検索条件を読み取れません。日時は 24h、7d、2026-11-01、2026-11-01T09:00:00Z の形で指定してください。"
+_FORMULA_START = frozenset("=+-@\t\r")
+
+
+def shown_filters(query: Mapping[str, str]) -> dict[str, str]:
+    """The filter parameters of a request as typed (the form refills from them; links keep them)."""
+    return {key: query.get(key, "").strip() for key in FILTER_KEYS if query.get(key, "").strip()}
+
+
+def filter_text(filters: Mapping[str, str]) -> str:
+    """The filter as one canonical query string (for links and the audit event's detail)."""
+    return urlencode(sorted((k, v) for k, v in filters.items() if v and k != "page"))
+
+
+def parse_page(text: str) -> int:
+    """The 1-based page number; a bad value is an error the user can read."""
+    if not text:
+        return 1
+    if not text.isdigit() or int(text) < 1 or int(text) > 1_000_000:
+        raise GatewayError(f"page must be a whole number from 1, not {text!r}")
+    return int(text)
+
+
+def workspace_filter(filters: Mapping[str, str], now: dt.datetime) -> AuditFilter:
+    """The store filter; with no filter at all the last 24 hours. Page size at most MAX_PER_PAGE."""
+    wanted = dict(filters) if filters else {"since": "24h"}
+    f = parse_filter(wanted, now, default_limit=PER_PAGE)
+    if f.limit > MAX_PER_PAGE:
+        raise GatewayError(f"limit (rows per page) may be at most {MAX_PER_PAGE}, not {f.limit}")
+    return f
+
+
+_TIME = FIELDS.index("time")
+_SUBJECT = FIELDS.index("cert_subject")
+_REST = tuple(i for i, name in enumerate(FIELDS) if name != "time")
+
+
+def export_values(row: Sequence[Any]) -> list[Any]:
+    """One stored row (in FIELDS order) as exported, in EXPORT_COLUMNS order: UTC time, certificate name, the rest."""
+    subject = row[_SUBJECT]
+    return [row[_TIME], cert_cn(subject) if subject else "", *(row[i] for i in _REST)]
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet will not run as a formula (user agents and paths are untrusted)."""
+    if value is None:
+        return ""
+    risky = value.__class__ is str and value and value[0] in _FORMULA_START
+    return "'" + value if risky and not (value[0] == "-" and value[1:].isdigit()) else value
+
+
+def csv_chunk(rows: Sequence[Sequence[Any]], *, header: bool) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    if header:
+        writer.writerow(EXPORT_COLUMNS)
+    writer.writerows([csv_cell(v) for v in export_values(row)] for row in rows)
+    return buffer.getvalue()
+
+
+def json_chunk(rows: Sequence[Sequence[Any]], *, first: bool) -> str:
+    parts = [json.dumps(dict(zip(EXPORT_COLUMNS, export_values(row), strict=True)), ensure_ascii=False) for row in rows]
+    return ("" if first else ",\n") + ",\n".join(parts)
+
+
+class AuditWorkspace:
+    """The workspace's three GET routes, checked by the login layer's session and the user's role."""
+
+    def __init__(self, access: LoginAccess) -> None:
+        self.access = access
+        self.store_path = Path(access.config.audit.database)
+        self.path = access.paths.prefix + "audit"
+
+    def setup(self, app: web.Application) -> None:
+        app.router.add_get(self.path, self.page)
+        app.router.add_get(self.path + "/export.csv", self.export_csv)
+        app.router.add_get(self.path + "/export.json", self.export_json)
+
+    async def _auditor(self, request: web.Request) -> str | web.StreamResponse:
+        """The auditor's user ID, or the answer for anyone else (login page, password page, 403)."""
+        access = self.access
+        session = access._live_session(request)
+        if session is None:
+            return see_other(access.paths.login + "?next=" + quote(request.path_qs, safe="/"), headers=NO_STORE)
+        if session.must_change_password:
+            return see_other(access.paths.password, headers=NO_STORE)
+        user = await access._run(access.users.get_user, session.user_id)
+        verdict = decide_audit_access(user)
+        if not verdict.allowed:
+            return request.app[RUNTIME].refuse(request, verdict, peer=request[PEER], user_id=session.user_id)
+        return session.user_id
+
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        from gateway.audit.report import render_report
+
+        who = await self._auditor(request)
+        if not isinstance(who, str):
+            return who
+        filters = shown_filters(request.query)
+        now = utcnow()
+        try:
+            page = parse_page(request.query.get("page", "").strip())
+            f = workspace_filter(filters, now)
+            loop = asyncio.get_running_loop()
+            events, total, summary = await loop.run_in_executor(None, _load, self.store_path, f, page, now)
+        except StoreError as exc:
+            return self._html(render_report([], None, filters, error=str(exc), workspace=self._links(filters)), 503)
+        except GatewayError as exc:
+            error_ja = BAD_FILTER_JA
+            html = render_report([], None, filters, error=str(exc), error_ja=error_ja, workspace=self._links(filters))
+            return self._html(html, 400)
+        first = (page - 1) * f.limit
+        paging = {
+            "total": total,
+            "page": page,
+            "first": first + 1 if events else 0,
+            "last": first + len(events),
+            "prev": self._url(filters, page - 1) if page > 1 else "",
+            "next": self._url(filters, page + 1) if first + len(events) < total else "",
+        }
+        detail = f"filter: {filter_text(filters) or 'since=24h'}; page={page} rows={len(events)} total={total}"
+        self.access._record(request, EventKind.AUDIT_VIEWED, Reason.OK, user_id=who, detail=detail)
+        html = render_report(
+            events, summary, filters, rows=page_rows(events), paging=paging, workspace=self._links(filters)
+        )
+        return self._html(html, 200)
+
+    async def export_csv(self, request: web.Request) -> web.StreamResponse:
+        return await self._export(request, "csv")
+
+    async def export_json(self, request: web.Request) -> web.StreamResponse:
+        return await self._export(request, "json")
+
+    async def _export(self, request: web.Request, fmt: str) -> web.StreamResponse:
+        """Stream every row of the filter (page and limit ignored) in batches from a cursor."""
+        who = await self._auditor(request)
+        if not isinstance(who, str):
+            return who
+        filters = shown_filters(request.query)
+        loop = asyncio.get_running_loop()
+        try:
+            f = workspace_filter(filters, utcnow())
+            store = await loop.run_in_executor(None, lambda: AuditStore(self.store_path, readonly=True))
+        except StoreError as exc:
+            return web.json_response({"error": "store_unavailable", "message": str(exc)}, status=503, headers=NO_STORE)
+        except GatewayError as exc:
+            message = f"検索条件を読み取れません / Bad filter: {exc}"
+            return web.json_response({"error": "bad_request", "message": message}, status=400, headers=NO_STORE)
+        stamp = utcnow().strftime("%Y%m%dT%H%M%SZ")
+        media = "text/csv; charset=utf-8" if fmt == "csv" else "application/json; charset=utf-8"
+        response = web.StreamResponse(
+            headers={
+                **NO_STORE,
+                "Content-Type": media,
+                "Content-Disposition": f'attachment; filename="audit-{stamp}.{fmt}"',
+            }
+        )
+        rows = 0
+        complete = False
+        try:
+            await response.prepare(request)
+            cursor = await loop.run_in_executor(None, store.cursor, f)
+            await response.write(("\ufeff" if fmt == "csv" else "[\n").encode())
+            if fmt == "csv":
+                await response.write(csv_chunk([], header=True).encode())
+            while batch := await loop.run_in_executor(None, cursor.fetchmany, EXPORT_BATCH):
+                chunk = csv_chunk(batch, header=False) if fmt == "csv" else json_chunk(batch, first=rows == 0)
+                await response.write(chunk.encode())
+                rows += len(batch)
+            if fmt == "json":
+                await response.write(b"\n]\n")
+            complete = True
+        finally:  # recorded before the end of the body, so an export is never seen unaudited
+            await loop.run_in_executor(None, store.close)
+            detail = f"format={fmt} filter: {filter_text(filters) or 'since=24h'}; rows={rows} complete={complete}"
+            self.access._record(request, EventKind.AUDIT_EXPORTED, Reason.OK, user_id=who, detail=detail)
+        await response.write_eof()
+        return response
+
+    def _url(self, filters: Mapping[str, str], page: int) -> str:
+        query = filter_text(filters)
+        extra = f"page={page}" if page > 1 else ""
+        joined = "&".join(part for part in (query, extra) if part)
+        return self.path + ("?" + joined if joined else "")
+
+    def _links(self, filters: Mapping[str, str]) -> dict[str, str]:
+        query = filter_text(filters)
+        suffix = "?" + query if query else ""
+        return {
+            "action": self.path,
+            "csv": self.path + "/export.csv" + suffix,
+            "json": self.path + "/export.json" + suffix,
+        }
+
+    @staticmethod
+    def _html(text: str, status: int) -> web.Response:
+        return web.Response(text=text, status=status, content_type="text/html", charset="utf-8", headers=NO_STORE)
+
+
+def _load(path: Path, f: AuditFilter, page: int, now: dt.datetime) -> tuple[list[AuditEvent], int, AuditSummary]:
+    """The blocking part of a page: one read-only connection; the page, its total, the chart's counts."""
+    from gateway.audit.report import DEFAULT_WINDOW
+
+    with AuditStore(path, readonly=True) as store:
+        events, total = store.page(f, (page - 1) * f.limit)
+        since = f.since or now - DEFAULT_WINDOW
+        summary = store.summary(since, f.until or now, match=f)
+    return events, total, summary
