@@ -464,6 +464,18 @@ NOT_FORMS = {
         b"--b\r\nContent-Disposition: form-data; name=\"x\"; name*=UTF-8''userId\r\n\r\nLC000001\r\n--b--\r\n",
         "multipart/form-data; boundary=b",
     ),
+    # A backend that ignores the declared charset (most do) would read "userId=LC000002" here,
+    # while the charset gives the gateway "userId=LC000001": never read a form two ways.
+    "utf-16-smuggling": (
+        b"userId=LC000002&x=" + "&userId=LC000001".encode("utf-16-le"),
+        "application/x-www-form-urlencoded; charset=utf-16-le",
+    ),
+    "utf-16-part": (
+        b'--b\r\nContent-Disposition: form-data; name="userId"\r\nContent-Type: text/plain; charset=utf-16-le\r\n\r\n'
+        + "LC000001".encode("utf-16-le")
+        + b"\r\n--b--\r\n",
+        "multipart/form-data; boundary=b",
+    ),
     "transfer-encoded-part": (
         b'--b\r\nContent-Disposition: form-data; name="userId"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
         b"TEMwMDAwMDE=\r\n--b--\r\n",
@@ -593,3 +605,40 @@ async def test_a_cached_session_still_expires_on_the_clock(
         clock.offset = dt.timedelta(minutes=31)
         status, body = await fetch_json(gw, s, "/onre/x")
     assert (status, body["error"]) == (401, "session_expired")
+
+
+async def test_passthrough_login_body_with_a_content_encoding_is_refused(tmp_path: Path, pki: ThrowawayPki) -> None:
+    """A backend that inflates request bodies would read other fields than the gateway checked."""
+    import gzip
+
+    h = await start_harness(tmp_path, pki, login_mode="passthrough", access_factory=LoginAccess)
+    try:
+        async with h.session("LC000001") as s:
+            form = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
+            zipped = {**form, "Content-Encoding": "gzip"}
+            async with s.post(h.url("/onre/login"), data=gzip.compress(b"userId=LC000002"), headers=zipped) as r:
+                assert r.status == 400, await r.text()
+                assert (await r.json())["error"] == "bad_request"
+            assert "Content-Encoding" in h.audit.events[-1].detail
+            async with s.post(h.url("/onre/login"), data=b"userId=LC000001", headers=form) as r:
+                assert r.status == 200  # the twin: the same form, not encoded
+    finally:
+        await h.close()
+
+
+@pytest.mark.parametrize("path", ["/onre/login/x", "/onre/login.do", "/onre/LOGIN;jsessionid=1"])
+async def test_passthrough_login_paths_a_backend_routes_to_its_login_are_checked(
+    tmp_path: Path, pki: ThrowawayPki, path: str
+) -> None:
+    """PATH_INFO below the login path and suffix routes reach the same handler: their bodies are checked too."""
+    h = await start_harness(tmp_path, pki, login_mode="passthrough", access_factory=LoginAccess)
+    try:
+        async with h.session("LC000001") as s:
+            headers = {"Accept": "application/json"}
+            async with s.post(h.url(path), data={"userId": "LC000002"}, headers=headers) as r:
+                assert r.status == 403, await r.text()
+                assert (await r.json())["error"] == "subject_mismatch"
+            async with s.post(h.url(path), data={"userId": "LC000001"}, headers=headers) as r:
+                assert r.status != 403  # the twin: the certificate's own user ID goes through
+    finally:
+        await h.close()

@@ -103,7 +103,30 @@ async def parse_form(content_type: str | None, body: bytes) -> MultiDict[str | U
     raise FormError(f"not a form: Content-Type {content_type or '(none)'!r}")
 
 
+# Charsets whose bytes 0x00-0x7F are the ASCII characters and never part of a multi-byte character:
+# split on "&" and "=" and read as ASCII, a form means the same to a backend that ignores the
+# declared charset (most do) as to the gateway. UTF-16, UTF-7, EBCDIC or ISO-2022-JP would not:
+# a body could carry one user ID for the gateway and another for the backend.
+_SAFE_CHARSETS = frozenset(
+    {"utf-8", "ascii", "latin-1", "shift_jis", "cp932", "euc_jp"}
+    | {f"iso8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14, 15, 16)}
+    | {f"cp125{n}" for n in range(9)}
+)
+
+
+def check_charset(charset: str) -> str:
+    """``charset`` if a backend that ignores it reads the same fields; else FormError."""
+    try:
+        name = codecs.lookup(charset).name
+    except LookupError:
+        raise FormError(f"unknown charset {charset!r}") from None
+    if name not in _SAFE_CHARSETS:
+        raise FormError(f"charset {charset!r} not accepted for a login form (ASCII-compatible charsets only)")
+    return charset
+
+
 def _urlencoded(body: bytes, charset: str) -> MultiDict[str | Upload]:
+    check_charset(charset)
     try:
         codecs.lookup(charset)
         text = body.decode(charset)
@@ -123,7 +146,12 @@ async def _multipart(content_type: str, body: bytes) -> MultiDict[str | Upload]:
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 raise FormError("nested multipart in a form")
-            out.add(_part_name(part), Upload() if part.filename is not None else await part.text())
+            name = _part_name(part)
+            check_charset(part.get_charset(default="utf-8"))
+            value = Upload() if part.filename is not None else await part.text()
+            if name == "_charset_" and isinstance(value, str):
+                check_charset(value)  # the HTML5 hint some backends follow for the other parts
+            out.add(name, value)
     except (ValueError, LookupError, UnicodeDecodeError, AssertionError) as exc:
         if isinstance(exc, FormError):
             raise

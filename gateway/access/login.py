@@ -249,7 +249,11 @@ class LoginAccess:
         field = backend.login.user_field
         values: list[object] = list(request.query.getall(field, []))
         body: bytes | None = None
-        if request.method not in ("GET", "HEAD") and same_path(request.path, backend.login.path or ""):
+        if request.method not in ("GET", "HEAD") and login_path(request.path, backend.login.path or ""):
+            encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):  # a backend that inflates it would read other fields
+                verdict = Verdict.deny(Reason.BAD_REQUEST, f"login body: Content-Encoding {encoding!r} not accepted")
+                return request.app[RUNTIME].refuse(request, verdict, peer=peer)
             body = await read_capped(request, MAX_FORM_BYTES)
             if body is None:
                 verdict = Verdict.deny(Reason.PAYLOAD_TOO_LARGE, f"login body over {MAX_FORM_BYTES} bytes")
@@ -507,6 +511,23 @@ class LoginAccess:
         response = see_other(self._landing_target(request, user.systems, {}), headers=NO_STORE)
         response.headers.add("Set-Cookie", set_cookie_header(SESSION_COOKIE, sign(session_id, self.key)))
         return response
+
+
+def login_path(path: str, login: str) -> bool:
+    """Would a backend route ``path`` to its login handler at ``login``?
+
+    The path itself (see :func:`same_path`), a path below it (PHP's PATH_INFO:
+    ``/login.php/x``) and a suffix of it (Spring's ``/login.do``, ``/login.json``).
+    """
+    if same_path(path, login):
+        return True
+    base = _norm(login)
+    full = _norm(path)
+    return bool(base) and (full.startswith(base + "/") or full.startswith(base + "."))
+
+
+def _norm(path: str) -> str:
+    return "/".join(segment.split(";", 1)[0] for segment in path.split("/")).rstrip("/").casefold()
 
 
 def same_path(a: str, b: str) -> bool:
