@@ -404,8 +404,8 @@ def _gateway_prefix(raw: Any) -> str:
     text = _prefix(raw)
     if text == "/":
         raise ValueError("'/' would leave no path to the backends")
-    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+/", text):
-        raise ValueError("only letters, digits and . _ ~ - between the slashes")
+    if not re.fullmatch(r"(/[A-Za-z0-9._~-]+)+/", text) or any(seg in (".", "..") for seg in text.split("/")):
+        raise ValueError("only letters, digits and . _ ~ - between the slashes, no dot segments")
     return text
 
 

@@ -78,7 +78,7 @@ MAX_PER_PAGE = 1000
 EXPORT_BATCH = 5000
 EXPORT_COLUMNS = ("time_utc", "cert_cn", *(name for name in FIELDS if name != "time"))
 BAD_FILTER_JA = "検索条件を読み取れません。日時は 24h、7d、2026-11-01、2026-11-01T09:00:00Z の形で指定してください。"
-_FORMULA_START = frozenset("=+-@\t\r")
+_FORMULA_START = frozenset("=+-@\t\r＝＋－＠")  # full-width forms too: Japanese Excel reads them as formulas
 
 
 def shown_filters(query: Mapping[str, str]) -> dict[str, str]:
