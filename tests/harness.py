@@ -9,6 +9,7 @@ interface the production writer implements.
 from __future__ import annotations
 
 import datetime as dt
+import socket
 import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,14 @@ from gateway.certs.files import ThrowawayPki, write_atomic, write_private_key
 from gateway.config import Config, load_config
 from gateway.demo.backend import build_backend
 from gateway.server import AccessFactory, GatewayWorker
+
+
+def free_port() -> int:
+    """A port nobody listens on (bound, then released): for servers the tests start as subprocesses."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
 
 SYSTEMS = (("tdnet", "/onre/", "TDnet"), ("j-iriss", "/nt/", "J-IRISS"), ("clearing", "/jpxcube/", "Clearing"))
 

@@ -20,8 +20,8 @@ import yaml
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 
+from tests.harness import free_port
 from tests.test_config import schema_keys
-from tests.test_supervisor import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

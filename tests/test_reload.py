@@ -14,7 +14,6 @@ import datetime as dt
 import hashlib
 import json
 import signal
-import socket
 import sqlite3
 import ssl
 import sys
@@ -30,7 +29,7 @@ from prometheus_client import REGISTRY
 
 from gateway.certs import builders as pki_mod
 from gateway.certs.files import ThrowawayPki, make_throwaway_pki, write_atomic
-from tests.harness import Harness, start_backend, start_harness, write_config
+from tests.harness import Harness, free_port, start_backend, start_harness, write_config
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -253,12 +252,6 @@ async def test_restart_only_sections_are_named(gw: Harness) -> None:
 
 
 # --- a real `gateway serve`: CLI reload, SIGTERM drain, the supervisor ---------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Served:

@@ -17,7 +17,7 @@ import pytest
 
 from gateway.certs.files import ThrowawayPki
 from gateway.sdnotify import Notifier
-from tests.harness import write_config
+from tests.harness import free_port, write_config
 
 
 @pytest.fixture
@@ -88,12 +88,6 @@ def test_from_environment_keeps_children_out(monkeypatch: pytest.MonkeyPatch, tm
 
 
 # --- ``gateway serve`` under a NOTIFY_SOCKET, as systemd starts it --------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Systemd:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import pytest
 
 from gateway.certs.files import ThrowawayPki
 from gateway.server import Backoff
-from tests.harness import write_config
+from tests.harness import free_port, write_config
 
 
 def test_backoff_doubles_to_the_ceiling_and_resets_after_a_stable_run() -> None:
@@ -29,12 +28,6 @@ def test_backoff_doubles_to_the_ceiling_and_resets_after_a_stable_run() -> None:
     assert quick == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
     assert backoff.next_delay(uptime=60.0) == 1.0  # it had run long enough: start over
     assert backoff.next_delay(uptime=0.5) == 2.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class Served:

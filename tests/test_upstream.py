@@ -34,6 +34,7 @@ from gateway.forward.upstream import (
     UpstreamResponse,
     encode_head,
 )
+from tests.harness import free_port
 
 Run = Callable[[Coroutine[Any, Any, None]], None]
 LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
@@ -267,13 +268,6 @@ async def until(condition: Callable[[], object], seconds: float = 1.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.005)
-
-
-def free_port() -> int:
-    """A port nobody listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- 1. keep-alive ---------------------------------------------------------------------------
