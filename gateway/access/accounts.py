@@ -126,9 +126,8 @@ def check_charset(charset: str) -> str:
 
 
 def _urlencoded(body: bytes, charset: str) -> MultiDict[str | Upload]:
-    check_charset(charset)
+    check_charset(charset)  # known, and one a backend ignoring it reads alike
     try:
-        codecs.lookup(charset)
         text = body.decode(charset)
         pairs = parse_qsl(text, keep_blank_values=True, encoding=charset, errors="strict")
     except (LookupError, UnicodeDecodeError, ValueError) as exc:

@@ -532,11 +532,7 @@ def _norm(path: str) -> str:
 
 def same_path(a: str, b: str) -> bool:
     """Equal as a backend may read them: ``;params`` dropped, no trailing slash, any case."""
-
-    def norm(path: str) -> str:
-        return "/".join(segment.split(";", 1)[0] for segment in path.split("/")).rstrip("/").casefold()
-
-    return bool(b) and norm(a) == norm(b)
+    return bool(b) and _norm(a) == _norm(b)
 
 
 def _log_touch_failure(future: asyncio.Future[bool]) -> None:
