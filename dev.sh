@@ -13,7 +13,7 @@ PY="$(command -v python3.11 || command -v python3)"
 # libnss3-tools, gnutls-bin, openjdk-17-jre-headless: NSS, GnuTLS and Java read back every PKCS#12 format;
 # systemd: systemd-analyze verifies the units; prometheus: promtool checks and unit-tests the alert rules;
 # nodejs + npm: npm installs axe-core (pinned, in tests/e2e/.axe) for the browser suite's accessibility check.
-APT_TEST=(openssl chromium chromium-driver libnss3-tools gnutls-bin openjdk-17-jre-headless systemd prometheus nodejs npm)
+APT_TEST=(openssl postgresql chromium chromium-driver libnss3-tools gnutls-bin openjdk-17-jre-headless systemd prometheus nodejs npm)
 # nodejs + npm: autocannon (npm registry, pinned in bench/load.py) drives keep-alive load with the client
 # certificate; stunnel4 + wrk only for `python -m bench.probe --tool wrk-stunnel` (the previous method).
 APT_BENCH=(openssl curl nginx nodejs npm stunnel4 wrk)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -183,6 +184,33 @@ POSITIVE_INT = Check(_plain(_positive_int), "a positive integer")
 BYTE_COUNT = Check(_plain(_positive_int), "a positive byte count")
 SQLITE_FILE = Check(_path, "a SQLite file path")
 HTTP_URL = Check(_plain(_http_url), "an http(s) URL", "")
+INSTANCE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
+
+
+def _postgres_url(raw: Any) -> str:
+    """A libpq URL (postgresql://USER@HOST:PORT/DB?...); the words never echo a password."""
+    text = _string(raw)
+    parts = urlsplit(text)
+    if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
+        raise ValueError("")
+    return text
+
+
+def _instance(raw: Any) -> str:
+    text = _string(raw)
+    if not INSTANCE_NAME.fullmatch(text):
+        raise ValueError("1-64 of A-Z a-z 0-9 . _ -")
+    return text
+
+
+def _default_instance() -> str:
+    """The host name's first label: what an operator calls the machine in alerts."""
+    name = socket.gethostname().split(".")[0]
+    return name if INSTANCE_NAME.fullmatch(name or "") else "gateway"
+
+
+def _pool_size(raw: Any) -> int | None:
+    return None if raw == "auto" else _positive_int(raw)
 
 
 # --- declaring fields -----------------------------------------------------------------------
@@ -332,6 +360,40 @@ class Limits:
     max_line_bytes: int = setting(8_190, POSITIVE_INT)
 
 
+# Connections one instance (all its workers) may hold with ``pool_size: auto``; three
+# gateway instances and the portal then stay under PostgreSQL's default
+# max_connections (100, 3 of them reserved for superusers).
+INSTANCE_CONNECTION_BUDGET = 24
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """Shared state in PostgreSQL (users, sessions, login failures, audit, CA records).
+
+    Written either as a URL string (shorthand for ``{url: ...}``) or as a
+    mapping. Absent: every store stays a SQLite file (the embedded default).
+    """
+
+    url: str = setting(check=Check(_plain(_postgres_url), "a postgresql:// URL with a database name", ""))
+    # The password, kept out of the YAML (and out of every log line): the file's first line.
+    password_file: Path | None = setting(None, Check(_path, "a file path"))
+    # Connections per worker process; "auto" shares INSTANCE_CONNECTION_BUDGET among the workers.
+    pool_size: int | None = setting(None, Check(_plain(_pool_size), "a positive integer or 'auto'"))
+    # How long sessions already in memory keep being served while PostgreSQL is unreachable.
+    outage_grace: float = setting(30.0, Check(_plain(_non_negative), "a number of seconds"), key="outage_grace_seconds")
+    # How long a request waits for a pooled connection before it is refused (service_unavailable).
+    connect_timeout: float = setting(5.0, SECONDS, key="connect_timeout_seconds")
+
+    def pool_for(self, workers: int) -> int:
+        """Connections per worker: the setting, or the instance budget shared among the workers.
+
+        Each worker also holds one listening connection (LISTEN/NOTIFY), hence the ``+ 1``.
+        """
+        if self.pool_size is not None:
+            return self.pool_size
+        return max(1, INSTANCE_CONNECTION_BUDGET // max(1, workers) - 1)
+
+
 @dataclass(frozen=True)
 class UsersConfig:
     database: Path = setting(check=SQLITE_FILE, default_path="gateway.db")
@@ -359,6 +421,9 @@ class AuditConfig:
     database: Path = setting(check=SQLITE_FILE, default_path="audit.db")
     jsonl: str | None = setting(None, Check(_jsonl, "a file path or '-' for stdout"))  # a file, or "-" for stdout
     queue_size: int = setting(10_000, POSITIVE_INT)
+    # With a database: where events wait (one file per worker) while PostgreSQL is unreachable.
+    spool_dir: Path = setting(check=Check(_path, "a directory path"), default_path="audit-spool")
+    spool_max_bytes: int = setting(64 * 1024 * 1024, BYTE_COUNT)
 
 
 @dataclass(frozen=True)
@@ -467,6 +532,9 @@ class Config:
     """The whole file. Sections a command does not need may be absent (None)."""
 
     path: Path = field(metadata={"internal": True})
+    # Names this process on every audit event and metric; default: the host name.
+    instance: str = setting(None, Check(_plain(_instance), "an instance name"))
+    database: DatabaseConfig | None = section(DatabaseConfig, optional=True, shorthand="url")
     listen: Listen = section(Listen, port=8443)
     workers: int = setting(1, Check(_plain(_workers), "a positive integer or 'auto'"))
     admin: AdminListen | None = section(AdminListen, optional=True, port=9100)
@@ -582,10 +650,14 @@ def _default(r: _Reader, f: dataclasses.Field[Any], defaults: Mapping[str, Any])
 
 
 def _section(r: _Reader, meta: Mapping[str, Any], raw: Any, path: str) -> Any:
+    shorthand = meta["defaults"].get("shorthand")
+    if shorthand and isinstance(raw, str):
+        raw = {shorthand: raw}  # `database: URL` means `database: {url: URL}`
     data = r.mapping(raw, path)
     if data is None and meta["optional"]:
         return None
-    return _build(r, meta["section"], data or {}, path, meta["defaults"])
+    defaults = {k: v for k, v in meta["defaults"].items() if k != "shorthand"}
+    return _build(r, meta["section"], data or {}, path, defaults)
 
 
 def _sections(r: _Reader, meta: Mapping[str, Any], raw: Any, path: str) -> tuple[Any, ...]:
@@ -644,12 +716,29 @@ def shadowed_paths(config: Config) -> list[str]:
     return notes
 
 
+def _one_home_per_store(r: _Reader, data: Mapping[str, Any], config: Config) -> None:
+    """A store is either a SQLite file or in the database, never both: say which key to drop."""
+    if config.database is None:
+        return
+    for section_name in ("users", "audit"):
+        block = data.get(section_name)
+        if isinstance(block, Mapping) and "database" in block:
+            r.problem(
+                f"{section_name}.database",
+                "set together with the top-level database:; the "
+                f"{section_name} store lives in PostgreSQL then, so remove {section_name}.database",
+            )
+
+
 def parse_config(data: Any, file: Path) -> Config:
     """Validate a parsed YAML document; raise ConfigError with every problem."""
     r = _Reader(file)
     if not isinstance(data, Mapping):
         raise ConfigError([f"{file}: (top level): expected a mapping of sections, got {_kind(data)}"])
     config = _build(r, Config, data, "", {}, path=file)
+    _one_home_per_store(r, data, config)
+    if config.instance is None:
+        config = dataclasses.replace(config, instance=_default_instance())
     if r.problems:
         raise ConfigError(r.problems)
     return config

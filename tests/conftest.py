@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import uvloop
 
 from gateway.certs.files import ThrowawayPki, make_throwaway_pki
+from tests.pgserver import PgServer
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +55,29 @@ def pytest_asyncio_loop_factories(
 ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Run every async test on each event loop the gateway can use."""
     return _selected_loops()
+
+
+# --- PostgreSQL: one real server per test run, one fresh database per test -------------------
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PgServer]:
+    """A throwaway PostgreSQL server (or DATABASE_URL's); fails, never skips, without the binaries."""
+    server = PgServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def pg_url(postgres: PgServer) -> str:
+    """The URL of a new, empty database on the test server."""
+    return postgres.new_database()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_backend(request: pytest.FixtureRequest) -> str:
+    """Run a store's behaviour tests against both backends, so they cannot drift."""
+    return str(request.param)

@@ -281,6 +281,19 @@ limits:
   max_header_bytes: 16384         # one header field
   max_line_bytes: 8190            # the request line
 
+# This process's name on every audit event and metric (default: the host name).
+# instance: gw-tdnet-1
+
+# Shared state for several instances (users, sessions, login failures, audit events,
+# the CA's records) in PostgreSQL. Absent: the SQLite files below (one host). With it,
+# drop users.database and audit.database; run `gateway db migrate` once per release.
+# database:
+#   url: "postgresql://gateway@db.example.jp:5432/gateway?sslmode=verify-full"
+#   password_file: /etc/tse-gateway/db.password   # first line; keeps the secret out of this file
+#   pool_size: auto               # connections per worker; auto shares 24 per instance among the workers
+#   outage_grace_seconds: 30      # sessions already in memory are served this long while the database is down
+#   connect_timeout_seconds: 5    # a request waits this long for a connection, then gets service_unavailable
+
 users:
   database: $users_db   # SQLite: accounts, lockouts, sessions (shared by all workers and the portal)
 
@@ -301,6 +314,8 @@ audit:
   database: $audit_db   # append-only SQLite (WAL), shared by all workers
   # jsonl: "-"                    # also write JSON lines: a file path, or "-" for stdout (SIEM shipping)
   queue_size: 10000               # events buffered before overflow goes to stderr (and is counted)
+  # spool_dir: audit-spool         # with a database: events wait here (one file per worker) during an outage
+  # spool_max_bytes: 67108864     # per file; events beyond it are counted as lost (alert on it)
 
 # The certificate authority (gateway ca ...) and the issuance service (gateway portal).
 ca:

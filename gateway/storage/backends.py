@@ -1,0 +1,73 @@
+"""Where a process's stores live: SQLite files (the embedded default) or one shared PostgreSQL.
+
+Every caller that needs a store (the gateway's workers, the portal, the CLI)
+asks a :class:`Backend` built from the config instead of naming a class:
+the config's top-level ``database:`` decides, in this one place. A
+PostgreSQL backend holds one connection pool per process, shared by all of
+its stores; closing a store leaves the pool alone, closing the backend
+closes it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Self
+
+from gateway.config import Config
+from gateway.storage import postgres
+
+if TYPE_CHECKING:
+    from gateway.storage.interfaces import (
+        AuditStoreProtocol,
+        SessionReaderProtocol,
+        SessionStoreProtocol,
+        UserStoreProtocol,
+    )
+
+
+class Backend:
+    """The stores one process uses, all from one place (files or one database pool)."""
+
+    def __init__(self, config: Config, *, role: str = "gateway", workers: int = 1) -> None:
+        """``role`` names the process to PostgreSQL (application_name); ``workers`` sizes the pool."""
+        self.config = config
+        self.db: postgres.Database | None = None
+        if config.database is not None:
+            where = postgres.target_of(config.database, application_name=f"tse-{role}:{config.instance}")
+            self.db = postgres.Database(
+                where, pool_size=config.database.pool_for(workers), timeout=config.database.connect_timeout
+            )
+
+    @property
+    def shared(self) -> bool:
+        """True when the stores are in PostgreSQL (several instances share them)."""
+        return self.db is not None
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def users(self) -> UserStoreProtocol:
+        from gateway.access.users import UserStore
+
+        return UserStore(self.config.users.database)
+
+    def sessions(self) -> SessionStoreProtocol:
+        from gateway.access.sessions import SessionStore
+
+        return SessionStore(self.config.users.database)
+
+    def session_reader(self) -> SessionReaderProtocol:
+        from gateway.access.sessions import SessionReader
+
+        return SessionReader(self.config.users.database)
+
+    def audit(self, *, readonly: bool = False) -> AuditStoreProtocol:
+        from gateway.audit.store import AuditStore
+
+        return AuditStore(self.config.audit.database, readonly=readonly)
