@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
+    REGISTRY,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -21,6 +23,8 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client import multiprocess as _multiprocess
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 REQUESTS = Counter("gateway_requests_total", "Requests answered, by backend and status class", ["backend", "status"])
 REFUSALS = Counter("gateway_refusals_total", "Requests refused, by reason code", ["reason"])
@@ -92,13 +96,37 @@ WORKER_RESTARTS = Counter(
 )
 
 
-def render() -> tuple[bytes, str]:
-    """The metrics page body and its content type (aggregated across workers if any)."""
+# Every sample carries ``gateway_instance`` (the config's ``instance:``), so the series of
+# several instances stay apart however they are scraped. Not ``instance``: Prometheus sets
+# that label itself (host:port of the target) and would rename ours.
+INSTANCE_LABEL = "gateway_instance"
+
+
+class _Labelled(Collector):
+    """Another collector's samples with the instance label added."""
+
+    def __init__(self, source: Collector, instance: str) -> None:
+        self.source = source
+        self.instance = instance
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self.source.collect():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            out.samples = [s._replace(labels={**s.labels, INSTANCE_LABEL: self.instance}) for s in family.samples]
+            yield out
+
+
+def render(instance: str = "") -> tuple[bytes, str]:
+    """The metrics page body and its content type (aggregated across workers if any), labelled with ``instance``."""
+    source: Collector = REGISTRY
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        _multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        return generate_latest(registry), CONTENT_TYPE_LATEST
-    return generate_latest(), CONTENT_TYPE_LATEST
+        source = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(source)  # type: ignore[no-untyped-call]
+    if not instance:
+        return generate_latest(source), CONTENT_TYPE_LATEST
+    labelled = CollectorRegistry(auto_describe=False)
+    labelled.register(_Labelled(source, instance))
+    return generate_latest(labelled), CONTENT_TYPE_LATEST
 
 
 # The per-request metrics, by label values. ``labels()`` builds a key and takes a lock on

@@ -346,7 +346,7 @@ class GatewayWorker:
 
     async def _start_admin(self) -> None:
         assert self.config.admin is not None
-        app = build_admin_app(self.health, audit_routes(self.config), reload=self.reload)
+        app = build_admin_app(self.health, audit_routes(self.config), reload=self.reload, instance=self.config.instance)
         self._admin_runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._admin_runner.setup()
         site = await start_admin_site(self._admin_runner, self.config)
@@ -765,9 +765,8 @@ class Supervisor:
                 grace = config.revocation.grace_seconds if config.revocation else 0.0
                 warn = config.revocation.warn_before_next_update if config.revocation else 0.0
                 health = health_from_metrics(len(config.backends), grace, config.workers, warn)
-                admin_runner = web.AppRunner(
-                    build_admin_app(health, audit_routes(config), reload=self.reload), access_log=None
-                )
+                admin = build_admin_app(health, audit_routes(config), reload=self.reload, instance=config.instance)
+                admin_runner = web.AppRunner(admin, access_log=None)
                 await admin_runner.setup()
                 await start_admin_site(admin_runner, config)
             for sig in (signal.SIGTERM, signal.SIGINT):

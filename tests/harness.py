@@ -9,6 +9,7 @@ interface the production writer implements.
 from __future__ import annotations
 
 import datetime as dt
+import re
 import socket
 import ssl
 from collections.abc import Callable, Sequence
@@ -28,6 +29,12 @@ from gateway.certs.files import ThrowawayPki, write_atomic, write_private_key
 from gateway.config import Config, load_config
 from gateway.demo.backend import build_backend
 from gateway.server import AccessFactory, GatewayWorker
+
+
+def without_instance(text: str) -> str:
+    """A /metrics page without the ``gateway_instance`` label every sample carries (tests name only what they test)."""
+    text = re.sub(r'\{gateway_instance="[^"]*"\}', "", text)
+    return re.sub(r'gateway_instance="[^"]*",|,gateway_instance="[^"]*"', "", text)
 
 
 def free_port() -> int:

@@ -26,7 +26,7 @@ from gateway.certs import builders as pki
 from gateway.certs.files import ThrowawayPki, make_throwaway_pki
 from gateway.errors import GatewayError
 from gateway.web.messages import NOT_VALID_JA
-from tests.harness import Harness, start_harness
+from tests.harness import Harness, start_harness, without_instance
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -450,7 +450,10 @@ async def test_healthz_and_metrics(gw: Harness) -> None:
             assert r.status == 200
             assert (await r.json())["crl_fresh"] is True
         async with s.get(gw.admin_url("/metrics")) as r:
-            text = await r.text()
+            labelled = await r.text()
+    # every sample names the instance (the config's instance:, default the host name)
+    assert f'gateway_refusals_total{{gateway_instance="{gw.config.instance}",reason="no_certificate"}}' in labelled
+    text = without_instance(labelled)
     assert 'gateway_refusals_total{reason="no_certificate"}' in text
     assert "gateway_crl_entries" in text
 

@@ -15,7 +15,7 @@ import yaml
 from gateway.ca.authority import CertificateAuthority
 from gateway.ca.portal import PORTAL, start_portal
 from gateway.config import load_config
-from tests.harness import ListAudit
+from tests.harness import ListAudit, without_instance
 from tests.test_portal import (
     CA_BORN,
     REAL_NOW,
@@ -57,7 +57,7 @@ async def served(tmp_path: Path) -> AsyncIterator[tuple[Portal, int]]:
 
 async def admin_get(admin: int, path: str) -> tuple[int, str]:
     async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{admin}{path}") as r:
-        return r.status, await r.text()
+        return r.status, without_instance(await r.text())
 
 
 def sample(text: str, name: str, labels: str = "") -> float:

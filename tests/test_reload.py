@@ -29,7 +29,7 @@ from prometheus_client import REGISTRY
 
 from gateway.certs import builders as pki_mod
 from gateway.certs.files import ThrowawayPki, make_throwaway_pki, write_atomic
-from tests.harness import Harness, free_port, start_backend, start_harness, write_config
+from tests.harness import Harness, free_port, start_backend, start_harness, without_instance, write_config
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -304,7 +304,7 @@ class Served:
         if self.workers == 1:
             return True
         async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{self.admin}/metrics") as r:
-            text = await r.text()
+            text = without_instance(await r.text())
         return text.count("gateway_crl_entries{") >= 1
 
     def ctx(self, user: str | None = "LC000001") -> ssl.SSLContext:
@@ -411,7 +411,7 @@ async def test_supervisor_reload_validates_first_then_reloads_every_worker(tmp_p
         assert (code, body["ok"]) == (1, False)
         assert "not a PEM certificate file" in body["message"] or "holds no certificate" in body["message"]
         async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{served.admin}/metrics") as r:
-            text = await r.text()
+            text = without_instance(await r.text())
         assert 'gateway_reloads_total{result="ok"} 2.0' in text  # one per worker
         assert 'gateway_reloads_total{result="failed"} 1.0' in text  # the supervisor's refusal
         for _ in range(4):  # both workers (SO_REUSEPORT spreads connections) still serve

@@ -19,7 +19,7 @@ import pytest
 
 from gateway.certs.files import ThrowawayPki
 from gateway.server import Backoff
-from tests.harness import free_port, write_config
+from tests.harness import free_port, without_instance, write_config
 
 
 def test_backoff_doubles_to_the_ceiling_and_resets_after_a_stable_run() -> None:
@@ -90,7 +90,7 @@ class Served:
 
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/metrics", timeout=5) as r:
-            return str(r.read().decode())
+            return without_instance(r.read().decode())
 
 
 @pytest.fixture

@@ -108,7 +108,8 @@ def setup_portal_admin(app: web.Application, portal: Portal) -> None:
     crl_gauges(portal.ca, portal.clock)
 
     async def listener(_app: web.Application) -> AsyncIterator[None]:
-        runner = web.AppRunner(build_admin_app(health), handle_signals=False, access_log=None)
+        admin = build_admin_app(health, instance=config.instance)
+        runner = web.AppRunner(admin, handle_signals=False, access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, listen.host, listen.port)
         try:

@@ -27,6 +27,7 @@ HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
 ReloadHook = Callable[[], Awaitable[tuple[bool, str]]]
 HEALTH = web.AppKey("gateway_health", object)
 RELOAD = web.AppKey("gateway_reload", object)
+INSTANCE = web.AppKey("gateway_instance", str)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -37,7 +38,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def metrics_page(request: web.Request) -> web.Response:
-    body, content_type = metrics.render()
+    body, content_type = metrics.render(request.app[INSTANCE])
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
@@ -53,9 +54,13 @@ def build_admin_app(
     health: HealthCheck,
     extra_routes: Callable[[web.Application], None] | None = None,
     reload: ReloadHook | None = None,
+    *,
+    instance: str = "",
 ) -> web.Application:
+    """``instance`` labels every metric sample (``gateway_instance``), so several instances' series stay apart."""
     app = web.Application()
     app[HEALTH] = health
+    app[INSTANCE] = instance
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/metrics", metrics_page)
     if reload is not None:
