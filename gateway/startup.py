@@ -115,7 +115,7 @@ def database(config: Config) -> list[str]:
             for schema in all_schemas():
                 postgres.check_schema(db, schema)
     except postgres.DatabaseUnavailable as exc:
-        return [f"{config.path}: database: cannot connect: {exc}"]
+        return [f"{config.path}: database: cannot connect: {' '.join(str(exc).split())}"]  # the driver's hint, one line
     except StoreError as exc:
         return [f"{config.path}: database: {str(exc).replace('--config FILE', f'--config {config.path}')}"]
     return []

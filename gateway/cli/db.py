@@ -220,7 +220,10 @@ def _target(config: Config) -> postgres.Target:
 @contextlib.contextmanager
 def _connection(where: postgres.Target, config: Config) -> Iterator[psycopg.Connection[Any]]:
     assert config.database is not None
-    conn = postgres.connect(where, timeout=config.database.connect_timeout)
+    try:
+        conn = postgres.connect(where, timeout=config.database.connect_timeout)
+    except postgres.DatabaseUnavailable as exc:
+        raise postgres.DatabaseUnavailable(" ".join(str(exc).split())) from None  # the driver's hint, one line
     try:
         yield conn
     finally:
