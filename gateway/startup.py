@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from gateway.config import Config, require_gateway, require_portal
-from gateway.errors import ConfigError, GatewayError
+from gateway.errors import ConfigError, GatewayError, StoreError
 
 Check = Callable[[Config], list[str]]
 
@@ -89,6 +89,36 @@ def databases(config: Config) -> list[str]:
         if why:
             problems.append(f"{config.path}: {key}: {why}")
     return problems
+
+
+def database(config: Config) -> list[str]:
+    """PostgreSQL answers and holds this release's tables (with ``database:`` only).
+
+    A process must not run on tables it does not know: a schema that is
+    behind is refused with the command that brings it up to date (the
+    running services never change the schema themselves). An unreachable
+    server is named with the driver's reason; neither line shows the password.
+    """
+    if config.database is None:
+        return []
+    from gateway.storage import postgres
+    from gateway.storage.schemas import all_schemas
+
+    try:
+        where = postgres.target_of(config.database, application_name=f"tse-check:{config.instance}")
+    except ConfigError as exc:
+        return [f"{config.path}: {line}" for line in exc.problems]
+    timeout = config.database.connect_timeout
+    try:
+        postgres.connect(where, timeout=timeout).close()  # the driver's own reason when it cannot connect
+        with postgres.Database(where, pool_size=1, timeout=timeout) as db:
+            for schema in all_schemas():
+                postgres.check_schema(db, schema)
+    except postgres.DatabaseUnavailable as exc:
+        return [f"{config.path}: database: cannot connect: {' '.join(str(exc).split())}"]  # the driver's hint, one line
+    except StoreError as exc:
+        return [f"{config.path}: database: {str(exc).replace('--config FILE', f'--config {config.path}')}"]
+    return []
 
 
 def tls_files(config: Config) -> list[str]:
@@ -170,10 +200,11 @@ GATEWAY_CHECKS: tuple[Check, ...] = (
     session_secret,
     crl_files,
     databases,
+    database,
     tls_files,
     crl_sources,
 )
-PORTAL_CHECKS: tuple[Check, ...] = (portal_sections, portal_private_files, session_secret, databases)
+PORTAL_CHECKS: tuple[Check, ...] = (portal_sections, portal_private_files, session_secret, databases, database)
 
 
 def startup_problems(config: Config, checks: tuple[Check, ...] = GATEWAY_CHECKS) -> list[str]:

@@ -40,8 +40,15 @@ def _bin_dir() -> Path:
 class PgServer:
     """One server for the whole test run; each test gets a database of its own (:meth:`new_database`)."""
 
-    def __init__(self) -> None:
-        self.external = os.environ.get("DATABASE_URL")
+    def __init__(self, *, options: tuple[str, ...] = (), hba: str | None = None) -> None:
+        """``options``: extra ``-c name=value`` settings; ``hba``: a pg_hba.conf to use instead of initdb's.
+
+        With ``hba`` (e.g. passwords over TCP), the tests' own admin connection
+        goes through the Unix socket, which ``hba`` should keep on ``trust``.
+        """
+        self.options = options
+        self.hba = hba
+        self.external = None if options or hba else os.environ.get("DATABASE_URL")
         self.dir: Path | None = None
         self.port = 0
         self._as_root = os.geteuid() == 0
@@ -70,6 +77,8 @@ class PgServer:
                 "--no-sync",
             ]
         )
+        if self.hba is not None:
+            (self.dir / "data" / "pg_hba.conf").write_text(self.hba, encoding="utf-8")
         (self.dir / "sock").mkdir()
         if self._as_root:
             shutil.chown(self.dir / "sock", "postgres", "postgres")
@@ -82,6 +91,7 @@ class PgServer:
             f"-p {self.port} -k {self.dir / 'sock'} -c listen_addresses=127.0.0.1 -c fsync=off"
             " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
         )
+        opts += "".join(f" -c {option}" for option in self.options)
         argv = [str(_bin_dir() / "pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w"]
         if action in ("start", "restart"):
             argv += ["-o", opts]
@@ -108,6 +118,8 @@ class PgServer:
     def admin_url(self) -> str:
         if self.external:
             return self.external
+        if self.hba is not None:
+            return f"postgresql://postgres@127.0.0.1:{self.port}/postgres?host={self.dir / 'sock'}"
         return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
 
     def url(self, database: str, user: str | None = None) -> str:

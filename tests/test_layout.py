@@ -70,6 +70,8 @@ LAYERS: list[tuple[str, list[str]]] = [
             "gateway.storage.interfaces",
             "gateway.storage.postgres",
             "gateway.storage.backends",
+            "gateway.storage.schemas",
+            "gateway.storage.transfer",
             "gateway.storage.pg_*",
             "gateway.forward.upstream",
             "gateway.tls.*",

@@ -96,6 +96,19 @@ CASES = [
         "{cfg}: audit.database: cannot create {dir}/plain/audit.db: {dir}/plain is not a writable folder",
     ),
     Broken(
+        "database unreachable",
+        "database",
+        lambda d, p: _edit(
+            d,
+            lambda c: (
+                c.pop("users"),
+                c.pop("audit"),
+                c.update(database={"url": "postgresql://gw@127.0.0.1:1/gateway", "connect_timeout_seconds": 1}),
+            ),
+        ),
+        "{cfg}: database: cannot connect: database postgresql://gw@127.0.0.1:1/gateway: ",
+    ),
+    Broken(
         "CRL without a CRLNumber",
         "crl_sources",
         lambda d, p: _write(

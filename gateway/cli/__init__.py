@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "gateway.cli.audit",
     "gateway.cli.ca",
     "gateway.cli.init",
+    "gateway.cli.db",
 )
 
 

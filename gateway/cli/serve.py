@@ -101,6 +101,10 @@ def _check_config(args: argparse.Namespace) -> int:
     from gateway.startup import GATEWAY_CHECKS, PORTAL_CHECKS, ca_warnings, startup_problems
 
     config = load_config(config_path(args.config))
+    if config.database is not None:
+        from gateway.storage.postgres import redact_url
+
+        print(f"{config.path}: database: {redact_url(config.database.url)}")  # never the password
     problems: list[str] = []
     gateway_wanted = config.tls is not None or config.backends or config.revocation is not None or config.portal is None
     for wanted, checks in (
