@@ -16,7 +16,7 @@ import pytest
 
 from gateway.audit.events import AuditEvent, AuditFilter, EventKind
 from gateway.errors import StoreError
-from gateway.storage import postgres
+from gateway.storage import postgres as pg
 from gateway.storage.pg_audit import SCHEMA, PgAuditStore
 from tests.pgserver import PgServer
 
@@ -36,7 +36,7 @@ def urls(postgres: PgServer, pg_url: str) -> dict[str, str]:
     apply_roles(pg_url)
     admin = postgres.url(name, user="gateway_admin")
     with psycopg.connect(admin, autocommit=True) as conn:
-        assert postgres.migrate(conn, [SCHEMA]) == [("audit", 0, SCHEMA.version)]
+        assert pg.migrate(conn, [SCHEMA]) == [("audit", 0, SCHEMA.version)]
     apply_roles(pg_url)
     apply_roles(pg_url)  # idempotent
     return {"admin": admin, "gateway": postgres.url(name, user="gateway")}
@@ -47,15 +47,15 @@ def old_events(n: int) -> list[AuditEvent]:
 
 
 def test_the_gateway_role_appends_and_reads(urls: dict[str, str]) -> None:
-    with postgres.Database(postgres.target(urls["gateway"])) as db, PgAuditStore(db) as store:
-        postgres.check_schema(db, SCHEMA)  # it may read schema_version
+    with pg.Database(pg.target(urls["gateway"])) as db, PgAuditStore(db) as store:
+        pg.check_schema(db, SCHEMA)  # it may read schema_version
         store.append(old_events(3))
         assert store.count() == 3
         assert len(store.query(AuditFilter())) == 3
 
 
 def test_the_gateway_role_cannot_update_delete_or_prune_even_with_the_marker(urls: dict[str, str]) -> None:
-    with postgres.Database(postgres.target(urls["gateway"])) as db, PgAuditStore(db) as store:
+    with pg.Database(pg.target(urls["gateway"])) as db, PgAuditStore(db) as store:
         store.append(old_events(3))
         with pytest.raises(StoreError, match="permission denied"), db.connection() as conn:
             conn.execute("UPDATE events SET reason = 'x'")
@@ -70,9 +70,9 @@ def test_the_gateway_role_cannot_update_delete_or_prune_even_with_the_marker(url
 
 
 def test_the_admin_role_prunes_and_the_prune_is_recorded(urls: dict[str, str]) -> None:
-    with postgres.Database(postgres.target(urls["gateway"])) as db, PgAuditStore(db) as store:
+    with pg.Database(pg.target(urls["gateway"])) as db, PgAuditStore(db) as store:
         store.append(old_events(3))
-    with postgres.Database(postgres.target(urls["admin"])) as db, PgAuditStore(db) as admin:
+    with pg.Database(pg.target(urls["admin"])) as db, PgAuditStore(db) as admin:
         assert admin.prune(T0 + dt.timedelta(minutes=2), actor="cli:admin") == 2
         assert [e.event for e in admin.query(AuditFilter())] == [EventKind.ADMIN_ACTION, EventKind.LOGIN]
         # Even the owner is held by the trigger outside a prune.
