@@ -293,18 +293,20 @@ class AuditWorkspace:
         return web.Response(text=text, status=status, content_type="text/html", charset="utf-8", headers=NO_STORE)
 
 
-def _reader(backend: Backend) -> AuditStore | PgAuditStore:
-    """A read-only store that can page and stream (both backends' stores can)."""
-    store = backend.audit(readonly=True)
+def _reader(source: Backend | Path) -> AuditStore | PgAuditStore:
+    """A read-only store that can page and stream (both backends' stores can); a Path is a SQLite file."""
+    store = source.audit(readonly=True) if isinstance(source, Backend) else AuditStore(source, readonly=True)
     assert isinstance(store, AuditStore | PgAuditStore)
     return store
 
 
-def _load(backend: Backend, f: AuditFilter, page: int, now: dt.datetime) -> tuple[list[AuditEvent], int, AuditSummary]:
+def _load(
+    source: Backend | Path, f: AuditFilter, page: int, now: dt.datetime
+) -> tuple[list[AuditEvent], int, AuditSummary]:
     """The blocking part of a page: one read-only store; the page, its total, the chart's counts."""
     from gateway.audit.report import DEFAULT_WINDOW
 
-    with _reader(backend) as store:
+    with _reader(source) as store:
         events, total = store.page(f, (page - 1) * f.limit)
         since = f.since or now - DEFAULT_WINDOW
         summary = store.summary(since, f.until or now, match=f)
