@@ -79,6 +79,10 @@ AUDIT_OVERFLOW = Counter(
     "Audit events that could not be queued or stored and went to stderr instead",
     ["cause"],
 )
+AUDIT_SPOOLED = Counter(
+    "gateway_audit_spooled_total",
+    "Audit events written to the local outage spool while the database was unreachable (replayed later)",
+)
 CLIENT_TIMEOUTS = Counter(
     "gateway_client_timeouts_total",
     "Connections closed because a request head or body stalled (slowloris)",

@@ -436,7 +436,7 @@ def make_audit(config: Config, worker: int | None = None) -> Any:
     """The audit writer for a process (see gateway.audit.writer)."""
     from gateway.audit.writer import AuditLog
 
-    return AuditLog(config.audit, worker=worker)
+    return AuditLog(config, worker=worker)
 
 
 def audit_routes(config: Config) -> Callable[[web.Application], None]:
@@ -449,7 +449,15 @@ def audit_routes(config: Config) -> Callable[[web.Application], None]:
 
     def add(app: web.Application) -> None:
         if config.admin is not None and config.admin.audit_report:
-            app.router.add_get("/audit", audit_handler(config.audit.database))
+            from gateway.storage.backends import Backend
+
+            backend = Backend(config, role="admin")
+
+            async def close(_app: web.Application) -> None:
+                backend.close()
+
+            app.on_cleanup.append(close)
+            app.router.add_get("/audit", audit_handler(backend))
 
     return add
 

@@ -157,3 +157,34 @@ async def test_handler_without_a_database_says_so(aiohttp_client: object, tmp_pa
     assert resp.status == 503
     assert "no audit database" in await resp.text()
     assert not (tmp_path / "missing.db").exists()  # the report never creates it
+
+
+async def test_handler_on_the_shared_database_filters_by_instance(aiohttp_client: object, pg_url: str) -> None:
+    """The admin listener's report reads the PostgreSQL trail through a Backend; instance is a column and filter."""
+    import psycopg
+
+    from gateway.config import parse_config
+    from gateway.storage import postgres as pg
+    from gateway.storage.backends import Backend
+    from gateway.storage.pg_audit import SCHEMA
+
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        pg.migrate(conn, [SCHEMA])
+    config = parse_config({"instance": "gw-a", "database": pg_url}, Path("/nonexistent/gateway.yaml"))
+    now = utcnow()
+    a = AuditEvent(EventKind.LOGIN, time=now - dt.timedelta(minutes=2), user_id="LC000001", instance="gw-a")
+    b = AuditEvent(EventKind.LOGIN, time=now - dt.timedelta(minutes=1), user_id="LC000002", instance="gw-b")
+    with Backend(config) as backend:
+        with backend.audit() as store:
+            store.append([a, b])
+        app = web.Application()
+        app.router.add_get("/audit", audit_handler(backend))
+        client: TestClient[web.Request, web.Application] = await aiohttp_client(app)  # type: ignore[operator]
+        resp = await client.get("/audit", params={"instance": "gw-b"})
+        html = await resp.text()
+        assert resp.status == 200
+        assert b.support_id in html and a.support_id not in html
+        assert 'name="instance" value="gw-b"' in html
+        resp = await client.get("/audit")
+        html = await resp.text()
+        assert a.support_id in html and b.support_id in html and "gw-a" in html

@@ -1,4 +1,9 @@
-"""The SQLite audit store: round trips, filters, append-only, summaries, many writers."""
+"""The audit stores: round trips, filters, append-only, summaries, many writers.
+
+The tests taking the ``store`` fixture run on both backends (the SQLite file
+and the shared PostgreSQL table); the others check what only SQLite has
+(the file, its mode, its migration, several processes on one file).
+"""
 
 from __future__ import annotations
 
@@ -10,11 +15,15 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 from gateway.audit.events import AuditEvent, AuditFilter, EventKind
 from gateway.audit.store import AuditStore
 from gateway.errors import StoreError
+from gateway.storage import postgres
+from gateway.storage.interfaces import AuditStoreProtocol
+from gateway.storage.pg_audit import SCHEMA, PgAuditStore
 
 T0 = dt.datetime(2026, 11, 30, 4, 0, tzinfo=dt.UTC)
 
@@ -44,12 +53,34 @@ def refusal(minutes: float = 0, **fields: object) -> AuditEvent:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[AuditStore]:
-    with AuditStore(tmp_path / "audit.db") as s:
-        yield s
+def store(store_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[AuditStoreProtocol]:
+    """An empty audit store on each backend."""
+    if store_backend == "sqlite":
+        with AuditStore(tmp_path / "audit.db") as s:
+            yield s
+        return
+    url = request.getfixturevalue("pg_url")
+    with psycopg.connect(url, autocommit=True) as conn:
+        postgres.migrate(conn, [SCHEMA])
+    with postgres.Database(postgres.target(url)) as db, PgAuditStore(db) as pg:
+        yield pg
 
 
-def test_round_trip_keeps_every_field_and_lists_newest_first(store: AuditStore) -> None:
+def raw_delete(store: AuditStoreProtocol) -> None:
+    """A DELETE behind the store's back (what the append-only guard must refuse)."""
+    if isinstance(store, AuditStore):
+        conn = sqlite3.connect(store.path)
+        try:
+            conn.execute("DELETE FROM events")
+        finally:
+            conn.close()
+        return
+    assert isinstance(store, PgAuditStore)
+    with store.db.connection() as pg:
+        pg.execute("DELETE FROM events")
+
+
+def test_round_trip_keeps_every_field_and_lists_newest_first(store: AuditStoreProtocol) -> None:
     hostile = "x\x1b[2J'; DROP TABLE events; --\u202e\n"
     events = [
         refusal(0),
@@ -101,7 +132,7 @@ def test_wal_mode_and_indexes(tmp_path: Path) -> None:
         (AuditFilter(), ["c", "b", "a"]),
     ],
 )
-def test_filters_pick_exactly_their_events(store: AuditStore, f: AuditFilter, expected: list[str]) -> None:
+def test_filters_pick_exactly_their_events(store: AuditStoreProtocol, f: AuditFilter, expected: list[str]) -> None:
     store.append(
         [
             refusal(0, support_id="SUPPORT00000A", detail="a"),
@@ -119,14 +150,14 @@ def test_filters_pick_exactly_their_events(store: AuditStore, f: AuditFilter, ex
     assert [e.detail for e in store.query(f)] == expected
 
 
-def test_get_finds_the_event_behind_a_support_id(store: AuditStore) -> None:
+def test_get_finds_the_event_behind_a_support_id(store: AuditStoreProtocol) -> None:
     events = [refusal(i) for i in range(5)]
     store.append(events)
     assert store.get(events[3].support_id.lower()) == events[3]
     assert store.get("000000000000") is None
 
 
-def test_a_repeated_support_id_is_stored_not_rejected(store: AuditStore) -> None:
+def test_a_repeated_support_id_is_stored_not_rejected(store: AuditStoreProtocol) -> None:
     store.append([refusal(0, support_id="AAAAAAAAAAAA", detail="first")])
     store.append([refusal(1, support_id="AAAAAAAAAAAA", detail="second")])
     assert store.count() == 2
@@ -146,7 +177,7 @@ def test_update_and_delete_are_refused(tmp_path: Path) -> None:
     conn.close()
 
 
-def test_prune_deletes_only_older_events_and_records_itself(store: AuditStore) -> None:
+def test_prune_deletes_only_older_events_and_records_itself(store: AuditStoreProtocol) -> None:
     store.append([refusal(m) for m in (0, 10, 20, 30)])
     deleted = store.prune(T0 + dt.timedelta(minutes=15), actor="cli:root")
     assert deleted == 2
@@ -160,13 +191,12 @@ def test_prune_deletes_only_older_events_and_records_itself(store: AuditStore) -
     assert left[0].actor == "cli:root"
     assert left[0].detail.startswith("2 events before 2026-11-30T04:15:00.000Z")
     # The permit does not outlive the prune: plain deletes are refused again.
-    conn = sqlite3.connect(store.path)
-    with pytest.raises(sqlite3.IntegrityError):
-        conn.execute("DELETE FROM events")
-    conn.close()
+    with pytest.raises((sqlite3.IntegrityError, StoreError), match="append-only"):
+        raw_delete(store)
+    assert store.count() == 3
 
 
-def test_prune_with_nothing_old_deletes_nothing(store: AuditStore) -> None:
+def test_prune_with_nothing_old_deletes_nothing(store: AuditStoreProtocol) -> None:
     store.append([refusal(0)])
     assert store.prune(T0 - dt.timedelta(days=1)) == 0
     assert store.count() == 2  # the refusal and the prune record
@@ -194,7 +224,7 @@ def test_a_file_that_is_not_an_audit_database_is_an_error(tmp_path: Path) -> Non
         AuditStore(empty, readonly=True)
 
 
-def test_summary_counts_refusals_in_the_window(store: AuditStore) -> None:
+def test_summary_counts_refusals_in_the_window(store: AuditStoreProtocol) -> None:
     store.append(
         [
             refusal(5, reason="certificate_revoked", cert_serial="AA"),
@@ -280,3 +310,81 @@ def test_the_audit_database_is_created_0600_like_gateway_db(tmp_path: Path) -> N
         if path.exists():
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, name
     assert (tmp_path / "audit.db").exists()
+
+
+def test_the_instance_is_stored_and_filters(store: AuditStoreProtocol) -> None:
+    store.append([refusal(0, instance="gw-a", detail="a"), refusal(1, instance="gw-b", detail="b"), refusal(2)])
+    assert [e.detail for e in store.query(AuditFilter(instance="gw-a"))] == ["a"]
+    assert [e.instance for e in store.query(AuditFilter())] == ["", "gw-b", "gw-a"]
+    assert store.query(AuditFilter(instance="gw-c")) == []
+    narrowed = store.summary(T0, T0 + dt.timedelta(days=1), match=AuditFilter(instance="gw-b"))
+    assert (narrowed.total, narrowed.refusals) == (1, 1)
+
+
+def test_update_behind_the_store_is_refused(store: AuditStoreProtocol) -> None:
+    store.append([refusal(0)])
+    if isinstance(store, AuditStore):
+        conn = sqlite3.connect(store.path)
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            conn.execute("UPDATE events SET reason = 'ok'")
+        conn.close()
+    else:
+        assert isinstance(store, PgAuditStore)
+        with pytest.raises(StoreError, match="append-only"), store.db.connection() as pg:
+            pg.execute("UPDATE events SET reason = 'ok'")
+        with pytest.raises(StoreError, match="append-only"), store.db.connection() as pg:
+            pg.execute("TRUNCATE events")
+    assert [e.reason for e in store.query(AuditFilter())] == ["certificate_revoked"]
+
+
+def test_page_and_cursor_agree_with_query(store: AuditStoreProtocol) -> None:
+    store.append([refusal(i, detail=str(i)) for i in range(7)])
+    assert isinstance(store, AuditStore | PgAuditStore)
+    events, total = store.page(AuditFilter(limit=3), 3)
+    assert total == 7 and [e.detail for e in events] == ["3", "2", "1"]
+    cursor = store.cursor(AuditFilter(limit=1, since=T0 + dt.timedelta(minutes=2)))
+    rows = [*cursor.fetchmany(2), *cursor.fetchmany(10)]
+    assert [r[-2] for r in rows] == ["6", "5", "4", "3", "2"]  # detail, then instance, in FIELDS order
+
+
+def test_postgres_append_is_idempotent_for_a_replayed_batch(pg_url: str) -> None:
+    """The outage spool may resend a batch the server had committed: it is stored once."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        postgres.migrate(conn, [SCHEMA])
+    batch = [refusal(i, instance="gw-a") for i in range(3)]
+    with postgres.Database(postgres.target(pg_url)) as db, PgAuditStore(db) as store:
+        store.append(batch)
+        store.append([*batch, refusal(9, instance="gw-a")])
+        assert store.count() == 4
+        # The same support ID from another instance (or another millisecond) is another event.
+        store.append([dataclasses.replace(batch[0], instance="gw-b")])
+        assert store.count() == 5
+        with PgAuditStore(db, readonly=True) as ro, pytest.raises(StoreError, match="read-only"):
+            ro.append(batch)
+
+
+def test_a_version_1_file_gains_the_instance_column(tmp_path: Path) -> None:
+    """A file from the previous release is upgraded in place; its events read back with instance ''."""
+    path = tmp_path / "audit.db"
+    AuditStore(path).close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(
+        "DROP INDEX events_instance; ALTER TABLE events DROP COLUMN instance; PRAGMA user_version = 1;"
+        "INSERT INTO events (time_ms, event, reason, time, support_id, client_ip, tls_version, tls_cipher,"
+        " backend, method, path, user_id, cert_subject, cert_serial, cert_issuer, cert_fingerprint,"
+        " cert_not_after, user_agent, actor, detail) VALUES (0, 'login', 'ok', '1970-01-01T00:00:00.000Z',"
+        " 'AAAAAAAAAAAA', '', '', '', '', '', '', 'LC000001', '', '', '', '', '', '', '', 'old')"
+    )
+    conn.close()
+    with AuditStore(path, readonly=True) as ro:  # a reader first: the CLI after an upgrade
+        assert [(e.detail, e.instance) for e in ro.query(AuditFilter())] == [("old", "")]
+    with AuditStore(path) as store:
+        store.append([refusal(0, instance="gw-a")])
+        assert [e.instance for e in store.query(AuditFilter(instance="gw-a"))] == ["gw-a"]
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.execute("PRAGMA user_version = 3")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="version 3"):
+        AuditStore(path)

@@ -42,7 +42,9 @@ def seed(h: Harness) -> list[AuditEvent]:
         for i in range(25)
     ]
     events += [
-        AuditEvent(EventKind.REQUEST_REFUSED, time=NOW - dt.timedelta(hours=2), reason="certificate_revoked"),
+        AuditEvent(
+            EventKind.REQUEST_REFUSED, time=NOW - dt.timedelta(hours=2), reason="certificate_revoked", instance="gw-b"
+        ),
         AuditEvent(EventKind.LOGIN, time=NOW - dt.timedelta(days=40), reason="ok", user_id="LC000009"),
     ]
     with AuditStore(h.config.audit.database) as store:
@@ -159,6 +161,20 @@ async def test_json_export_is_one_array_of_the_filter(gw: Harness) -> None:
         " rows=1 complete=True",
         " rows=0 complete=True",
     ]
+
+
+async def test_instance_filters_the_page_and_the_exports(gw: Harness) -> None:
+    async with gw.session("LC000001") as s:
+        await login(gw, s)
+        status, html, _ = await get(s, gw, WORKSPACE, instance="gw-b", since="30d")
+        async with s.get(gw.url(WORKSPACE + "/export.csv"), params={"instance": "gw-b", "since": "30d"}) as r:
+            rows = list(csv.DictReader(io.StringIO((await r.read()).decode("utf-8-sig"))))
+        async with s.get(gw.url(WORKSPACE + "/export.json"), params={"instance": "nowhere"}) as r:
+            assert json.loads(await r.read()) == []
+    assert status == 200
+    assert 'name="instance" value="gw-b"' in html and "export.csv?instance=gw-b" in html
+    assert "certificate_revoked" in html and "LC000009" not in html.split('<table class="events">')[1]
+    assert [(r["reason"], r["instance"]) for r in rows] == [("certificate_revoked", "gw-b")]
 
 
 async def test_a_logged_in_user_without_the_role_is_refused_and_audited(gw: Harness) -> None:

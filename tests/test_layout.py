@@ -64,6 +64,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "gateway.access.users",
             "gateway.access.sessions",
             "gateway.audit.store",
+            "gateway.audit.spool",
             "gateway.audit.writer",
             "gateway.ca.authority",
             "gateway.ca.publisher",

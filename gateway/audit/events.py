@@ -107,6 +107,7 @@ class AuditEvent:
     worker: int | None = None
     actor: str = ""
     detail: str = ""
+    instance: str = ""  # the gateway instance (config ``instance``) that recorded it; '' in older records
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AuditEvent))
@@ -258,11 +259,12 @@ class AuditFilter:
     client_ip: str = ""
     cert_serial: str = ""
     support_id: str = ""
+    instance: str = ""
     limit: int = 100
 
 
 # Query keys shared by the CLI options and the /audit page's parameters.
-FILTER_KEYS = ("since", "until", "event", "reason", "user", "ip", "serial", "support_id", "limit")
+FILTER_KEYS = ("since", "until", "event", "reason", "user", "ip", "serial", "support_id", "instance", "limit")
 MAX_LIMIT = 100_000
 
 
@@ -285,6 +287,7 @@ def parse_filter(params: Mapping[str, str | None], now: dt.datetime, *, default_
         client_ip=get("ip"),
         cert_serial=normalize_serial(get("serial")) if get("serial") else "",
         support_id=get("support_id").upper(),
+        instance=get("instance"),
         limit=_limit(get("limit"), default_limit),
     )
 

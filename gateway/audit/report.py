@@ -32,6 +32,7 @@ from gateway.audit.events import (
 from gateway.audit.rows import page_rows
 from gateway.audit.store import AuditStore, AuditSummary
 from gateway.errors import GatewayError, StoreError
+from gateway.storage.backends import Backend
 from gateway.verdict import Reason
 from gateway.web.pages import render
 from gateway.web.responses import SECURITY_HEADERS as RESPONSE_SECURITY_HEADERS
@@ -179,20 +180,20 @@ def render_report(
     )
 
 
-def load_report(store_path: Path, f: AuditFilter, now: dt.datetime) -> tuple[list[AuditEvent], AuditSummary]:
-    """The blocking part of the page: one read-only connection, two queries."""
+def load_report(source: Backend | Path, f: AuditFilter, now: dt.datetime) -> tuple[list[AuditEvent], AuditSummary]:
+    """The blocking part of the page: one read-only store (the backend's, or a SQLite file), two queries."""
     since = f.since or now - DEFAULT_WINDOW
     until = f.until or now
-    with AuditStore(store_path, readonly=True) as store:
+    with source.audit(readonly=True) if isinstance(source, Backend) else AuditStore(source, readonly=True) as store:
         return store.query(f), store.summary(since, until, match=f)
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
-def audit_handler(store_path: Path | str) -> Handler:
-    """A GET handler for the admin listener's ``/audit`` page."""
-    path = Path(store_path)
+def audit_handler(source: Backend | Path | str) -> Handler:
+    """A GET handler for the admin listener's ``/audit`` page, on a backend's store (or a SQLite file)."""
+    path = source if isinstance(source, Backend) else Path(source)
 
     async def handle(request: web.Request) -> web.Response:
         filters = {key: request.query.get(key, "") for key in FILTER_KEYS}

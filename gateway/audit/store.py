@@ -50,7 +50,8 @@ from gateway.errors import StoreError
 T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 5000
-SCHEMA_VERSION = 1
+# 2: the ``instance`` column (events recorded before it hold '').
+SCHEMA_VERSION = 2
 _RETRIES = 5
 _INTEGER_COLUMNS = {"client_port", "worker"}
 
@@ -68,6 +69,7 @@ CREATE INDEX IF NOT EXISTS events_user ON events (user_id, time_ms);
 CREATE INDEX IF NOT EXISTS events_ip ON events (client_ip, time_ms);
 CREATE INDEX IF NOT EXISTS events_serial ON events (cert_serial, time_ms);
 CREATE INDEX IF NOT EXISTS events_event ON events (event, time_ms);
+CREATE INDEX IF NOT EXISTS events_instance ON events (instance, time_ms);
 CREATE TABLE IF NOT EXISTS prune_permit (granted INTEGER NOT NULL);
 CREATE TRIGGER IF NOT EXISTS events_no_update BEFORE UPDATE ON events
 BEGIN
@@ -80,12 +82,21 @@ BEGIN
 END;
 PRAGMA user_version = {SCHEMA_VERSION};
 """  # noqa: S608 - built from constant column names, never from input
-_INSERT = (
+# The SQL below is shared with the PostgreSQL store (gateway.storage.pg_audit), which
+# swaps the ``?`` placeholders for ``%s``: no statement holds a literal ``?`` or ``%``.
+INSERT_SQL = (
     f"INSERT INTO events (time_ms, {', '.join(FIELDS)}) "  # noqa: S608 - constant column names
     f"VALUES (?, {', '.join('?' for _ in FIELDS)})"
 )
-_SELECT = f"SELECT {', '.join(FIELDS)} FROM events"  # noqa: S608 - constant column names
+SELECT_SQL = f"SELECT {', '.join(FIELDS)} FROM events"  # noqa: S608 - constant column names
+ORDER_SQL = " ORDER BY time_ms DESC, id DESC"
+_INSERT = INSERT_SQL
+_SELECT = SELECT_SQL
 _REFUSALS = f"event IN ({', '.join(repr(str(k)) for k in sorted(REFUSAL_KINDS))})"
+# v1 -> v2: older rows get '' (the instance that wrote them is unknown).
+_ADD_INSTANCE = "ALTER TABLE events ADD COLUMN instance TEXT NOT NULL DEFAULT ''"
+
+Reader = Callable[[str, Sequence[Any]], Sequence[Sequence[Any]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,12 +164,16 @@ class AuditStore:
             conn.row_factory = sqlite3.Row
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             if self.readonly:
-                conn.execute("PRAGMA query_only = ON")
                 self._check_schema(conn)
+                if conn.execute("PRAGMA user_version").fetchone()[0] < SCHEMA_VERSION:
+                    # A file from the previous release, read before any writer opened it:
+                    # upgrade it (adding a column loses nothing), then read only.
+                    self._upgrade(conn)
+                conn.execute("PRAGMA query_only = ON")
             else:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA synchronous = NORMAL")
-                conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+                self._upgrade(conn)
         except BaseException:
             conn.close()
             raise
@@ -169,13 +184,36 @@ class AuditStore:
         if row is None:
             raise StoreError(f"{self.path} is not an audit database (no events table)")
 
+    def _upgrade(self, conn: sqlite3.Connection) -> None:
+        """Create the tables, or bring an older file to SCHEMA_VERSION; refuse a newer one.
+
+        The version check and the ALTER run under one write lock, so two
+        workers starting together on an old file do not both add the column.
+        """
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"audit database {self.path} is version {version}; this release knows {SCHEMA_VERSION}"
+                )
+            columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(events)")}
+            if columns and "instance" not in columns:
+                conn.execute(_ADD_INSTANCE)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        conn.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+
     # -- writing --
 
     def append(self, events: Sequence[AuditEvent]) -> None:
         """Insert a batch in one transaction: all stored or, on error, none."""
         if self.readonly:
             raise StoreError(f"audit database {self.path} was opened read-only")
-        rows = [_row(e) for e in events]
+        rows = [row_values(e) for e in events]
         if not rows:
             return
         with self._transaction() as conn:
@@ -186,19 +224,11 @@ class AuditStore:
 
         Returns how many events were deleted.
         """
-        cutoff = epoch_ms(older_than)
-        note = AuditEvent(
-            EventKind.ADMIN_ACTION,
-            reason="audit_pruned",
-            actor=actor,
-            detail=f"events before {format_time(older_than)} deleted",
-        )
         with self._transaction() as conn:
             conn.execute("INSERT INTO prune_permit (granted) VALUES (1)")
-            deleted = conn.execute("DELETE FROM events WHERE time_ms < ?", (cutoff,)).rowcount
+            deleted = conn.execute("DELETE FROM events WHERE time_ms < ?", (epoch_ms(older_than),)).rowcount
             conn.execute("DELETE FROM prune_permit")
-            detail = f"{deleted} {note.detail}"
-            conn.execute(_INSERT, _row(dataclasses.replace(note, detail=detail)))
+            conn.execute(_INSERT, row_values(prune_note(older_than, actor, deleted)))
         return int(deleted)
 
     @contextmanager
@@ -218,8 +248,8 @@ class AuditStore:
 
     def query(self, f: AuditFilter) -> list[AuditEvent]:
         """Events matching ``f``, newest first, at most ``f.limit``."""
-        where, params = _where(f)
-        sql = f"{_SELECT}{where} ORDER BY time_ms DESC, id DESC LIMIT ?"
+        where, params = where_sql(f)
+        sql = f"{_SELECT}{where}{ORDER_SQL} LIMIT ?"
         return [event_from_dict(dict(r)) for r in self._read(sql, [*params, f.limit])]
 
     def page(self, f: AuditFilter, offset: int) -> tuple[list[AuditEvent], int]:
@@ -227,8 +257,8 @@ class AuditStore:
 
         Both queries run in one read transaction, so the total and the page agree.
         """
-        where, params = _where(f)
-        sql = f"{_SELECT}{where} ORDER BY time_ms DESC, id DESC LIMIT ? OFFSET ?"
+        where, params = where_sql(f)
+        sql = f"{_SELECT}{where}{ORDER_SQL} LIMIT ? OFFSET ?"
         with self._lock:
             conn = self._conn
 
@@ -250,8 +280,8 @@ class AuditStore:
         thread at a time) and never holds the whole result. Rows are plain tuples in
         FIELDS order (cheaper than ``sqlite3.Row`` at a million rows). Use a store of its own.
         """
-        where, params = _where(f)
-        sql = f"{_SELECT}{where} ORDER BY time_ms DESC, id DESC"
+        where, params = where_sql(f)
+        sql = f"{_SELECT}{where}{ORDER_SQL}"
         with self._lock:
             cursor = self._conn.cursor()
             cursor.row_factory = None
@@ -273,44 +303,8 @@ class AuditStore:
         top: int = 10,
         match: AuditFilter | None = None,
     ) -> AuditSummary:
-        """Counts between ``since`` (inclusive) and ``until`` (exclusive).
-
-        ``match`` narrows further by its exact fields (user, IP, serial...);
-        its times and limit are ignored.
-        """
-        extra, extra_params = _where(dataclasses.replace(match, since=None, until=None) if match else AuditFilter())
-        span = "time_ms >= ? AND time_ms < ?" + extra.replace(" WHERE ", " AND ", 1)
-        window = [epoch_ms(since), epoch_ms(until), *extra_params]
-        refused = f"{span} AND {_REFUSALS}"
-
-        def grouped(column: str, where: str) -> list[tuple[str, int]]:
-            sql = (
-                f"SELECT {column}, count(*) AS n FROM events WHERE {where} AND {column} != '' "  # noqa: S608 - constant column names
-                f"GROUP BY {column} ORDER BY n DESC, {column} LIMIT ?"
-            )
-            return [(str(r[0]), int(r[1])) for r in self._read(sql, [*window, top])]
-
-        hourly = self._read(
-            f"SELECT time_ms / 3600000 AS hour, reason, count(*) FROM events WHERE {refused} "  # noqa: S608 - constant column names
-            "GROUP BY hour, reason ORDER BY hour, reason",
-            window,
-        )
-        totals = self._read(
-            f"SELECT count(*), coalesce(sum({_REFUSALS}), 0) FROM events WHERE {span}",  # noqa: S608
-            window,
-        )[0]
-        return AuditSummary(
-            since=since,
-            until=until,
-            total=int(totals[0]),
-            refusals=int(totals[1]),
-            by_event=grouped("event", span),
-            by_reason=grouped("reason", refused),
-            top_users=grouped("user_id", refused),
-            top_ips=grouped("client_ip", refused),
-            top_serials=grouped("cert_serial", refused),
-            per_hour=[(from_epoch_ms(int(h) * 3600000), str(r), int(n)) for h, r, n in hourly],
-        )
+        """Counts between ``since`` (inclusive) and ``until`` (exclusive); see :func:`summarize`."""
+        return summarize(self._read, since, until, top=top, match=match)
 
     def _read(self, sql: str, params: Sequence[Any]) -> list[sqlite3.Row]:
         with self._lock:
@@ -343,14 +337,77 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-def _row(event: AuditEvent) -> list[Any]:
+def row_values(event: AuditEvent) -> list[Any]:
+    """The INSERT_SQL parameters of an event: epoch milliseconds, then FIELDS in order."""
     data = event_to_dict(event)
     data["support_id"] = event.support_id.upper()
     data["cert_serial"] = normalize_serial(event.cert_serial) if event.cert_serial else ""
     return [epoch_ms(event.time), *(data[name] for name in FIELDS)]
 
 
-def _where(f: AuditFilter) -> tuple[str, list[Any]]:
+_row = row_values
+
+
+def prune_note(older_than: dt.datetime, actor: str, deleted: int) -> AuditEvent:
+    """The admin_action event a prune records about itself (in the same transaction)."""
+    return AuditEvent(
+        EventKind.ADMIN_ACTION,
+        reason="audit_pruned",
+        actor=actor,
+        detail=f"{deleted} events before {format_time(older_than)} deleted",
+    )
+
+
+def summarize(
+    read: Reader,
+    since: dt.datetime,
+    until: dt.datetime,
+    *,
+    top: int = 10,
+    match: AuditFilter | None = None,
+) -> AuditSummary:
+    """Counts between ``since`` (inclusive) and ``until`` (exclusive), with ``read(sql, params)``.
+
+    ``match`` narrows further by its exact fields (user, IP, serial...);
+    its times and limit are ignored. The SQL is portable (both backends run it).
+    """
+    extra, extra_params = where_sql(dataclasses.replace(match, since=None, until=None) if match else AuditFilter())
+    span = "time_ms >= ? AND time_ms < ?" + extra.replace(" WHERE ", " AND ", 1)
+    window = [epoch_ms(since), epoch_ms(until), *extra_params]
+    refused = f"{span} AND {_REFUSALS}"
+
+    def grouped(column: str, where: str) -> list[tuple[str, int]]:
+        sql = (
+            f"SELECT {column}, count(*) AS n FROM events WHERE {where} AND {column} != '' "  # noqa: S608 - constant column names
+            f"GROUP BY {column} ORDER BY n DESC, {column} LIMIT ?"
+        )
+        return [(str(r[0]), int(r[1])) for r in read(sql, [*window, top])]
+
+    hourly = read(
+        f"SELECT time_ms / 3600000 AS hour, reason, count(*) FROM events WHERE {refused} "  # noqa: S608 - constant column names
+        "GROUP BY hour, reason ORDER BY hour, reason",
+        window,
+    )
+    totals = read(
+        f"SELECT count(*), coalesce(sum(CASE WHEN {_REFUSALS} THEN 1 ELSE 0 END), 0) FROM events WHERE {span}",  # noqa: S608
+        window,
+    )[0]
+    return AuditSummary(
+        since=since,
+        until=until,
+        total=int(totals[0]),
+        refusals=int(totals[1]),
+        by_event=grouped("event", span),
+        by_reason=grouped("reason", refused),
+        top_users=grouped("user_id", refused),
+        top_ips=grouped("client_ip", refused),
+        top_serials=grouped("cert_serial", refused),
+        per_hour=[(from_epoch_ms(int(h) * 3600000), str(r), int(n)) for h, r, n in hourly],
+    )
+
+
+def where_sql(f: AuditFilter) -> tuple[str, list[Any]]:
+    """`` WHERE ...`` (or '') and its parameters for a filter's times and exact fields."""
     clauses: list[str] = []
     params: list[Any] = []
     if f.since is not None:
@@ -365,6 +422,7 @@ def _where(f: AuditFilter) -> tuple[str, list[Any]]:
         "user_id": f.user_id,
         "client_ip": f.client_ip,
         "support_id": f.support_id,
+        "instance": f.instance,
     }
     if f.cert_serial:
         spellings = serial_spellings(f.cert_serial)

@@ -24,6 +24,7 @@ import csv
 import datetime as dt
 import io
 import json
+import sqlite3
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -47,6 +48,8 @@ from gateway.audit.rows import cert_cn, page_rows
 from gateway.audit.store import AuditStore, AuditSummary
 from gateway.errors import GatewayError, StoreError
 from gateway.keys import PEER
+from gateway.storage.backends import Backend
+from gateway.storage.pg_audit import ExportCursor, PgAuditStore
 from gateway.verdict import Reason
 from gateway.web.responses import NO_STORE
 
@@ -149,8 +152,22 @@ class AuditWorkspace:
         self.access = access
         self.store_path = Path(access.config.audit.database)
         self.path = access.paths.prefix + "audit"
+        self._backend: Backend | None = None
+
+    @property
+    def backend(self) -> Backend:
+        """Where the trail is (the shared database or the SQLite file); its pool opens on first use."""
+        if self._backend is None:
+            self._backend = Backend(self.access.config, role="auditor")
+        return self._backend
+
+    async def _close(self, _app: web.Application) -> None:
+        if self._backend is not None:
+            backend, self._backend = self._backend, None
+            backend.close()
 
     def setup(self, app: web.Application) -> None:
+        app.on_cleanup.append(self._close)
         app.router.add_get(self.path, self.page)
         app.router.add_get(self.path + "/export.csv", self.export_csv)
         app.router.add_get(self.path + "/export.json", self.export_json)
@@ -181,7 +198,7 @@ class AuditWorkspace:
             page = parse_page(request.query.get("page", "").strip())
             f = workspace_filter(filters, now)
             loop = asyncio.get_running_loop()
-            events, total, summary = await loop.run_in_executor(None, _load, self.store_path, f, page, now)
+            events, total, summary = await loop.run_in_executor(None, _load, self.backend, f, page, now)
         except StoreError as exc:
             return self._html(render_report([], None, filters, error=str(exc), workspace=self._links(filters)), 503)
         except GatewayError as exc:
@@ -219,7 +236,7 @@ class AuditWorkspace:
         loop = asyncio.get_running_loop()
         try:
             f = workspace_filter(filters, utcnow())
-            store = await loop.run_in_executor(None, lambda: AuditStore(self.store_path, readonly=True))
+            store = await loop.run_in_executor(None, lambda: _reader(self.backend))
         except StoreError as exc:
             return web.json_response({"error": "store_unavailable", "message": str(exc)}, status=503, headers=NO_STORE)
         except GatewayError as exc:
@@ -238,7 +255,7 @@ class AuditWorkspace:
         complete = False
         try:
             await response.prepare(request)
-            cursor = await loop.run_in_executor(None, store.cursor, f)
+            cursor: sqlite3.Cursor | ExportCursor = await loop.run_in_executor(None, store.cursor, f)
             await response.write(("\ufeff" if fmt == "csv" else "[\n").encode())
             if fmt == "csv":
                 await response.write(csv_chunk([], header=True).encode())
@@ -276,11 +293,20 @@ class AuditWorkspace:
         return web.Response(text=text, status=status, content_type="text/html", charset="utf-8", headers=NO_STORE)
 
 
-def _load(path: Path, f: AuditFilter, page: int, now: dt.datetime) -> tuple[list[AuditEvent], int, AuditSummary]:
-    """The blocking part of a page: one read-only connection; the page, its total, the chart's counts."""
+def _reader(source: Backend | Path) -> AuditStore | PgAuditStore:
+    """A read-only store that can page and stream (both backends' stores can); a Path is a SQLite file."""
+    store = source.audit(readonly=True) if isinstance(source, Backend) else AuditStore(source, readonly=True)
+    assert isinstance(store, AuditStore | PgAuditStore)
+    return store
+
+
+def _load(
+    source: Backend | Path, f: AuditFilter, page: int, now: dt.datetime
+) -> tuple[list[AuditEvent], int, AuditSummary]:
+    """The blocking part of a page: one read-only store; the page, its total, the chart's counts."""
     from gateway.audit.report import DEFAULT_WINDOW
 
-    with AuditStore(path, readonly=True) as store:
+    with _reader(source) as store:
         events, total = store.page(f, (page - 1) * f.limit)
         since = f.since or now - DEFAULT_WINDOW
         summary = store.summary(since, f.until or now, match=f)

@@ -10,6 +10,14 @@ counted in ``gateway_audit_overflow_total{cause}`` and, for store
 failures, logged as an error. The writer keeps trying the store with each
 later batch, so it recovers on its own when the disk comes back.
 
+With a top-level ``database:`` the store is the shared PostgreSQL table
+(from a :class:`~gateway.storage.backends.Backend`) and an outage is not a
+failure: while the store raises
+:class:`~gateway.storage.postgres.DatabaseUnavailable`, batches go to the
+local spool (:mod:`gateway.audit.spool`) and are replayed in order once
+the database answers again. One log line when an outage starts, one when
+it ends. Every event is stamped with the config's ``instance``.
+
 ``record_now`` is the synchronous variant for short CLI processes (users,
 CA): it appends straight to the store.
 """
@@ -22,23 +30,31 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from gateway.audit.events import AuditEvent, event_to_dict
+from gateway.audit.spool import Spool
 from gateway.audit.store import AuditStore
 from gateway.config import AuditConfig, Config
-from gateway.metrics import AUDIT_EVENTS, AUDIT_OVERFLOW
+from gateway.metrics import AUDIT_EVENTS, AUDIT_OVERFLOW, AUDIT_SPOOLED
+from gateway.storage.backends import Backend
+from gateway.storage.postgres import DatabaseUnavailable
+
+if TYPE_CHECKING:
+    from gateway.storage.interfaces import AuditStoreProtocol
 
 log = logging.getLogger("gateway.audit")
 
 BATCH_SIZE = 500
 DEFAULT_QUEUE_SIZE = 10_000
 ERROR_LOG_INTERVAL = 60.0  # seconds between repeated error lines while a sink keeps failing
+RETRY_INTERVAL = 1.0  # seconds between attempts to reach the database during an outage
 
 
 def overflow_line(event: AuditEvent, cause: str) -> str:
@@ -85,19 +101,40 @@ class AuditLog:
 
     def __init__(
         self,
-        target: AuditConfig | Path | str,
+        target: Config | AuditConfig | Path | str,
         *,
+        backend: Backend | None = None,
         jsonl: str | None = None,
         queue_size: int | None = None,
         batch_size: int = BATCH_SIZE,
         worker: int | None = None,
         stderr: TextIO | None = None,
+        retry_interval: float = RETRY_INTERVAL,
     ) -> None:
-        """``target`` is the config's ``audit`` section, or a database path.
+        """``target`` is the whole config, its ``audit`` section, or a database path.
 
-        With a section, ``jsonl`` and ``queue_size`` default to its values.
-        ``worker`` is stamped on events recorded without one.
+        Only the whole config can name the shared database and the instance;
+        its ``backend`` is used if given (its pool shared), else the log opens
+        one of its own. With a config or section, ``jsonl`` and ``queue_size``
+        default to its values. ``worker`` (and the config's ``instance``) are
+        stamped on events recorded without one.
         """
+        self.config = target if isinstance(target, Config) else None
+        self.instance = self.config.instance if self.config is not None else ""
+        self._backend = backend
+        self._own_backend = False
+        self._spool: Spool | None = None
+        self._retry_interval = retry_interval
+        self._next_try = 0.0
+        self._outage = False
+        self._spool_full_said = False
+        if isinstance(target, Config):
+            target = target.audit
+            if self.config is not None and self.config.database is not None:
+                # Unique per log, not only per process: a CLI run may open two in turn.
+                who = worker if worker is not None else "main"
+                name = f"audit-{self.instance}-{who}-{os.getpid()}-{secrets.token_hex(3)}"
+                self._spool = Spool(target.spool_dir, name, target.spool_max_bytes)
         if isinstance(target, AuditConfig):
             self.database = target.database
             jsonl = jsonl if jsonl is not None else target.jsonl
@@ -114,7 +151,7 @@ class AuditLog:
         self._task: asyncio.Task[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._closed = False
-        self._store: AuditStore | None = None
+        self._store: AuditStore | None = None  # or the PostgreSQL store, with a database
         self._store_identity: tuple[int, int] | None = None
         self._jsonl_fd: int | None = None
         self._store_complaints = _Complaints(f"audit store {self.database}")
@@ -126,6 +163,8 @@ class AuditLog:
         """Queue one event; never blocks, never raises for a full queue."""
         if self.worker is not None and event.worker is None:
             event = dataclasses.replace(event, worker=self.worker)
+        if self.instance and not event.instance:
+            event = dataclasses.replace(event, instance=self.instance)
         AUDIT_EVENTS.labels(event=str(event.event), reason=event.reason).inc()
         if self._closed:
             self._overflow([event], "closed")
@@ -172,9 +211,18 @@ class AuditLog:
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         stop = False
+        if self._spool is not None:  # spools left by processes that died: replay before anything new
+            await loop.run_in_executor(self._executor, self._claim_orphans)
         while not stop:
             batch: list[AuditEvent] = []
-            item = await self._queue.get()
+            if self._spool is not None and self._spool.pending:
+                try:  # nothing new to write: still try the database now and then
+                    item = await asyncio.wait_for(self._queue.get(), self._retry_interval)
+                except TimeoutError:
+                    await loop.run_in_executor(self._executor, self._write_store, [])
+                    continue
+            else:
+                item = await self._queue.get()
             while item is not None:
                 batch.append(item)
                 if len(batch) >= self.batch_size or self._queue.empty():
@@ -196,6 +244,11 @@ class AuditLog:
             self._write_store(batch)
 
     def _write_store(self, batch: Sequence[AuditEvent]) -> None:
+        if self._spool is not None:
+            self._write_shared(self._spool, batch)
+            return
+        if not batch:
+            return
         try:
             self._open_store().append(batch)
         except Exception as exc:
@@ -204,6 +257,99 @@ class AuditLog:
             self._store_complaints.failed(exc, "events go to stderr until it recovers")
         else:
             self._store_complaints.succeeded()
+
+    # -- the shared database and its outage spool (writer thread) --
+
+    def _write_shared(self, spool: Spool, batch: Sequence[AuditEvent]) -> None:
+        """Store ``batch`` after everything spooled before it, or spool it while the database is away.
+
+        During an outage only one attempt per retry interval reaches for the
+        database (each waits up to the connect timeout); the other batches
+        go straight to the spool, so the queue keeps draining.
+        """
+        if spool.pending or self._outage:
+            if time.monotonic() < self._next_try:
+                self._to_spool(spool, batch)
+                return
+            try:
+                replayed = spool.replay(self._shared_store().append, self.batch_size)
+            except DatabaseUnavailable as exc:
+                self._down(spool, exc)
+                self._to_spool(spool, batch)
+                return
+            except Exception as exc:
+                self._store_complaints.failed(exc, "spooled events stay in the spool")
+                self._next_try = time.monotonic() + self._retry_interval
+                self._to_spool(spool, batch)
+                return
+            self._up(spool, replayed)
+        if not batch:
+            return
+        try:
+            self._shared_store().append(batch)
+        except DatabaseUnavailable as exc:
+            self._down(spool, exc)
+            self._to_spool(spool, batch)
+        except Exception as exc:  # not an outage (a bug, a schema problem): say so, keep the events
+            self._overflow(batch, "store_failed")
+            self._store_complaints.failed(exc, "events go to stderr until it recovers")
+        else:
+            self._store_complaints.succeeded()
+
+    def _to_spool(self, spool: Spool, batch: Sequence[AuditEvent]) -> None:
+        if not batch:
+            return
+        try:
+            left = spool.add(batch)
+        except OSError as exc:
+            self._overflow(batch, "spool_failed")
+            self._store_complaints.failed(exc, f"cannot write the audit spool {spool.path}; events go to stderr")
+            return
+        AUDIT_SPOOLED.inc(len(batch) - len(left))
+        if left:
+            self._overflow(left, "spool_full")
+            if not self._spool_full_said:
+                self._spool_full_said = True
+                log.error(
+                    "audit spool %s is full (audit.spool_max_bytes = %d); further events go to stderr"
+                    " until the database is back",
+                    spool.path,
+                    spool.max_bytes,
+                )
+
+    def _down(self, spool: Spool, exc: BaseException) -> None:
+        self._next_try = time.monotonic() + self._retry_interval
+        if not self._outage:
+            self._outage = True
+            log.error("audit database unavailable (%s); spooling events to %s", exc, spool.path)
+
+    def _up(self, spool: Spool, replayed: int) -> None:
+        if self._outage or replayed:
+            log.warning("audit database reachable again; %d spooled events replayed", replayed)
+        self._outage = False
+        self._spool_full_said = False
+        if replayed:
+            self._claim_orphans()  # a process that died during the outage may have left one
+
+    def _claim_orphans(self) -> None:
+        if self._spool is not None:
+            try:
+                found = self._spool.claim_orphans()
+            except OSError as exc:
+                log.error("cannot read the audit spool directory %s: %s", self._spool.directory, exc)
+                return
+            if found:
+                log.warning("audit spool: %d file(s) left by stopped processes will be replayed", found)
+
+    def _shared_store(self) -> AuditStoreProtocol:
+        if self._store is None:
+            if self._backend is None:
+                assert self.config is not None
+                self._backend = Backend(self.config, role="audit")
+                self._own_backend = True
+            self._store = self._backend.audit()  # type: ignore[assignment]
+        assert self._store is not None
+        return self._store
 
     def _open_store(self) -> AuditStore:
         """The store, reopened if its file was moved, deleted or replaced.
@@ -271,8 +417,16 @@ class AuditLog:
                 os.close(fd)
 
     def _close_sinks(self) -> None:
+        if self._spool is not None and self._spool.pending and not self._outage:
+            self._next_try = 0.0
+            self._write_store([])  # one last try; what stays is replayed by the next process
         self._drop_store()
         self._close_jsonl()
+        if self._spool is not None:
+            self._spool.close()
+        if self._own_backend and self._backend is not None:
+            backend, self._backend = self._backend, None
+            backend.close()
 
 
 def record_now(config: Config, event: AuditEvent, *, stderr: TextIO | None = None) -> bool:
@@ -282,8 +436,12 @@ def record_now(config: Config, event: AuditEvent, *, stderr: TextIO | None = Non
     like in the gateway, and the error is logged; the caller's action has
     already happened, so this does not raise.
     """
-    audit = AuditLog(config.audit, stderr=stderr)
+    audit = AuditLog(config, stderr=stderr)
     AUDIT_EVENTS.labels(event=str(event.event), reason=event.reason).inc()
+    if audit.instance and not event.instance:
+        event = dataclasses.replace(event, instance=audit.instance)
+    audit._claim_orphans()
     audit._write([event])
+    stored = not audit._store_complaints.failing and not audit._outage
     audit._close_sinks()
-    return not audit._store_complaints.failing
+    return stored

@@ -13,18 +13,20 @@ move the cursor or recolour the terminal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime as dt
 import getpass
 import io
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from gateway.audit.events import (
     FIELDS,
     AuditEvent,
+    AuditFilter,
     event_to_dict,
     format_time,
     normalize_serial,
@@ -32,10 +34,12 @@ from gateway.audit.events import (
     parse_when,
     utcnow,
 )
-from gateway.audit.store import AuditStore, AuditSummary
+from gateway.audit.store import AuditSummary
 from gateway.cli.common import JST, add_config_argument, config_path, format_person_time
 from gateway.config import load_config
 from gateway.errors import GatewayError
+from gateway.storage.backends import Backend
+from gateway.storage.interfaces import AuditStoreProtocol
 from gateway.web.messages import plural
 
 MIN_RETENTION = dt.timedelta(days=1)
@@ -49,6 +53,7 @@ _TABLE_COLUMNS = (
     ("USER", "user_id", 16),
     ("SERIAL", "cert_serial", 40),
     ("REQUEST", "request", 60),
+    ("INSTANCE", "instance", 24),
 )
 
 
@@ -193,9 +198,12 @@ def summary_to_dict(summary: AuditSummary) -> dict[str, Any]:
 # -- commands -----------------------------------------------------------------
 
 
-def _store(args: argparse.Namespace, *, readonly: bool = True) -> AuditStore:
+@contextlib.contextmanager
+def _store(args: argparse.Namespace, *, readonly: bool = True) -> Iterator[AuditStoreProtocol]:
+    """The trail the config names: the shared database, or the SQLite file."""
     config = load_config(config_path(args.config))
-    return AuditStore(config.audit.database, readonly=readonly)
+    with Backend(config, role="cli") as backend, backend.audit(readonly=readonly) as store:
+        yield store
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -207,6 +215,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         "user": args.user,
         "ip": args.ip,
         "serial": args.serial,
+        "instance": args.instance,
         "limit": str(args.limit),
     }
     f = parse_filter(params, utcnow())
@@ -223,8 +232,9 @@ def cmd_summary(args: argparse.Namespace) -> int:
     until = parse_when(args.until, now) if args.until else now
     if since >= until:
         raise GatewayError(f"--since ({format_person_time(since)}) must be before --until")
+    match = AuditFilter(instance=args.instance.strip()) if args.instance else None
     with _store(args) as store:
-        summary = store.summary(since, until, top=args.top)
+        summary = store.summary(since, until, top=args.top, match=match)
     if args.format == "json":
         sys.stdout.write(json.dumps(summary_to_dict(summary), ensure_ascii=False) + "\n")
     else:
@@ -233,7 +243,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    f = parse_filter({"support_id": args.support_id, "limit": "100"}, utcnow())
+    f = parse_filter({"support_id": args.support_id, "instance": args.instance, "limit": "100"}, utcnow())
     with _store(args) as store:
         events = store.query(f)
     if not events:
@@ -251,9 +261,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if cutoff > now - MIN_RETENTION:
         raise GatewayError(f"--older-than {args.older_than}: refusing to delete events younger than a day")
     config = load_config(config_path(args.config))
-    if not config.audit.database.is_file():
+    if config.database is None and not config.audit.database.is_file():
         raise GatewayError(f"no audit database at {config.audit.database}")
-    with AuditStore(config.audit.database) as store:
+    with _store(args, readonly=False) as store:
         deleted = store.prune(cutoff, actor=f"cli:{getpass.getuser()}")
     print(f"deleted {plural(deleted, 'audit event')} recorded before {format_person_time(cutoff)}")
     return 0
@@ -296,6 +306,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--ip", metavar="ADDR", help="only this client IP address")
     p.add_argument("--serial", metavar="HEX", help="only this certificate serial (any hex spelling)")
     p.add_argument("--event", metavar="KIND", help="only this event kind, e.g. request_refused")
+    p.add_argument("--instance", metavar="NAME", help="only events this gateway instance recorded")
     p.add_argument(
         "--format",
         choices=("table", "json", "csv"),
@@ -314,6 +325,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     p.add_argument("--since", metavar="WHEN", default="7d", help=f"from this time (default 7d): {_WHEN}")
     p.add_argument("--until", metavar="WHEN", help="up to this time (default now)")
     p.add_argument("--top", type=_positive, default=10, metavar="N", help="rows per top list (default 10)")
+    p.add_argument("--instance", metavar="NAME", help="only events this gateway instance recorded")
     p.add_argument("--format", choices=("text", "json"), default="text", help="text or one JSON object")
     p.set_defaults(func=cmd_summary)
 
@@ -324,6 +336,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     _add_config(p)
     p.add_argument("support_id", metavar="SUPPORT_ID", help="the ID the user read from the page")
+    p.add_argument("--instance", metavar="NAME", help="only the event this gateway instance recorded")
     p.add_argument("--format", choices=("text", "json"), default="text", help="text or JSON lines")
     p.set_defaults(func=cmd_show)
 

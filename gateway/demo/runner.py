@@ -189,7 +189,7 @@ async def _run(directory: Path, port: int, once: bool) -> int:
     runners, backend_ports = await _start_backends()
     files = prepare(directory, backend_ports, port, 0 if once else port + 1, 0 if once else 9100)
     config = load_config(files.config_path)
-    audit = AuditLog(config.audit, worker=0)
+    audit = AuditLog(config, worker=0)
     await audit.start()
     worker = GatewayWorker(config, audit, access_factory=LoginAccess)
     portal_runner: Any = None

@@ -68,6 +68,11 @@ class Backend:
         return SessionReader(self.config.users.database)
 
     def audit(self, *, readonly: bool = False) -> AuditStoreProtocol:
+        """The audit trail: the shared ``events`` table, or the ``audit.database`` file."""
+        if self.db is not None:
+            from gateway.storage.pg_audit import PgAuditStore
+
+            return PgAuditStore(self.db, readonly=readonly)
         from gateway.audit.store import AuditStore
 
         return AuditStore(self.config.audit.database, readonly=readonly)
