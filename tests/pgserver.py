@@ -89,7 +89,7 @@ class PgServer:
         assert self.dir is not None, "an external DATABASE_URL server cannot be stopped by the tests"
         opts = (
             f"-p {self.port} -k {self.dir / 'sock'} -c listen_addresses=127.0.0.1 -c fsync=off"
-            " -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+            " -c full_page_writes=off -c max_connections=200"
         )
         opts += "".join(f" -c {option}" for option in self.options)
         argv = [str(_bin_dir() / "pg_ctl"), "-D", str(self.dir / "data"), "-l", str(self.dir / "log"), "-w"]

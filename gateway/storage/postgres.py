@@ -40,6 +40,10 @@ from psycopg import conninfo as pg_conninfo
 from gateway.errors import ConfigError, StoreError
 
 log = logging.getLogger("gateway.storage")
+# The pool logs a warning for every failed reconnection attempt: a storm during an
+# outage. The outage is reported once (the listener's line, /healthz, the audit
+# spool's line); the pool keeps only its errors.
+logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
 
 # One schema_version row per component; the same components as the SQLite files.
 _VERSION_TABLE = "CREATE TABLE IF NOT EXISTS schema_version (component TEXT PRIMARY KEY, version INTEGER NOT NULL)"

@@ -25,7 +25,7 @@ from gateway.storage.postgres import Schema
 SCHEMA_MODULES: tuple[str, ...] = (
     # "gateway.storage.pg_users",
     # "gateway.storage.pg_sessions",
-    # "gateway.storage.pg_audit",
+    "gateway.storage.pg_audit",
     # "gateway.storage.pg_issuance",
 )
 
