@@ -415,3 +415,24 @@ def test_a_lone_surrogate_survives_the_file(tmp_path: Path) -> None:
     path = tmp_path / "t.jsonl"
     path.write_text("\n".join(chain.trail_lines(records, [mark(records, 1)])), encoding="utf-8")
     assert verify_file(path).ok
+
+
+# -- The documentation runs ----------------------------------------------------------
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "audit-integrity.md"
+
+
+def test_the_documented_field_order_and_known_answer_are_the_code_s() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    assert ", ".join(chain.BODY_FIELDS) in text
+    assert build(1)[0]["hash"] in text
+
+
+def test_the_documented_recipe_recomputes_every_hash() -> None:
+    """The standard-library snippet in docs/audit-integrity.md agrees with the code, escapes included."""
+    snippet = DOC.read_text(encoding="utf-8").split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(snippet, namespace)  # our own documentation
+    odd = {**events(1)[0], "reason": "a\x00b\\0", "detail": "\\", "user_agent": "\udcff é", "worker": 0}
+    for record in chain.extend(Head("gw1"), [*events(3), odd])[0]:
+        assert namespace["event_hash"](chain.event_line(record)) == record["hash"]
