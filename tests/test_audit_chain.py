@@ -132,6 +132,26 @@ def test_the_writer_side_link_equals_the_verify_side_hash() -> None:
         assert chain.link(record["prev_hash"], record["instance"], record["seq"], body) == chain.event_hash(record)
 
 
+def test_a_batch_linked_under_the_lock_equals_link_even_from_an_odd_head() -> None:
+    bodies = [chain.encode_body(e) for e in events(3)]
+    for head in (Head("gw1"), Head("g\\w\x001", 41, "not\\hex\x00")):
+        links, new_head = chain.link_batch(head, bodies)
+        prev = head.hash
+        for (seq, prev_hash, digest), body in zip(links, bodies, strict=True):
+            assert (prev_hash, digest) == (prev, chain.link(prev, head.instance, seq, body))
+            prev = digest
+        assert new_head == Head(head.instance, head.seq + 3, prev)
+
+
+def test_checkpoint_and_anchor_sign_a_head() -> None:
+    records, head = chain.extend(Head("gw1"), events(6))
+    cp = chain.checkpoint(head, T0, KEY)
+    anchor = chain.prune_anchor(Head("gw1", 2, records[1]["hash"]), T0, KEY)
+    assert (cp.kind, cp.seq, cp.hash, cp.time) == (MarkKind.CHECKPOINT, 6, head.hash, "2026-11-30T04:50:12.345Z")
+    assert chain.signature_problem(cp, KEY.public_key()) == ""
+    assert verify({"gw1": records[2:]}, [cp], [anchor]).ok
+
+
 def test_extend_continues_a_head() -> None:
     first, head = chain.extend(Head("gw1"), events(3))
     more, head2 = chain.extend(head, events(2, start=3))
@@ -401,6 +421,14 @@ def test_a_dropped_checkpoint_line_or_anchor_line_is_noticed_or_harmless(tmp_pat
         ("{not json", "line 2: not JSON"),
         ("[1, 2]", "line 2: expected a JSON object"),
         ('{"record": "mark"}', "line 2: not a"),
+        (
+            '{"record":"mark","kind":"checkpoint","instance":"gw1","seq":1,"hash":"","time":"","key_id":1,"signature":""}',
+            "line 2: not a",
+        ),
+        (
+            '{"record":"mark","kind":["x"],"instance":"gw1","seq":1,"hash":"","time":"","key_id":"","signature":""}',
+            "line 2: not a",
+        ),
     ],
 )
 def test_a_line_that_is_no_record_is_an_error_naming_it(tmp_path: Path, line: str, words: str) -> None:

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -56,6 +57,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from gateway.audit.events import format_time
 from gateway.errors import GatewayError
 
 EVENT_TAG = "gateway-audit-event-v1"
@@ -155,16 +157,34 @@ class Head:
     hash: str = GENESIS
 
 
-def extend(head: Head, events: Iterable[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], Head]:
-    """Chain serialised events onto ``head``: each gets instance, seq, prev_hash and hash; and the new head."""
-    out = []
+def link_batch(head: Head, bodies: Sequence[bytes]) -> tuple[list[tuple[int, str, str]], Head]:
+    """(seq, prev_hash, hash) for each body chained onto ``head``, and the new head: what a store's append runs.
+
+    The bodies (:func:`encode_body`) can be computed before the store's lock
+    is taken; this loop is all that runs under it. Same bytes as :func:`link`,
+    with the header's constant part built once per batch.
+    """
+    sha256 = hashlib.sha256
+    prefix = _join([EVENT_TAG, head.instance]) + b"\x00"
     seq, prev = head.seq, head.hash
-    for fields in events:
+    previous = _join([prev])  # the stored head is escaped like any value; our own digests are plain hex
+    out = []
+    for body in bodies:
         seq += 1
-        digest = link(prev, head.instance, seq, encode_body(fields))
-        out.append({**fields, "instance": head.instance, "seq": seq, "prev_hash": prev, "hash": digest})
-        prev = digest
+        digest = sha256(b"%s%d\x00%s\x00%s" % (prefix, seq, previous, body)).hexdigest()
+        out.append((seq, prev, digest))
+        prev, previous = digest, digest.encode()
     return out, Head(head.instance, seq, prev)
+
+
+def extend(head: Head, events: Sequence[Mapping[str, Any]]) -> tuple[list[dict[str, Any]], Head]:
+    """Chain serialised events onto ``head``: each gets instance, seq, prev_hash and hash; and the new head."""
+    links, new_head = link_batch(head, [encode_body(fields) for fields in events])
+    out = [
+        {**fields, "instance": head.instance, "seq": seq, "prev_hash": prev, "hash": digest}
+        for fields, (seq, prev, digest) in zip(events, links, strict=True)
+    ]
+    return out, new_head
 
 
 # -- Checkpoints and prune anchors -------------------------------------------------
@@ -198,6 +218,18 @@ class Mark:
 
     def describe(self) -> str:
         return f"{self.kind} at seq {self.seq} ({self.time})"
+
+
+def checkpoint(head: Head, when: dt.datetime, private_key: Ed25519PrivateKey) -> Mark:
+    """The signed checkpoint of a chain's head (hourly and at shutdown)."""
+    return sign(Mark(MarkKind.CHECKPOINT, head.instance, head.seq, head.hash, format_time(when)), private_key)
+
+
+def prune_anchor(last_pruned: Head, when: dt.datetime, private_key: Ed25519PrivateKey) -> Mark:
+    """The signed anchor for pruning up to and including ``last_pruned`` (written before the delete)."""
+    return sign(
+        Mark(MarkKind.PRUNE, last_pruned.instance, last_pruned.seq, last_pruned.hash, format_time(when)), private_key
+    )
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -328,6 +360,7 @@ def _verify_instance(
         finding = _truncation(instance, walk.head, marks)
     if finding is not None:
         findings.insert(0, finding)
+    contradicted = {f.seq for f in walk.mismatches}
     summary = ChainSummary(
         instance=instance,
         events=len(records),
@@ -335,7 +368,7 @@ def _verify_instance(
         last_seq=walk.head.seq,
         last_hash=walk.head.hash,
         checkpoints=len(marks),
-        signed_up_to=max((m.seq for m in marks if m.seq <= walk.head.seq), default=0),
+        signed_up_to=max((m.seq for m in marks if m.seq <= walk.head.seq and m.seq not in contradicted), default=0),
     )
     return summary, findings
 
@@ -552,7 +585,7 @@ def read_lines(lines: Iterable[str], name: str = "<lines>") -> Trail:
         if not isinstance(data, dict):
             raise GatewayError(f"{name}: line {number}: expected a JSON object")
         if data.get("record") == "mark":
-            mark = _mark(data, f"{name}: line {number}")
+            mark = mark_from_dict(data, f"{name}: line {number}")
             (trail.anchors if mark.kind is MarkKind.PRUNE else trail.checkpoints).append(mark)
         else:
             instance = data.get("instance")
@@ -560,15 +593,15 @@ def read_lines(lines: Iterable[str], name: str = "<lines>") -> Trail:
     return trail
 
 
-def _mark(data: Mapping[str, Any], where: str) -> Mark:
+def mark_from_dict(data: Mapping[str, Any], where: str) -> Mark:
+    """A mark from its JSON line or a table row; an error naming ``where`` when it is not one."""
     try:
         values = {f.name: data[f.name] for f in dataclasses.fields(Mark)}
         mark = Mark(**{**values, "kind": MarkKind(values["kind"])})
-    except (KeyError, ValueError):
+    except (KeyError, TypeError, ValueError):
         raise GatewayError(f"{where}: not a checkpoint or prune anchor") from None
-    if not isinstance(mark.seq, int) or not all(
-        isinstance(getattr(mark, k), str) for k in ("instance", "hash", "time")
-    ):
+    texts = ("instance", "hash", "time", "key_id", "signature")
+    if type(mark.seq) is not int or not all(isinstance(getattr(mark, k), str) for k in texts):
         raise GatewayError(f"{where}: not a checkpoint or prune anchor")
     return mark
 
