@@ -424,6 +424,9 @@ class AuditConfig:
     # With a database: where events wait (one file per worker) while PostgreSQL is unreachable.
     spool_dir: Path = setting(check=Check(_path, "a directory path"), default_path="audit-spool")
     spool_max_bytes: int = setting(64 * 1024 * 1024, BYTE_COUNT)
+    # Ed25519 key (0600) signing the chain's checkpoints and prune anchors; created on first use.
+    signing_key: Path = setting(check=Check(_path, "a file path"), default_path="audit-signing.key")
+    checkpoint_interval_seconds: float = setting(3600.0, SECONDS)
 
 
 @dataclass(frozen=True)

@@ -316,6 +316,9 @@ audit:
   queue_size: 10000               # events buffered before overflow goes to stderr (and is counted)
   # spool_dir: audit-spool         # with a database: events wait here (one file per worker) during an outage
   # spool_max_bytes: 67108864     # per file; events beyond it are counted as lost (alert on it)
+  # signing_key: audit-signing.key        # Ed25519 key (0600) signing checkpoints; created on first use;
+                                          # `gateway audit verify` checks the trail against its public half
+  # checkpoint_interval_seconds: 3600     # each instance signs its chain's head this often and at shutdown
 
 # The certificate authority (gateway ca ...) and the issuance service (gateway portal).
 ca:
