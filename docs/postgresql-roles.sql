@@ -40,6 +40,8 @@ DECLARE
         -- table,           privileges for the gateway role
         ['schema_version',  'SELECT'],
         ['events',          'SELECT, INSERT'],                  -- audit: append-only
+        ['audit_chain_heads', 'SELECT, INSERT, UPDATE'],        -- each instance's chain head
+        ['audit_marks',     'SELECT, INSERT'],                  -- signed checkpoints: append-only
         ['users',           'SELECT, INSERT, UPDATE, DELETE'],
         ['login_failures',  'SELECT, INSERT, UPDATE, DELETE'],
         ['lockouts',        'SELECT, INSERT, UPDATE, DELETE'],

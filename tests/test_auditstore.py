@@ -17,7 +17,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from gateway.audit import chain
 from gateway.audit.events import AuditEvent, AuditFilter, EventKind
 from gateway.audit.store import AuditStore
 from gateway.errors import StoreError
@@ -26,6 +28,7 @@ from gateway.storage.interfaces import AuditStoreProtocol
 from gateway.storage.pg_audit import SCHEMA, PgAuditStore
 
 T0 = dt.datetime(2026, 11, 30, 4, 0, tzinfo=dt.UTC)
+KEY = Ed25519PrivateKey.generate()
 
 
 def refusal(minutes: float = 0, **fields: object) -> AuditEvent:
@@ -107,7 +110,7 @@ def test_wal_mode_and_indexes(tmp_path: Path) -> None:
     AuditStore(tmp_path / "audit.db").close()
     conn = sqlite3.connect(tmp_path / "audit.db")
     mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-    indexed = {r[0] for r in conn.execute("SELECT sql FROM sqlite_master WHERE type='index'")}
+    indexed = {r[0] for r in conn.execute("SELECT sql FROM sqlite_master WHERE type='index' AND sql IS NOT NULL")}
     conn.close()
     assert mode == "wal"
     text = " ".join(indexed)
@@ -179,7 +182,7 @@ def test_update_and_delete_are_refused(tmp_path: Path) -> None:
 
 def test_prune_deletes_only_older_events_and_records_itself(store: AuditStoreProtocol) -> None:
     store.append([refusal(m) for m in (0, 10, 20, 30)])
-    deleted = store.prune(T0 + dt.timedelta(minutes=15), actor="cli:root")
+    deleted = store.prune(T0 + dt.timedelta(minutes=15), actor="cli:root", key=KEY)
     assert deleted == 2
     left = store.query(AuditFilter())
     assert [e.event for e in left] == [
@@ -198,7 +201,7 @@ def test_prune_deletes_only_older_events_and_records_itself(store: AuditStorePro
 
 def test_prune_with_nothing_old_deletes_nothing(store: AuditStoreProtocol) -> None:
     store.append([refusal(0)])
-    assert store.prune(T0 - dt.timedelta(days=1)) == 0
+    assert store.prune(T0 - dt.timedelta(days=1), key=KEY) == 0
     assert store.count() == 2  # the refusal and the prune record
 
 
@@ -369,6 +372,8 @@ def test_a_version_1_file_gains_the_instance_column(tmp_path: Path) -> None:
     AuditStore(path).close()
     conn = sqlite3.connect(path, isolation_level=None)
     conn.executescript(
+        "DROP INDEX events_chain; ALTER TABLE events DROP COLUMN seq; ALTER TABLE events DROP COLUMN prev_hash;"
+        "ALTER TABLE events DROP COLUMN hash; DROP TABLE audit_chain_heads; DROP TABLE audit_marks;"
         "DROP INDEX events_instance; ALTER TABLE events DROP COLUMN instance; PRAGMA user_version = 1;"
         "INSERT INTO events (time_ms, event, reason, time, support_id, client_ip, tls_version, tls_cipher,"
         " backend, method, path, user_id, cert_subject, cert_serial, cert_issuer, cert_fingerprint,"
@@ -381,10 +386,13 @@ def test_a_version_1_file_gains_the_instance_column(tmp_path: Path) -> None:
     with AuditStore(path) as store:
         store.append([refusal(0, instance="gw-a")])
         assert [e.instance for e in store.query(AuditFilter(instance="gw-a"))] == ["gw-a"]
+        trail = store.chain_trail()  # the old row was chained by the upgrade (v3)
+        assert [(r["instance"], r["seq"]) for rs in trail.events.values() for r in rs] == [("", 1), ("gw-a", 1)]
+        assert chain.verify_chain(trail.events, [], [], KEY.public_key()).ok
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
-    conn.execute("PRAGMA user_version = 3")
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    conn.execute("PRAGMA user_version = 4")
     conn.commit()
     conn.close()
-    with pytest.raises(StoreError, match="version 3"):
+    with pytest.raises(StoreError, match="version 4"):
         AuditStore(path)

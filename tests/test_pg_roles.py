@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import psycopg
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.audit.events import AuditEvent, AuditFilter, EventKind
 from gateway.errors import StoreError
@@ -63,7 +64,7 @@ def test_the_gateway_role_cannot_update_delete_or_prune_even_with_the_marker(url
             conn.execute("SELECT set_config('gateway.audit_prune', 'on', true)")  # the trigger's bypass
             conn.execute("DELETE FROM events")
         with pytest.raises(StoreError, match="permission denied"):
-            store.prune(T0 + dt.timedelta(days=1), actor="cli:gateway")
+            store.prune(T0 + dt.timedelta(days=1), actor="cli:gateway", key=Ed25519PrivateKey.generate())
         with pytest.raises(StoreError, match="permission denied"), db.connection() as conn:
             conn.execute("CREATE TABLE mine (x int)")
         assert store.count() == 3
@@ -73,7 +74,7 @@ def test_the_admin_role_prunes_and_the_prune_is_recorded(urls: dict[str, str]) -
     with pg.Database(pg.target(urls["gateway"])) as db, PgAuditStore(db) as store:
         store.append(old_events(3))
     with pg.Database(pg.target(urls["admin"])) as db, PgAuditStore(db) as admin:
-        assert admin.prune(T0 + dt.timedelta(minutes=2), actor="cli:admin") == 2
+        assert admin.prune(T0 + dt.timedelta(minutes=2), actor="cli:admin", key=Ed25519PrivateKey.generate()) == 2
         assert [e.event for e in admin.query(AuditFilter())] == [EventKind.ADMIN_ACTION, EventKind.LOGIN]
         # Even the owner is held by the trigger outside a prune.
         with pytest.raises(StoreError, match="append-only"), db.connection() as conn:

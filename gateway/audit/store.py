@@ -31,6 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gateway.audit import chain
 from gateway.audit.events import (
     FIELDS,
     REFUSAL_KINDS,
@@ -44,6 +47,7 @@ from gateway.audit.events import (
     from_epoch_ms,
     normalize_serial,
     serial_spellings,
+    utcnow,
 )
 from gateway.errors import StoreError
 
@@ -51,17 +55,44 @@ T = TypeVar("T")
 
 BUSY_TIMEOUT_MS = 5000
 # 2: the ``instance`` column (events recorded before it hold '').
-SCHEMA_VERSION = 2
+# 3: the hash chain (``seq``, ``prev_hash``, ``hash``; heads; signed marks), see gateway.audit.chain.
+SCHEMA_VERSION = 3
 _RETRIES = 5
 _INTEGER_COLUMNS = {"client_port", "worker"}
 
+_HEADS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS audit_chain_heads (instance TEXT PRIMARY KEY, seq INTEGER NOT NULL, hash TEXT NOT NULL)"
+)
 _COLUMNS = ", ".join(f"{name} INTEGER" if name in _INTEGER_COLUMNS else f"{name} TEXT NOT NULL" for name in FIELDS)
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS events (
     id INTEGER PRIMARY KEY,
     time_ms INTEGER NOT NULL,
-    {_COLUMNS}
+    {_COLUMNS},
+    seq INTEGER,
+    prev_hash TEXT,
+    hash TEXT
 );
+CREATE UNIQUE INDEX IF NOT EXISTS events_chain ON events (instance, seq);
+{_HEADS_TABLE};
+CREATE TABLE IF NOT EXISTS audit_marks (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    instance TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    hash TEXT NOT NULL,
+    time TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    signature TEXT NOT NULL
+);
+CREATE TRIGGER IF NOT EXISTS audit_marks_no_update BEFORE UPDATE ON audit_marks
+BEGIN
+    SELECT RAISE(ABORT, 'audit marks are append-only');
+END;
+CREATE TRIGGER IF NOT EXISTS audit_marks_no_delete BEFORE DELETE ON audit_marks
+BEGIN
+    SELECT RAISE(ABORT, 'audit marks are append-only');
+END;
 CREATE INDEX IF NOT EXISTS events_time ON events (time_ms);
 CREATE INDEX IF NOT EXISTS events_support_id ON events (support_id);
 CREATE INDEX IF NOT EXISTS events_reason ON events (reason, time_ms);
@@ -85,16 +116,39 @@ PRAGMA user_version = {SCHEMA_VERSION};
 # The SQL below is shared with the PostgreSQL store (gateway.storage.pg_audit), which
 # swaps the ``?`` placeholders for ``%s``: no statement holds a literal ``?`` or ``%``.
 INSERT_SQL = (
-    f"INSERT INTO events (time_ms, {', '.join(FIELDS)}) "  # noqa: S608 - constant column names
-    f"VALUES (?, {', '.join('?' for _ in FIELDS)})"
+    f"INSERT INTO events (time_ms, {', '.join(FIELDS)}, seq, prev_hash, hash) "  # noqa: S608 - constant column names
+    f"VALUES (?, {', '.join('?' for _ in FIELDS)}, ?, ?, ?)"
 )
 SELECT_SQL = f"SELECT {', '.join(FIELDS)} FROM events"  # noqa: S608 - constant column names
+# The chain's view of the events: what verify reads, in storage order.
+CHAINED_FIELDS = (*FIELDS, "seq", "prev_hash", "hash")
+CHAIN_SELECT_SQL = f"SELECT {', '.join(CHAINED_FIELDS)} FROM events WHERE instance = ? AND seq > ? ORDER BY id"  # noqa: S608
+HEAD_SQL = "SELECT seq, hash FROM audit_chain_heads WHERE instance = ?"
+SET_HEAD_SQL = (
+    "INSERT INTO audit_chain_heads (instance, seq, hash) VALUES (?, ?, ?) "
+    "ON CONFLICT (instance) DO UPDATE SET seq = excluded.seq, hash = excluded.hash"
+)
+MARK_COLUMNS = ("kind", "instance", "seq", "hash", "time", "key_id", "signature")
+INSERT_MARK_SQL = f"INSERT INTO audit_marks ({', '.join(MARK_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?)"  # noqa: S608
+SELECT_MARKS_SQL = f"SELECT {', '.join(MARK_COLUMNS)} FROM audit_marks ORDER BY id"  # noqa: S608
+# Prune: per instance the last seq to delete, N = (lowest seq at or after the cutoff) - 1, or the
+# whole chain when nothing is that recent. Pruning by seq keeps what remains one unbroken chain.
+PRUNE_BOUNDS_SQL = (
+    "SELECT instance, min(seq), max(seq), min(CASE WHEN time_ms >= ? THEN seq END) "
+    "FROM events WHERE seq IS NOT NULL GROUP BY instance ORDER BY instance"
+)
 ORDER_SQL = " ORDER BY time_ms DESC, id DESC"
 _INSERT = INSERT_SQL
 _SELECT = SELECT_SQL
 _REFUSALS = f"event IN ({', '.join(repr(str(k)) for k in sorted(REFUSAL_KINDS))})"
 # v1 -> v2: older rows get '' (the instance that wrote them is unknown).
 _ADD_INSTANCE = "ALTER TABLE events ADD COLUMN instance TEXT NOT NULL DEFAULT ''"
+# v2 -> v3: the chain columns; existing rows are chained per instance in id order.
+_ADD_CHAIN = (
+    "ALTER TABLE events ADD COLUMN seq INTEGER",
+    "ALTER TABLE events ADD COLUMN prev_hash TEXT",
+    "ALTER TABLE events ADD COLUMN hash TEXT",
+)
 
 Reader = Callable[[str, Sequence[Any]], Sequence[Sequence[Any]]]
 
@@ -200,6 +254,11 @@ class AuditStore:
             columns = {str(r[1]) for r in conn.execute("PRAGMA table_info(events)")}
             if columns and "instance" not in columns:
                 conn.execute(_ADD_INSTANCE)
+            if columns and "seq" not in columns:
+                for statement in _ADD_CHAIN:
+                    conn.execute(statement)
+                conn.execute("DROP TRIGGER IF EXISTS events_no_update")  # recreated by _SCHEMA below
+                _chain_existing(conn)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -213,23 +272,66 @@ class AuditStore:
         """Insert a batch in one transaction: all stored or, on error, none."""
         if self.readonly:
             raise StoreError(f"audit database {self.path} was opened read-only")
-        rows = [row_values(e) for e in events]
-        if not rows:
+        batches = chain_bodies(events)  # encoded outside the lock
+        if not batches:
             return
         with self._transaction() as conn:
-            conn.executemany(_INSERT, rows)
+            _link_and_insert(conn, batches)
 
-    def prune(self, older_than: dt.datetime, *, actor: str = "") -> int:
-        """Delete events before ``older_than``; the prune itself is recorded.
+    def checkpoint(self, instance: str, key: Ed25519PrivateKey, now: dt.datetime) -> chain.Mark | None:
+        """Sign ``instance``'s head into the marks (None: no events yet, or the last checkpoint is there)."""
+        with self._transaction() as conn:
+            head = _head(conn.execute(HEAD_SQL, (instance,)).fetchone(), instance)
+            last = conn.execute(
+                "SELECT seq FROM audit_marks WHERE instance = ? AND kind = 'checkpoint' ORDER BY id DESC LIMIT 1",
+                (instance,),
+            ).fetchone()
+            if head.seq == 0 or (last is not None and int(last[0]) == head.seq):
+                return None
+            mark = chain.checkpoint(head, now, key)
+            conn.execute(INSERT_MARK_SQL, mark_values(mark))
+        return mark
 
-        Returns how many events were deleted.
+    def prune(self, older_than: dt.datetime, *, actor: str = "", key: Ed25519PrivateKey | None = None) -> int:
+        """Delete each instance's chain up to the first event at or after ``older_than``; the prune is recorded.
+
+        A signed prune anchor for the last deleted event goes in first, in the
+        same transaction, so what remains starts from a signed point. Returns
+        how many events were deleted.
         """
+        if key is None:
+            raise StoreError("pruning the audit trail needs the audit signing key (audit.signing_key)")
+        now = utcnow()
         with self._transaction() as conn:
             conn.execute("INSERT INTO prune_permit (granted) VALUES (1)")
-            deleted = conn.execute("DELETE FROM events WHERE time_ms < ?", (epoch_ms(older_than),)).rowcount
+            deleted = 0
+            for instance, last_seq in prune_plan(conn.execute(PRUNE_BOUNDS_SQL, (epoch_ms(older_than),)).fetchall()):
+                row = conn.execute("SELECT hash FROM events WHERE instance = ? AND seq = ?", (instance, last_seq))
+                anchor = chain.prune_anchor(chain.Head(instance, last_seq, str(row.fetchone()[0])), now, key)
+                conn.execute(INSERT_MARK_SQL, mark_values(anchor))
+                deleted += conn.execute(
+                    "DELETE FROM events WHERE instance = ? AND seq <= ?", (instance, last_seq)
+                ).rowcount
             conn.execute("DELETE FROM prune_permit")
-            conn.execute(_INSERT, row_values(prune_note(older_than, actor, deleted)))
+            _link_and_insert(conn, chain_bodies([prune_note(older_than, actor, deleted)]))
         return int(deleted)
+
+    # -- the chain --
+
+    def chain_trail(self, since: dt.datetime | None = None) -> chain.Trail:
+        """Every instance's chain (storage order) and the marks, for verify and the export.
+
+        With ``since``, each chain from the latest mark made before it (verify with ``partial=True``).
+        """
+        marks = [mark_from_row(r) for r in self._read(SELECT_MARKS_SQL, [])]
+        instances = [str(r[0]) for r in self._read("SELECT instance FROM audit_chain_heads ORDER BY instance", [])]
+        trail = chain.Trail({}, [m for m in marks if m.kind is chain.MarkKind.CHECKPOINT], [])
+        trail.anchors.extend(m for m in marks if m.kind is chain.MarkKind.PRUNE)
+        for instance in instances:
+            start = start_seq(marks, instance, since)
+            rows = self._read(CHAIN_SELECT_SQL, [instance, start])
+            trail.events[instance] = [dict(zip(CHAINED_FIELDS, r, strict=True)) for r in rows]
+        return trail
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -330,6 +432,78 @@ class AuditStore:
             except sqlite3.Error as exc:
                 raise StoreError(f"audit database {self.path}: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _chain_existing(conn: sqlite3.Connection) -> None:
+    """Migration to v3: chain the rows already stored, per instance in id (insertion) order."""
+    conn.execute(_HEADS_TABLE)
+    rows = conn.execute(f"SELECT id, {', '.join(FIELDS)} FROM events ORDER BY id").fetchall()  # noqa: S608
+    by_instance: dict[str, list[tuple[int, bytes]]] = {}
+    for row in rows:
+        fields = dict(zip(FIELDS, tuple(row)[1:], strict=True))
+        by_instance.setdefault(str(fields["instance"]), []).append((int(row[0]), chain.encode_body(fields)))
+    for instance, items in by_instance.items():
+        links, head = chain.link_batch(chain.Head(instance), [body for _, body in items])
+        conn.executemany(
+            "UPDATE events SET seq = ?, prev_hash = ?, hash = ? WHERE id = ?",
+            [(*link, row_id) for (row_id, _), link in zip(items, links, strict=True)],
+        )
+        conn.execute(SET_HEAD_SQL, (instance, head.seq, head.hash))
+
+
+def _link_and_insert(conn: sqlite3.Connection, batches: dict[str, tuple[list[list[Any]], list[bytes]]]) -> None:
+    """Under the write lock: chain each instance's rows onto its head, insert them, move the head."""
+    for instance, (rows, bodies) in batches.items():
+        head = _head(conn.execute(HEAD_SQL, (instance,)).fetchone(), instance)
+        links, new_head = chain.link_batch(head, bodies)
+        conn.executemany(_INSERT, [[*r, *link] for r, link in zip(rows, links, strict=True)])
+        conn.execute(SET_HEAD_SQL, (instance, new_head.seq, new_head.hash))
+
+
+def _head(row: Sequence[Any] | None, instance: str) -> chain.Head:
+    return chain.Head(instance) if row is None else chain.Head(instance, int(row[0]), str(row[1]))
+
+
+def chain_bodies(events: Sequence[AuditEvent]) -> dict[str, tuple[list[list[Any]], list[bytes]]]:
+    """Per instance (in first-seen order): the events' INSERT values and their chain bodies.
+
+    The body is encoded from exactly the values stored (upper-cased support ID,
+    normalised serial), so what verify reads back hashes the same.
+    """
+    out: dict[str, tuple[list[list[Any]], list[bytes]]] = {}
+    for event in events:
+        row = row_values(event)
+        fields = dict(zip(FIELDS, row[1:], strict=True))
+        rows, bodies = out.setdefault(event.instance, ([], []))
+        rows.append(row)
+        bodies.append(chain.encode_body(fields))
+    return out
+
+
+def mark_values(mark: chain.Mark) -> tuple[Any, ...]:
+    return (str(mark.kind), mark.instance, mark.seq, mark.hash, mark.time, mark.key_id, mark.signature)
+
+
+def mark_from_row(row: Sequence[Any]) -> chain.Mark:
+    return chain.mark_from_dict(dict(zip(MARK_COLUMNS, row, strict=True)), "audit_marks")
+
+
+def prune_plan(bounds: Sequence[Sequence[Any]]) -> list[tuple[str, int]]:
+    """(instance, last seq to delete) from PRUNE_BOUNDS_SQL's rows; instances with nothing to delete left out."""
+    plan = []
+    for instance, first, last, first_kept in bounds:
+        upto = int(last) if first_kept is None else int(first_kept) - 1
+        if upto >= int(first):
+            plan.append((str(instance), upto))
+    return plan
+
+
+def start_seq(marks: Sequence[chain.Mark], instance: str, since: dt.datetime | None) -> int:
+    """Where a partial verify starts: after the latest mark of ``instance`` made before ``since`` (0: all)."""
+    if since is None:
+        return 0
+    cutoff = format_time(since)
+    return max((m.seq for m in marks if m.instance == instance and m.time < cutoff), default=0)
 
 
 def _is_busy(exc: sqlite3.OperationalError) -> bool:

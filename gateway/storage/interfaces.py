@@ -23,10 +23,12 @@ from typing import TYPE_CHECKING, Protocol, Self
 
 if TYPE_CHECKING:
     from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from gateway.access.policy import LoginSettings, SessionLimits
     from gateway.access.sessions import SessionRecord
     from gateway.access.users import FailureResult, LoginState, User
+    from gateway.audit.chain import Mark, Trail
     from gateway.audit.events import AuditEvent, AuditFilter
     from gateway.audit.store import AuditSummary
     from gateway.ca.authority import CrlInfo
@@ -135,7 +137,11 @@ class AuditStoreProtocol(Closable, Protocol):
 
     def append(self, events: Sequence[AuditEvent]) -> None: ...
 
-    def prune(self, older_than: dt.datetime, *, actor: str = "") -> int: ...
+    def prune(self, older_than: dt.datetime, *, actor: str = "", key: Ed25519PrivateKey | None = None) -> int: ...
+
+    def checkpoint(self, instance: str, key: Ed25519PrivateKey, now: dt.datetime) -> Mark | None: ...
+
+    def chain_trail(self, since: dt.datetime | None = None) -> Trail: ...
 
     def query(self, f: AuditFilter) -> list[AuditEvent]: ...
 

@@ -31,15 +31,29 @@ from collections.abc import Sequence
 from typing import Any, Self
 
 import psycopg
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.audit.events import FIELDS, AuditEvent, AuditFilter, epoch_ms, event_from_dict
+from gateway.audit import chain
+from gateway.audit.chain import BODY_FIELDS
+from gateway.audit.events import FIELDS, AuditEvent, AuditFilter, epoch_ms, event_from_dict, utcnow
 from gateway.audit.store import (
+    CHAIN_SELECT_SQL,
+    CHAINED_FIELDS,
+    HEAD_SQL,
+    INSERT_MARK_SQL,
     INSERT_SQL,
     ORDER_SQL,
+    PRUNE_BOUNDS_SQL,
+    SELECT_MARKS_SQL,
     SELECT_SQL,
+    SET_HEAD_SQL,
     AuditSummary,
+    chain_bodies,
+    mark_from_row,
+    mark_values,
     prune_note,
-    row_values,
+    prune_plan,
+    start_seq,
     summarize,
     where_sql,
 )
@@ -51,6 +65,72 @@ _INTEGER_COLUMNS = {"client_port", "worker"}
 _COLUMNS = ",\n    ".join(
     f"{name} INTEGER" if name in _INTEGER_COLUMNS else f'{name} TEXT COLLATE "C" NOT NULL' for name in FIELDS
 )
+
+# v2: the hash chain (gateway.audit.chain). Existing rows are chained per instance in id order by
+# the same encoding in PL/pgSQL (PostgreSQL text holds no NUL and no lone surrogate, so escaping
+# is the backslash only); tests check it against the Python. Needs PostgreSQL 11+ (sha256).
+_ENCODED = ", ".join(
+    f"coalesce(r.{name}::text, '')" if name in _INTEGER_COLUMNS else f"r.{name}" for name in BODY_FIELDS
+)
+_V2 = f"""
+ALTER TABLE events ADD COLUMN seq BIGINT, ADD COLUMN prev_hash TEXT, ADD COLUMN hash TEXT;
+CREATE TABLE audit_chain_heads (
+    instance TEXT COLLATE "C" PRIMARY KEY,
+    seq BIGINT NOT NULL,
+    hash TEXT NOT NULL
+);
+CREATE TABLE audit_marks (
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind TEXT NOT NULL,
+    instance TEXT COLLATE "C" NOT NULL,
+    seq BIGINT NOT NULL,
+    hash TEXT NOT NULL,
+    time TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    signature TEXT NOT NULL
+);
+CREATE FUNCTION audit_marks_append_only() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'audit marks are append-only';
+END
+$$;
+CREATE TRIGGER audit_marks_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON audit_marks
+    FOR EACH STATEMENT EXECUTE FUNCTION audit_marks_append_only();
+ALTER TABLE events DISABLE TRIGGER events_append_only;
+DO $$
+DECLARE
+    r record;
+    v text;
+    enc bytea;
+    cur_instance text := NULL;
+    n bigint := 0;
+    prev text;
+BEGIN
+    FOR r IN SELECT * FROM events ORDER BY instance, id LOOP
+        IF cur_instance IS DISTINCT FROM r.instance THEN
+            IF cur_instance IS NOT NULL THEN
+                INSERT INTO audit_chain_heads (instance, seq, hash) VALUES (cur_instance, n, prev);
+            END IF;
+            cur_instance := r.instance;
+            n := 0;
+            prev := '{chain.GENESIS}';
+        END IF;
+        n := n + 1;
+        enc := convert_to('{chain.EVENT_TAG}', 'UTF8');
+        FOREACH v IN ARRAY ARRAY[r.instance, n::text, prev, {_ENCODED}] LOOP
+            enc := enc || '\\x00'::bytea || convert_to(replace(v, E'\\\\', E'\\\\\\\\'), 'UTF8');
+        END LOOP;
+        UPDATE events SET seq = n, prev_hash = prev, hash = encode(sha256(enc), 'hex') WHERE id = r.id;
+        prev := encode(sha256(enc), 'hex');
+    END LOOP;
+    IF cur_instance IS NOT NULL THEN
+        INSERT INTO audit_chain_heads (instance, seq, hash) VALUES (cur_instance, n, prev);
+    END IF;
+END
+$$;
+ALTER TABLE events ENABLE TRIGGER events_append_only;
+CREATE UNIQUE INDEX events_chain ON events (instance, seq);
+"""  # noqa: S608 - built from constant column names
 
 SCHEMA = Schema(
     "audit",
@@ -81,10 +161,14 @@ $$;
 CREATE TRIGGER events_append_only BEFORE UPDATE OR DELETE OR TRUNCATE ON events
     FOR EACH STATEMENT EXECUTE FUNCTION events_append_only();
 """,
+        2: _V2,
     },
 )
 
-_INSERT = INSERT_SQL.replace("?", "%s") + " ON CONFLICT (instance, support_id, time_ms) DO NOTHING"
+# Replays are skipped before linking (see _link_and_insert), so a conflict here is a bug, not a replay:
+# it fails the batch (which is retried) rather than leaving a gap in the chain.
+_INSERT = INSERT_SQL.replace("?", "%s")
+_SUPPORT_ID = 1 + FIELDS.index("support_id")  # in row_values: time_ms first
 
 
 def _pg(sql: str) -> str:
@@ -122,20 +206,66 @@ class PgAuditStore:
         """Insert a batch in one transaction; an event already stored (a replay) is skipped."""
         if self.readonly:
             raise StoreError(f"audit database {self.db.target} was opened read-only")
-        rows = [row_values(e) for e in events]
-        if not rows:
+        batches = chain_bodies(events)  # encoded outside the transaction
+        if not batches:
             return
-        with self.db.transaction() as conn, conn.cursor() as cur:
-            cur.executemany(_INSERT, rows)
+        with self.db.transaction() as conn:
+            _link_and_insert(conn, batches)
 
-    def prune(self, older_than: dt.datetime, *, actor: str = "") -> int:
-        """Delete events before ``older_than`` under the prune marker; the prune itself is recorded."""
+    def checkpoint(self, instance: str, key: Ed25519PrivateKey, now: dt.datetime) -> chain.Mark | None:
+        """Sign ``instance``'s head into the marks (None: no events yet, or the last checkpoint is there)."""
+        with self.db.transaction() as conn:
+            row = conn.execute(_pg(HEAD_SQL) + " FOR UPDATE", (instance,)).fetchone()
+            last = conn.execute(
+                "SELECT seq FROM audit_marks WHERE instance = %s AND kind = 'checkpoint' ORDER BY id DESC LIMIT 1",
+                (instance,),
+            ).fetchone()
+            if row is None or int(row[0]) == 0 or (last is not None and int(last[0]) == int(row[0])):
+                return None
+            mark = chain.checkpoint(chain.Head(instance, int(row[0]), str(row[1])), now, key)
+            conn.execute(_pg(INSERT_MARK_SQL), mark_values(mark))
+        return mark
+
+    def prune(self, older_than: dt.datetime, *, actor: str = "", key: Ed25519PrivateKey | None = None) -> int:
+        """Delete each chain up to the first event at or after ``older_than``, anchored and recorded.
+
+        Same plan as the SQLite store: a signed prune anchor per instance, then
+        the delete under the prune marker, then the note, in one transaction.
+        """
+        if key is None:
+            raise StoreError("pruning the audit trail needs the audit signing key (audit.signing_key)")
+        now = utcnow()
         with self.db.transaction() as conn:
             conn.execute("SELECT set_config('gateway.audit_prune', 'on', true)")
-            deleted = conn.execute("DELETE FROM events WHERE time_ms < %s", (epoch_ms(older_than),)).rowcount
+            deleted = 0
+            bounds = conn.execute(_pg(PRUNE_BOUNDS_SQL), (epoch_ms(older_than),)).fetchall()
+            for instance, last_seq in prune_plan(bounds):
+                row = conn.execute("SELECT hash FROM events WHERE instance = %s AND seq = %s", (instance, last_seq))
+                found = row.fetchone()
+                assert found is not None
+                anchor = chain.prune_anchor(chain.Head(instance, last_seq, str(found[0])), now, key)
+                conn.execute(_pg(INSERT_MARK_SQL), mark_values(anchor))
+                deleted += conn.execute(
+                    "DELETE FROM events WHERE instance = %s AND seq <= %s", (instance, last_seq)
+                ).rowcount
             conn.execute("SELECT set_config('gateway.audit_prune', 'off', true)")
-            conn.execute(_INSERT, row_values(prune_note(older_than, actor, deleted)))
+            _link_and_insert(conn, chain_bodies([prune_note(older_than, actor, deleted)]))
         return int(deleted)
+
+    # -- the chain --
+
+    def chain_trail(self, since: dt.datetime | None = None) -> chain.Trail:
+        """Every instance's chain (storage order) and the marks, from one snapshot; see the SQLite store."""
+        with self.db.transaction() as conn:
+            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            marks = [mark_from_row(r) for r in conn.execute(SELECT_MARKS_SQL).fetchall()]
+            instances = [str(r[0]) for r in conn.execute("SELECT instance FROM audit_chain_heads ORDER BY instance")]
+            trail = chain.Trail({}, [m for m in marks if m.kind is chain.MarkKind.CHECKPOINT], [])
+            trail.anchors.extend(m for m in marks if m.kind is chain.MarkKind.PRUNE)
+            for instance in instances:
+                rows = conn.execute(_pg(CHAIN_SELECT_SQL), (instance, start_seq(marks, instance, since))).fetchall()
+                trail.events[instance] = [dict(zip(CHAINED_FIELDS, r, strict=True)) for r in rows]
+        return trail
 
     # -- reading --
 
@@ -212,6 +342,39 @@ class ExportCursor:
             return self._cursor.fetchmany(size)
         except psycopg.Error as exc:
             raise StoreError(f"database {self._db.target}: {self._db.target.scrub(str(exc).strip())}") from None
+
+
+def _link_and_insert(conn: psycopg.Connection[Any], batches: dict[str, tuple[list[list[Any]], list[bytes]]]) -> None:
+    """Chain each instance's new rows onto its head (row-locked), skipping events stored already (replays)."""
+    with conn.cursor() as cur:
+        for instance in sorted(batches):  # one lock order: two writers never deadlock on the heads
+            rows, bodies = batches[instance]
+            cur.execute(
+                "INSERT INTO audit_chain_heads (instance, seq, hash) VALUES (%s, 0, %s) ON CONFLICT DO NOTHING",
+                (instance, chain.GENESIS),
+            )
+            head_row = cur.execute(_pg(HEAD_SQL) + " FOR UPDATE", (instance,)).fetchone()
+            assert head_row is not None
+            head = chain.Head(instance, int(head_row[0]), str(head_row[1]))
+            stored = {
+                (str(sid), int(ms))
+                for sid, ms in cur.execute(
+                    "SELECT support_id, time_ms FROM events WHERE instance = %s AND support_id = ANY(%s)",
+                    (instance, list({r[_SUPPORT_ID] for r in rows})),
+                )
+            }
+            fresh_rows, fresh_bodies = [], []
+            for row, body in zip(rows, bodies, strict=True):
+                once = (row[_SUPPORT_ID], row[0])
+                if once not in stored:  # a replay of a committed batch, or a repeat within this one
+                    stored.add(once)
+                    fresh_rows.append(row)
+                    fresh_bodies.append(body)
+            if not fresh_rows:
+                continue
+            links, new_head = chain.link_batch(head, fresh_bodies)
+            cur.executemany(_INSERT, [[*r, *link] for r, link in zip(fresh_rows, links, strict=True)])
+            cur.execute(_pg(SET_HEAD_SQL), (instance, new_head.seq, new_head.hash))
 
 
 def _event(row: Sequence[Any]) -> AuditEvent:
