@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.audit import signing
 from gateway.audit.events import AuditEvent, AuditFilter, EventKind, utcnow
 from gateway.audit.store import AuditStore, AuditSummary
 from gateway.cli import main
@@ -22,6 +23,7 @@ HOSTILE_UA = "evil\x1b[2J\x1b]0;owned\x07\u202e\r\nforged line"
 def config(tmp_path: Path) -> Path:
     path = tmp_path / "gateway.yaml"
     path.write_text("audit:\n  database: audit.db\n", encoding="utf-8")
+    signing.generate_signing_key(tmp_path / "audit-signing.key")  # prune signs its anchors
     return path
 
 
@@ -59,7 +61,8 @@ def events(config: Path) -> dict[str, AuditEvent]:
         ),
     }
     with AuditStore(config.parent / "audit.db") as s:
-        s.append(list(ev.values()))
+        # In the order they happened: prune deletes a chain's head up to the first recent event.
+        s.append(sorted(ev.values(), key=lambda e: e.time))
     return ev
 
 
@@ -186,7 +189,7 @@ def test_prune_applies_retention_and_refuses_a_typo(
 
 
 def test_every_audit_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
-    for command in ("list", "summary", "show", "prune"):
+    for command in ("list", "summary", "show", "prune", "verify", "export", "pubkey"):
         with pytest.raises(SystemExit) as exc:
             main(["audit", command, "--help"])
         assert exc.value.code == 0
@@ -225,6 +228,7 @@ def test_hourly_chart_one_line_per_day_scaled_to_the_peak() -> None:
 def _backend_config(tmp_path: Path, store_backend: str, request: pytest.FixtureRequest) -> Path:
     """A config whose trail is the SQLite file or a fresh, migrated PostgreSQL database."""
     path = tmp_path / "gateway.yaml"
+    signing.generate_signing_key(tmp_path / "audit-signing.key")
     if store_backend == "sqlite":
         path.write_text("instance: gw-a\naudit:\n  database: audit.db\n", encoding="utf-8")
         return path

@@ -1,4 +1,4 @@
-"""Sub-commands ``gateway audit list|summary|show|prune``: how the security team reads the trail.
+"""Sub-commands ``gateway audit list|summary|show|prune|verify|export|pubkey``: how the security team reads the trail.
 
 ``list`` prints newest first, as a table for people or JSON lines / CSV
 for tools; ``summary`` counts refusals; ``show`` finds the event behind a
@@ -21,8 +21,12 @@ import io
 import json
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from gateway.audit import chain, signing
 from gateway.audit.events import (
     FIELDS,
     AuditEvent,
@@ -263,9 +267,87 @@ def cmd_prune(args: argparse.Namespace) -> int:
     config = load_config(config_path(args.config))
     if config.database is None and not config.audit.database.is_file():
         raise GatewayError(f"no audit database at {config.audit.database}")
+    key = signing.load_signing_key(config.audit.signing_key)  # the prune anchors are signed
     with _store(args, readonly=False) as store:
-        deleted = store.prune(cutoff, actor=f"cli:{getpass.getuser()}")
+        deleted = store.prune(cutoff, actor=f"cli:{getpass.getuser()}", key=key)
     print(f"deleted {plural(deleted, 'audit event')} recorded before {format_person_time(cutoff)}")
+    return 0
+
+
+def _public_key(args: argparse.Namespace) -> Ed25519PublicKey:
+    """--pubkey, else the public half of the config's signing key."""
+    if args.pubkey:
+        return signing.load_public_key(Path(args.pubkey))
+    if args.file:
+        raise GatewayError("--file needs --pubkey (the audit public key, from gateway audit pubkey)")
+    config = load_config(config_path(args.config))
+    if not config.audit.signing_key.exists():
+        raise GatewayError(f"no audit signing key at {config.audit.signing_key}; give --pubkey FILE")
+    return signing.load_public_key(config.audit.signing_key)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """Verify the chains and signatures of the trail (the database, or an export with --file)."""
+    public_key = _public_key(args)
+    if args.file:
+        if args.since:
+            raise GatewayError("--since applies to the database; export with --since instead")
+        try:
+            with open(args.file, encoding="utf-8") as handle:
+                trail = chain.read_lines(handle, args.file)
+        except OSError as exc:
+            raise GatewayError(f"{args.file}: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise GatewayError(f"{args.file}: not UTF-8 text") from None
+        partial = args.partial
+    else:
+        since = parse_when(args.since, utcnow()) if args.since else None
+        with _store(args) as store:
+            trail = store.chain_trail(since)
+        partial = since is not None
+    report = chain.verify_chain(trail.events, trail.checkpoints, trail.anchors, public_key, partial=partial)
+    if args.format == "json":
+        sys.stdout.write(json.dumps(report.to_dict(), ensure_ascii=False) + "\n")
+    else:
+        sys.stdout.write(printable_lines(chain.render_report(report)) + "\n")
+    return 0 if report.ok else 1
+
+
+def printable_lines(text: str) -> str:
+    return "\n".join(printable(line) for line in text.split("\n"))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """The trail with its chain fields and marks as JSON lines (what verify --file reads)."""
+    since = parse_when(args.since, utcnow()) if args.since else None
+    with _store(args) as store:
+        trail = store.chain_trail(since)
+    events = (record for instance in sorted(trail.events) for record in trail.events[instance])
+    lines = chain.trail_lines(events, [*trail.anchors, *trail.checkpoints])
+    if args.out:
+        try:
+            with open(args.out, "w", encoding="utf-8") as handle:
+                for line in lines:
+                    handle.write(line + "\n")
+        except OSError as exc:
+            raise GatewayError(f"{args.out}: {exc.strerror}") from None
+    else:
+        for line in lines:
+            sys.stdout.write(line + "\n")
+    return 0
+
+
+def cmd_pubkey(args: argparse.Namespace) -> int:
+    """The audit public key (PEM) for the security team."""
+    config = load_config(config_path(args.config))
+    if not config.audit.signing_key.exists():
+        raise GatewayError(f"no audit signing key at {config.audit.signing_key} (the gateway creates it at start)")
+    key = signing.load_signing_key(config.audit.signing_key)
+    if args.out:
+        signing.export_public_key(key, Path(args.out))
+        print(f"wrote the audit public key (key id {chain.key_id(key.public_key())}) to {args.out}")
+    else:
+        sys.stdout.write(signing.public_key_pem(key).decode())
     return 0
 
 
@@ -349,3 +431,44 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     _add_config(p)
     p.add_argument("--older-than", required=True, metavar="AGE", help="e.g. 400d; at least 1d")
     p.set_defaults(func=cmd_prune)
+    _register_integrity(actions)
+
+
+def _register_integrity(actions: argparse._SubParsersAction[Any]) -> None:
+    """``verify``, ``export`` and ``pubkey``: the tamper-evidence commands (docs/audit-integrity.md)."""
+    p = actions.add_parser(
+        "verify",
+        help="check the hash chains and signed checkpoints",
+        description="Verify the tamper-evident audit trail: every instance's hash chain and the signed "
+        "checkpoints and prune anchors (docs/audit-integrity.md). Exit status 0 only when nothing is found.",
+    )
+    _add_config(p)
+    p.add_argument("--file", metavar="EXPORT", help="verify an export (gateway audit export) instead, offline")
+    p.add_argument("--pubkey", metavar="FILE", help="the audit public key (default: the config's signing key)")
+    p.add_argument("--since", metavar="WHEN", help=f"only from the last signed point before this time: {_WHEN}")
+    p.add_argument(
+        "--partial", action="store_true", help="with --file: the export was made with --since (may start later)"
+    )
+    p.add_argument("--format", choices=("text", "json"), default="text", help="text or one JSON object")
+    p.set_defaults(func=cmd_verify)
+
+    p = actions.add_parser(
+        "export",
+        help="the trail with chain fields and marks, as JSON lines",
+        description="Export the trail for offline verification (gateway audit verify --file): signed marks, "
+        "then every instance's events in storage order with seq, prev_hash and hash.",
+    )
+    _add_config(p)
+    p.add_argument("--format", choices=("jsonl",), default="jsonl", help="jsonl (the only format)")
+    p.add_argument("--since", metavar="WHEN", help=f"from the last signed point before this time: {_WHEN}")
+    p.add_argument("--out", metavar="FILE", help="write here instead of standard output")
+    p.set_defaults(func=cmd_export)
+
+    p = actions.add_parser(
+        "pubkey",
+        help="print or write the audit public key",
+        description="The public half of audit.signing_key (PEM), for the security team's offline verify.",
+    )
+    _add_config(p)
+    p.add_argument("--out", metavar="FILE", help="write the PEM here (0644) instead of standard output")
+    p.set_defaults(func=cmd_pubkey)
