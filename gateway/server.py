@@ -436,7 +436,7 @@ def make_audit(config: Config, worker: int | None = None) -> Any:
     """The audit writer for a process (see gateway.audit.writer)."""
     from gateway.audit.writer import AuditLog
 
-    return AuditLog(config, worker=worker)
+    return AuditLog(config, worker=worker, checkpoints=not worker)  # one checkpointer per instance: worker 0
 
 
 def audit_routes(config: Config) -> Callable[[web.Application], None]:

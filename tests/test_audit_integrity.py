@@ -223,3 +223,16 @@ def test_verify_errors_are_one_line(capsys: pytest.CaptureFixture[str], trail: T
     )
     err = capsys.readouterr().err
     assert code != 0 and "line 1: not JSON" in err and len(err.strip().splitlines()) == 1
+
+
+async def test_the_writer_signs_its_head_at_close(capsys: pytest.CaptureFixture[str], trail: Trail) -> None:
+    from gateway.audit.writer import AuditLog
+
+    audit = AuditLog(load_config(trail.config), worker=0, checkpoints=True)
+    await audit.start()
+    try:
+        audit.record(event(7))
+    finally:
+        await audit.aclose()
+    code, out = verify(capsys, trail)
+    assert code == 0 and "seq 7; 2 good signatures, signed up to seq 7" in out, out

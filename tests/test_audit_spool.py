@@ -19,12 +19,14 @@ import psycopg
 import pytest
 from prometheus_client import REGISTRY
 
+from gateway.audit import chain
 from gateway.audit.events import AuditEvent, EventKind
+from gateway.audit.signing import load_public_key
 from gateway.audit.spool import Spool
 from gateway.audit.writer import AuditLog, record_now
 from gateway.config import Config, parse_config
 from gateway.storage import postgres as pg
-from gateway.storage.pg_audit import SCHEMA
+from gateway.storage.pg_audit import SCHEMA, PgAuditStore
 from tests.pgserver import PgServer
 
 
@@ -112,7 +114,7 @@ async def test_events_recorded_during_an_outage_are_replayed_in_order_exactly_on
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = make_config(tmp_path, url)
-    audit = AuditLog(config, worker=1, retry_interval=0.2)
+    audit = AuditLog(config, worker=0, retry_interval=0.2, checkpoints=True)
     await audit.start()
     caplog.set_level(logging.INFO, logger="gateway.audit")
     try:
@@ -138,6 +140,13 @@ async def test_events_recorded_during_an_outage_are_replayed_in_order_exactly_on
     assert sum("unavailable" in m for m in messages) == 1, messages  # no storm: one line each way
     assert sum("reachable again; 300 spooled events replayed" in m for m in messages) == 1, messages
     assert not any(r.exc_info for r in caplog.records)
+    # The replayed events were chained as they were committed: no gap, signed at close.
+    with pg.Database(pg.target(url)) as db, PgAuditStore(db) as store:
+        trail = store.chain_trail()
+    public_key = load_public_key(config.audit.signing_key)
+    report = chain.verify_chain(trail.events, trail.checkpoints, trail.anchors, public_key)
+    assert report.ok, chain.render_report(report)
+    assert [(c.instance, c.last_seq, c.signed_up_to) for c in report.chains] == [("gw-a", 5 + n, 5 + n)]
 
 
 async def test_a_full_spool_counts_and_reports_what_did_not_fit(

@@ -38,7 +38,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from gateway.audit.events import AuditEvent, event_to_dict
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gateway.audit.events import AuditEvent, event_to_dict, utcnow
+from gateway.audit.signing import load_or_create_signing_key
 from gateway.audit.spool import Spool
 from gateway.audit.store import AuditStore
 from gateway.config import AuditConfig, Config
@@ -110,6 +113,7 @@ class AuditLog:
         worker: int | None = None,
         stderr: TextIO | None = None,
         retry_interval: float = RETRY_INTERVAL,
+        checkpoints: bool = False,
     ) -> None:
         """``target`` is the whole config, its ``audit`` section, or a database path.
 
@@ -117,7 +121,10 @@ class AuditLog:
         its ``backend`` is used if given (its pool shared), else the log opens
         one of its own. With a config or section, ``jsonl`` and ``queue_size``
         default to its values. ``worker`` (and the config's ``instance``) are
-        stamped on events recorded without one.
+        stamped on events recorded without one. With ``checkpoints`` (one
+        log per instance: the single worker, or worker 0) the log signs its
+        instance's chain head every ``audit.checkpoint_interval_seconds`` and
+        once more at close, after everything queued was written.
         """
         self.config = target if isinstance(target, Config) else None
         self.instance = self.config.instance if self.config is not None else ""
@@ -156,6 +163,9 @@ class AuditLog:
         self._jsonl_fd: int | None = None
         self._store_complaints = _Complaints(f"audit store {self.database}")
         self._jsonl_complaints = _Complaints(f"audit JSON lines sink {jsonl}")
+        self._checkpoints = checkpoints and self.config is not None
+        self._signing_key: Ed25519PrivateKey | None = None
+        self._checkpoint_task: asyncio.Task[None] | None = None
 
     # -- the request side --
 
@@ -181,7 +191,14 @@ class AuditLog:
         if self._task is not None:
             return
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-writer")
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="audit-writer")
+        loop = asyncio.get_running_loop()
+        if self._checkpoints and self._signing_key is None:
+            assert self.config is not None
+            path = self.config.audit.signing_key
+            self._signing_key = await loop.run_in_executor(self._executor, load_or_create_signing_key, path)
+        self._task = loop.create_task(self._run(), name="audit-writer")
+        if self._signing_key is not None:
+            self._checkpoint_task = loop.create_task(self._checkpoint_loop(), name="audit-checkpoints")
 
     async def aclose(self) -> None:
         """Stop taking events, write everything queued, close the sinks."""
@@ -191,6 +208,9 @@ class AuditLog:
         if self._task is None:  # never started: write what was queued, in a thread
             await self.start()
         assert self._task is not None and self._executor is not None
+        if self._checkpoint_task is not None:
+            self._checkpoint_task.cancel()
+            await asyncio.wait([self._checkpoint_task])
         if not self._task.done():
             await self._queue.put(None)
             await asyncio.wait([self._task])
@@ -199,6 +219,8 @@ class AuditLog:
         loop = asyncio.get_running_loop()
         if leftover:
             await loop.run_in_executor(self._executor, self._write, leftover)
+        if self._signing_key is not None:  # the last word: sign the head once everything is written
+            await loop.run_in_executor(self._executor, self._checkpoint)
         await loop.run_in_executor(self._executor, self._close_sinks)
         self._executor.shutdown(wait=True)
 
@@ -235,7 +257,24 @@ class AuditLog:
                 except Exception:  # a bug in a sink must not stop the writer
                     log.exception("audit writer failed on a batch of %d events", len(batch))
 
+    async def _checkpoint_loop(self) -> None:
+        assert self.config is not None
+        interval = self.config.audit.checkpoint_interval_seconds
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval)
+            await loop.run_in_executor(self._executor, self._checkpoint)
+
     # -- the writer thread --
+
+    def _checkpoint(self) -> None:
+        """Sign the instance's head (on the writer's thread, so never beside a write of this log)."""
+        assert self._signing_key is not None
+        try:
+            store: AuditStoreProtocol = self._shared_store() if self._spool is not None else self._open_store()
+            store.checkpoint(self.instance, self._signing_key, utcnow())
+        except Exception as exc:  # the next interval tries again; the chain is intact meanwhile
+            log.warning("audit checkpoint of %s failed: %s", self.instance or "(no instance)", exc)
 
     def _write(self, batch: Sequence[AuditEvent]) -> None:
         try:
