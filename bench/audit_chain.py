@@ -8,7 +8,11 @@ comparison, the same trail read back from JSON lines. Target: verify at
 200,000 events/s or more on one core; chaining is what the writer adds per
 event, so it is printed too.
 
-    .venv/bin/python bench/audit_chain.py [--events 200000] [--instances 2] [--runs 3]
+The store's write throughput is measured too (``--store-events``, SQLite
+file, batches of ``--batch``): the chained ``AuditStore.append`` against the
+same rows inserted without chaining (target: 90 % or more).
+
+    .venv/bin/python bench/audit_chain.py [--events 200000] [--instances 2] [--runs 3] [--store-events 50000]
 """
 
 from __future__ import annotations
@@ -16,14 +20,17 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.audit import chain
-from gateway.audit.events import AuditEvent, EventKind, event_to_dict, format_time
+from gateway.audit.events import AuditEvent, EventKind, event_from_dict, event_to_dict, format_time
+from gateway.audit.store import INSERT_SQL, AuditStore, row_values
 
 
 def make_events(count: int) -> list[dict[str, Any]]:
@@ -69,6 +76,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--instances", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--store-events", type=int, default=50_000, help="0 skips the store bench")
+    parser.add_argument("--batch", type=int, default=500)  # the writer's BATCH_SIZE
     args = parser.parse_args()
     key = Ed25519PrivateKey.generate()
     fields = make_events(args.events)
@@ -99,6 +108,37 @@ def main() -> None:
     print(f"chain (extend: body encoding, link, hash): {total / chaining:,.0f} events/s")
     print(f"verify_chain:                              {total / verify:,.0f} events/s")
     print(f"read JSON lines + verify_chain:            {total / from_jsonl:,.0f} events/s")
+    if args.store_events:
+        plain, chained = store_throughput(args.store_events, args.batch, args.runs)
+        print(f"SQLite append, batches of {args.batch} (wall time, {args.store_events:,} events):")
+        print(f"  without chaining: {plain:,.0f} events/s")
+        print(f"  with chaining:    {chained:,.0f} events/s ({100 * chained / plain:.0f} %)")
+
+
+def store_throughput(count: int, batch: int, runs: int) -> tuple[float, float]:
+    """Events/s through AuditStore.append, and through the same INSERT without the chain (median of runs)."""
+    start = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
+    events = [
+        event_from_dict({**fields, "instance": "gw0"})
+        for fields in make_events(count)
+        if fields["time"] >= format_time(start)
+    ]
+    plain_times, chained_times = [], []
+    for _ in range(runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            with AuditStore(Path(tmp) / "plain.db") as store:
+                began = time.perf_counter()
+                for i in range(0, len(events), batch):
+                    rows = [[*row_values(e), None, None, None] for e in events[i : i + batch]]
+                    with store._transaction() as conn:
+                        conn.executemany(INSERT_SQL, rows)
+                plain_times.append(time.perf_counter() - began)
+            with AuditStore(Path(tmp) / "chained.db") as store:
+                began = time.perf_counter()
+                for i in range(0, len(events), batch):
+                    store.append(events[i : i + batch])
+                chained_times.append(time.perf_counter() - began)
+    return len(events) / statistics.median(plain_times), len(events) / statistics.median(chained_times)
 
 
 def _read(lines: list[str]) -> tuple[dict[str, list[dict[str, Any]]], list[chain.Mark], list[chain.Mark]]:
