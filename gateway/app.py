@@ -475,8 +475,8 @@ def proxied_fast_path(app: web.Application, fallback: ServerHandler) -> ServerHa
     """The application's request handler, with a shorter way in for requests only the proxy route serves.
 
     A request the router could only give to the catch-all ``proxy_handler`` (its
-    path is none of the pages' exact paths, under none of their prefixes, and
-    plainly encoded) skips the router and aiohttp's middleware chain: it gets
+    path starts with "/", is none of the pages' exact paths, under none of their
+    prefixes, and plainly encoded) skips the router and aiohttp's middleware chain: it gets
     a shared, frozen match for the catch-all route and goes through
     :func:`certificate_middleware` and :func:`proxy_handler` directly, the same
     checks in the same order. Everything else (pages, ``Expect``, anything
@@ -511,7 +511,7 @@ def proxied_fast_path(app: web.Application, fallback: ServerHandler) -> ServerHa
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
         path = request.path
         unusual = "%" in request.rel_url.raw_path or hdrs.EXPECT in request.headers
-        if unusual or path in exact or path.startswith(starts):
+        if unusual or path[:1] != "/" or path in exact or path.startswith(starts):
             return await fallback(request)
         req = cast(web.Request, request)
         req._match_info = match  # what the router would have found (aiohttp reads apps from it)

@@ -62,6 +62,7 @@ def _fallback(slow: list[str]) -> Any:
         ("GET", "/_gateway/audit/x", {}, False),  # under a dynamic page's prefix
         ("GET", "/onre/a%2Fb", {}, False),  # percent-encoded: the router sees it as aiohttp does
         ("POST", "/onre/upload", {"Expect": "100-continue"}, False),
+        ("OPTIONS", "*", {}, False),  # no route matches: aiohttp's own 404
     ],
 )
 async def test_only_requests_for_the_proxy_route_take_the_short_way(
