@@ -48,7 +48,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client.multiprocess import mark_process_dead
 
 from gateway import metrics
-from gateway.app import AccessLayer, AuditSink, GatewayRuntime, build_app, utcnow
+from gateway.app import AccessLayer, AuditSink, GatewayRuntime, build_app, proxied_fast_path, utcnow
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.certs.policy import KeyPolicy, TrustAnchors, expiring_cas, parse_peer
 from gateway.certs.revocation import CrlRefresher
@@ -239,6 +239,9 @@ class GatewayWorker:
             app, handle_signals=False, shutdown_timeout=config.limits.drain_timeout, **self._handler_args
         )
         await self._runner.setup()
+        assert self._runner.server is not None
+        server = self._runner.server  # proxied requests skip the router (gateway.app.proxied_fast_path)
+        server.request_handler = proxied_fast_path(app, server.request_handler)
         loop = asyncio.get_running_loop()
         # Not loop.create_server: uvloop's accepts one connection per loop iteration (see listener.py).
         try:

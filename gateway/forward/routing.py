@@ -10,6 +10,7 @@ is refused here rather than trusted to every backend's parser.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Sequence
 
@@ -52,6 +53,9 @@ class Router:
         return tuple(self._routes)
 
 
+# Pure and asked on every request with the same few Host values: memoised (bounded, so Host
+# values a client makes up only churn the cache). ~1 µs each call saved, two or three a request.
+@functools.lru_cache(maxsize=1024)
 def normalise_host(host: str | None) -> str | None:
     """Host header without port, lower case; IPv6 brackets kept."""
     if not host:
@@ -81,6 +85,7 @@ def check_path(raw_path: str) -> Verdict:
     return Verdict.allow()
 
 
+@functools.lru_cache(maxsize=1024)
 def check_host(host: str | None, server_name: str | None, *, http11: bool = True) -> Verdict:
     """The ``Host`` header must agree with the TLS server name (SNI) the client sent.
 

@@ -498,7 +498,6 @@ class TlsAcceptor(asyncio.Protocol):
         self._on_failure = on_failure
         self._on_settled = on_settled
         self._timeout = handshake_timeout
-        self._task: asyncio.Task[None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
@@ -531,27 +530,32 @@ class TlsAcceptor(asyncio.Protocol):
             log.error("tls: the SSL protocol created no tracked SSLObject; connection refused")
             tcp.abort()
             return
-        self._task = loop.create_task(self._handshake(tcp, tls, waiter, app, slot))
+        peer = tcp.get_extra_info("peername")
+        # A callback, not a task awaiting the waiter: one task and coroutine less per connection.
+        waiter.add_done_callback(lambda done: self._handshake_done(done, tcp, tls, app, slot, peer))
 
-    async def _handshake(
+    def _handshake_done(
         self,
+        waiter: asyncio.Future[None],
         transport: asyncio.Transport,
         tls: Any,
-        waiter: asyncio.Future[None],
         app: asyncio.Protocol,
         slot: HandshakeSlot,
+        peer: Any,
     ) -> None:
-        peer = transport.get_extra_info("peername")
-        try:
-            await waiter
-        except (TimeoutError, OSError, ConnectionError) as exc:
+        if self._on_settled is not None:
+            self._on_settled()
+        if waiter.cancelled():
             transport.abort()
+            return
+        exc = waiter.exception()
+        if exc is not None:
+            transport.abort()
+            if not isinstance(exc, TimeoutError | OSError | ConnectionError):
+                raise exc  # not a handshake failure: a bug, for the loop's exception handler
             reason, message = describe_ssl_error(exc)
             self._on_failure(HandshakeFailure(peer_address(peer), reason, message, slot.client_der))
             return
-        finally:
-            if self._on_settled is not None:
-                self._on_settled()
         if transport.is_closing():  # the peer went away as the handshake ended
             transport.abort()
             return
