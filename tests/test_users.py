@@ -6,7 +6,7 @@ import datetime as dt
 import sqlite3
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
@@ -288,7 +288,9 @@ def test_login_state_snapshot(store: UserStoreProtocol, pw_hash: str) -> None:
     assert empty == LoginState(None, None, 0)
 
 
-def edge_login(store: UserStoreProtocol, user_id: str, password: str, now: dt.datetime, ip: str = "192.0.2.50") -> Reason:
+def edge_login(
+    store: UserStoreProtocol, user_id: str, password: str, now: dt.datetime, ip: str = "192.0.2.50"
+) -> Reason:
     """What the login handler does around decide_login (the lead's edge, in miniature)."""
     state = store.login_state(user_id, ip, now, SETTINGS.failure_window)
     if state.user is not None and state.user.enabled:
@@ -315,7 +317,9 @@ def edge_login(store: UserStoreProtocol, user_id: str, password: str, now: dt.da
     return outcome.verdict.reason
 
 
-def test_unknown_user_and_wrong_password_give_the_same_answers(opened: Callable[[], UserStoreProtocol], pw_hash: str) -> None:
+def test_unknown_user_and_wrong_password_give_the_same_answers(
+    opened: Callable[[], UserStoreProtocol], pw_hash: str
+) -> None:
     store = opened()
     store.add_user("LC000001", pw_hash, ["tdnet"], now=NOW)
     store.add_user("LC000003", pw_hash, ["tdnet"], now=NOW, enabled=False)
