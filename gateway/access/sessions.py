@@ -37,15 +37,12 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from gateway.access.policy import SessionLimits
 from gateway.access.users import from_epoch, join_systems, split_systems, to_epoch
 from gateway.errors import ConfigError
 from gateway.storage.sqlite import SqliteStore
-
-if TYPE_CHECKING:
-    from gateway.storage.interfaces import SessionReaderProtocol
 
 SESSION_COOKIE = "__Host-gw_session"
 LOGIN_CSRF_COOKIE = "__Host-gw_csrf"
@@ -221,6 +218,16 @@ class SessionReader(SessionStore):
         """Nothing to watch: ``data_version`` already sees every commit to the file."""
 
 
+class CacheReader(Protocol):
+    """What :class:`SessionCache` uses of its reader (the storage interfaces' SessionReaderProtocol has it all)."""
+
+    def get(self, session_id: str) -> SessionRecord | None: ...
+
+    def data_version(self) -> int: ...
+
+    def watch(self, invalidate: Callable[[str | None], None]) -> None: ...
+
+
 class SessionCache:
     """The per-request cookie → session lookup of one worker, answered from memory when it can.
 
@@ -248,7 +255,7 @@ class SessionCache:
     "anything may have changed", and bumps its own ``data_version`` for the latter.
     """
 
-    def __init__(self, reader: SessionReaderProtocol, key: bytes, max_entries: int = SESSION_CACHE_ENTRIES) -> None:
+    def __init__(self, reader: CacheReader, key: bytes, max_entries: int = SESSION_CACHE_ENTRIES) -> None:
         self.reader = reader
         self._key = key
         self._max_entries = max_entries
