@@ -36,6 +36,7 @@ from typing import Any, Self
 
 import psycopg
 
+from gateway import metrics
 from gateway.access.policy import SessionLimits
 from gateway.access.sessions import (
     TOUCH_INTERVAL,
@@ -195,6 +196,7 @@ class PgSessionReader(PgSessionStore):
         self._version = 0
         self._watchers: list[Callable[[str | None], None]] = []
         self.listener = Listener(db.target, (CHANNEL,), self._notified, self._state)
+        metrics.DATABASE_LISTENERS_DOWN.set(1)
 
     def start(self) -> None:
         """Start listening (on the running loop)."""
@@ -237,5 +239,6 @@ class PgSessionReader(PgSessionStore):
             invalidate(payload)
 
     def _state(self, up: bool) -> None:
+        metrics.DATABASE_LISTENERS_DOWN.set(0 if up else 1)
         if up:  # whatever was announced while the connection was down is lost
             self._version += 1
