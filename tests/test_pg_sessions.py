@@ -7,12 +7,15 @@ import datetime as dt
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import pytest
 
+from gateway.access.passwords import hash_password
 from gateway.access.sessions import TOUCH_INTERVAL, SessionCache, SessionRecord, id_hash, sign
 from gateway.storage import postgres
 from gateway.storage.pg_sessions import CHANNEL, MAX_NAMED, PgSessionReader, PgSessionStore
+from gateway.storage.pg_users import PgUserStore
 from tests.stores import Opener
 
 NOW = dt.datetime(2025, 1, 15, 9, 0, tzinfo=dt.UTC)
@@ -154,3 +157,29 @@ async def test_a_rolled_back_write_announces_nothing(reader: PgSessionReader) ->
     assert heard[1:] == ["a-committed-one"]
     assert reader.data_version() == version  # the "*" was never delivered
     assert cache.lookup(sign(session_id, KEY)) is not None
+
+
+@pytest.mark.parametrize(
+    ("command", "ended"),
+    [(("disable",), True), (("reset-password",), True), (("set-systems", "--systems", "j-iriss"), False)],
+)
+async def test_the_users_cli_reaches_every_instances_cache(
+    reader: PgSessionReader, pg_url: str, tmp_path: Path, command: tuple[str, ...], ended: bool
+) -> None:
+    """`gateway users disable/reset-password/set-systems` in another process: this worker's cache hears it."""
+    PgUserStore(reader.db).add_user("LC000001", hash_password("correct horse battery"), ["tdnet"], now=NOW)
+    session_id, _ = PgSessionStore(reader.db).create("LC000001", FP, ["tdnet"], False, NOW)
+    cookie = sign(session_id, KEY)
+    cache = SessionCache(reader, KEY)
+    assert cache.lookup(cookie) is not None
+    config = tmp_path / "gateway.yaml"
+    config.write_text(f"database: {pg_url}\n")
+    argv = [sys.executable, "-m", "gateway", "users", command[0], "LC000001", *command[1:], "--config", str(config)]
+    done = subprocess.run(argv, capture_output=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr.decode()
+
+    def current() -> bool:
+        record = cache.lookup(cookie)
+        return record is None if ended else (record is not None and record.systems == {"j-iriss"})
+
+    assert await until(current, 1.0)
