@@ -12,14 +12,21 @@ import datetime as dt
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import aiohttp
 import pytest
 
+from gateway.access.login import LoginAccess
 from gateway.access.sessions import SessionCache, sign
+from gateway.certs.files import ThrowawayPki
 from gateway.storage.pg_sessions import PgSessionReader, PgSessionStore
 from gateway.storage.postgres import DatabaseUnavailable
+from tests.harness import Harness
 from tests.pgserver import PgServer
-from tests.stores import Opener
+from tests.stores import Opener, migrate
+from tests.test_login import login
+from tests.test_pg_gateway import add_users, start_on
 
 NOW = dt.datetime(2025, 1, 15, 9, 0, tzinfo=dt.UTC)
 FP = "AB" * 32
@@ -124,3 +131,63 @@ def _delete_quietly(store: PgSessionStore, session_id: str) -> bool:
         return store.delete(session_id)
     except DatabaseUnavailable:
         return False
+
+
+async def test_a_gateway_serves_cached_sessions_in_the_grace_and_answers_service_unavailable(
+    crashable: PgServer, pg_url: str, tmp_path: Path, pki: ThrowawayPki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over real TLS: the page and JSON with a support ID, the audit event, /healthz, one log line, recovery."""
+    migrate(pg_url)
+    add_users(pg_url, "LC000001", "LC000002")
+    h = await start_on(tmp_path / "gw", pki, pg_url, outage_grace_seconds=GRACE, connect_timeout_seconds=1)
+    try:
+        async with h.session() as s:
+            assert (await login(h, s, next_path="/onre/")).status == 303
+            async with s.get(h.url("/onre/"), allow_redirects=False) as r:
+                assert r.status == 200
+            crash(crashable)
+            async with aiohttp.ClientSession() as plain:
+                assert await wait_for(lambda: not listener_up(h), 10)
+                async with plain.get(h.admin_url("/healthz")) as r:
+                    health = await r.json()
+                assert r.status == 503 and "listener down" in health["database"]
+                # Within the grace: the cached session still reaches its backend.
+                async with s.get(h.url("/onre/"), allow_redirects=False) as r:
+                    assert r.status == 200
+                # A login needs the database: 503 service_unavailable, as JSON and as the page.
+                async with h.session("LC000002") as other:
+                    async with other.get(h.url("/onre/"), headers={"Accept": "application/json"}) as r:
+                        body = await r.json()
+                    assert (r.status, body["error"]) == (401, "login_required")  # no cookie: nothing to look up
+                    r = await login(h, other, "LC000002")
+                    assert r.status == 503
+                await asyncio.sleep(GRACE + 0.2)
+                async with s.get(h.url("/onre/"), headers={"Accept": "application/json"}) as r:
+                    body = await r.json()
+                assert (r.status, body["error"]) == (503, "service_unavailable") and body["support_id"]
+                async with s.get(h.url("/onre/"), headers={"Accept": "text/html"}) as r:
+                    page = await r.text()
+                assert (
+                    r.status == 503
+                    and "ただいまログインを確認できません" in page
+                    and "Logins cannot be checked" in page
+                )
+                refused = [e for e in h.audit.events if e.reason == "service_unavailable"]
+                assert len(refused) == 3 and body["support_id"] in {e.support_id for e in refused}
+                lines = [m for m in caplog.messages if "refusing logins and session checks" in m]
+                assert len(lines) == 1 and "Traceback" not in caplog.text
+                # The database is back: the listener reconnects, /healthz is 200, the session works again.
+                crashable.pg_ctl("start")
+                assert await wait_for(lambda: listener_up(h), 15)
+                async with plain.get(h.admin_url("/healthz")) as r:
+                    assert r.status == 200
+                async with s.get(h.url("/onre/"), allow_redirects=False) as r:
+                    assert r.status == 200
+    finally:
+        await h.close()
+
+
+def listener_up(h: Harness) -> bool:
+    access = h.worker._access
+    assert isinstance(access, LoginAccess) and isinstance(access.reader, PgSessionReader)
+    return access.reader.listener.up

@@ -109,20 +109,20 @@ class PgSessionStore:
     ) -> tuple[str, str]:
         """Start a session with a new random id (never the client's); return ``(session_id, csrf_token)``.
 
-        Announced too, so a worker that cached "no such session" for this
-        cookie (it could only have guessed it) reads again.
+        Not announced: no cache can hold an entry for an id that did not
+        exist (its cookie is signed only after this returns), and an
+        announcement would only make every worker read the new session twice.
         """
         session_id = secrets.token_urlsafe(32)
         csrf_token = secrets.token_urlsafe(32)
         at = to_epoch(now)
-        hashed = id_hash(session_id)
-        with self.db.transaction() as conn:
+        with self.db.connection() as conn:
             conn.execute(
                 "INSERT INTO sessions (id_hash, user_id, cert_fingerprint, systems,"
                 " must_change_password, csrf_token, created_at, last_seen)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                 (
-                    hashed,
+                    id_hash(session_id),
                     user_id,
                     cert_fingerprint.lower(),
                     join_systems(systems),
@@ -132,7 +132,6 @@ class PgSessionStore:
                     at,
                 ),
             )
-            announce(conn, [hashed])
         return session_id, csrf_token
 
     def get(self, session_id: str) -> SessionRecord | None:
