@@ -15,6 +15,7 @@ from gateway.access.passwords import hash_password
 from gateway.certs.files import ThrowawayPki
 from gateway.storage import postgres
 from gateway.storage.pg_users import PgUserStore
+from gateway.storage.postgres import SchemaBehind
 from tests.harness import Harness, start_harness
 from tests.stores import migrate
 from tests.test_login import PASSWORD, login
@@ -95,3 +96,13 @@ async def test_wrong_passwords_spread_over_two_instances_lock_after_exactly_max_
     assert seen == ["bad_credentials"] * limit + ["account_locked"]
     async with b.session("LC000002") as s:  # the twin: another user is not affected
         assert (await login(b, s, "LC000002")).status == 303
+
+
+async def test_a_gateway_refuses_to_start_on_tables_that_are_not_migrated(
+    tmp_path: Path, pki: ThrowawayPki, pg_url: str
+) -> None:
+    with pytest.raises(SchemaBehind, match="gateway db migrate"):
+        await start_on(tmp_path / "a", pki, pg_url)
+    migrate(pg_url)  # the twin: migrated, it starts
+    h = await start_on(tmp_path / "b", pki, pg_url)
+    await h.close()

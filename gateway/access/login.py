@@ -14,11 +14,15 @@ landing page unless a backend is mounted there. As the gateway's
 * ``passthrough`` mode: the backend keeps its own login form; its login POST
   is forwarded only when the user field equals the certificate's CN.
 
-Blocking work (argon2, SQLite writes) runs in a thread pool. The per-request
+Blocking work (argon2, database writes) runs in a thread pool. The per-request
 session read goes through a :class:`~gateway.access.sessions.SessionCache`, inline
 on a read-only connection of its own: mostly a ``PRAGMA data_version`` and a
 dict lookup, else one primary-key SELECT on a WAL database (WAL readers
 never wait for writers, and a thread hop would cost more than the read).
+With ``database:`` (PostgreSQL, shared by several instances) the stores come
+from :class:`~gateway.storage.backends.Backend`, the cache is kept current by
+LISTEN/NOTIFY (:mod:`gateway.storage.pg_sessions`), and anything that needs
+the unreachable database is answered ``service_unavailable`` (503).
 """
 
 from __future__ import annotations
@@ -78,8 +82,10 @@ from gateway.certs.policy import PeerCertificate
 from gateway.config import SYSTEMS, Backend, Config
 from gateway.keys import PEER, USER
 from gateway.storage.backends import Backend as Storage
+from gateway.storage.pg_sessions import SCHEMA as SESSIONS_SCHEMA
 from gateway.storage.pg_sessions import PgSessionReader
-from gateway.storage.postgres import DatabaseUnavailable
+from gateway.storage.pg_users import SCHEMA as USERS_SCHEMA
+from gateway.storage.postgres import DatabaseUnavailable, check_schema
 from gateway.verdict import Reason, Verdict
 from gateway.web.messages import Message, message_for
 from gateway.web.pages import render
@@ -112,6 +118,11 @@ class LoginAccess:
         self.sessions = self.storage.sessions()  # writes, from the pool
         self.reader = self.storage.session_reader()  # reads, inline on the loop, never writes
         self.session_cache = SessionCache(self.reader, self.key)
+        try:
+            self._check_schemas()
+        except BaseException:
+            self.storage.close()
+            raise
         self._unavailable_logged = -UNAVAILABLE_LOG_INTERVAL
         self.settings = LoginSettings.from_config(config.login)
         self.limits = SessionLimits.from_config(config.session)
@@ -173,6 +184,17 @@ class LoginAccess:
             assert self.config.database is not None
             if not await self.reader.listener.wait_up(self.config.database.connect_timeout):
                 log.warning("database listener not connected yet: sessions are refused until it is")
+
+    def _check_schemas(self) -> None:
+        """A schema that is behind stops the start (``gateway db migrate`` first); an unreachable
+        database does not: the worker answers ``service_unavailable`` until it is back."""
+        if self.storage.db is None:
+            return
+        try:
+            for schema in (USERS_SCHEMA, SESSIONS_SCHEMA):
+                check_schema(self.storage.db, schema)
+        except DatabaseUnavailable as exc:
+            log.warning("database unreachable at start-up (schema not checked): %s", exc)
 
     async def _close(self, app: web.Application) -> None:
         loop = asyncio.get_running_loop()
