@@ -24,6 +24,7 @@ from gateway.access.sessions import (
     clear_cookie_header,
     cookie_value,
     create_session_key,
+    id_hash,
     load_session_key,
     login_csrf_token,
     new_login_nonce,
@@ -237,6 +238,18 @@ def test_cache_sees_systems_change_and_touch_from_another_connection(
         assert portal.touch(session_id, NOW + TOUCH_INTERVAL) is True
     touched = cache.lookup(cookie)
     assert touched is not None and touched.last_seen == NOW + TOUCH_INTERVAL
+
+
+def test_cache_invalidate_drops_one_session_or_all(store: SessionStore, cache: SessionCache) -> None:
+    """What a PostgreSQL reader's notifications call: one id hash drops that entry only, None drops all."""
+    one, two = sign(new(store), KEY), sign(new(store, "LC000002"), KEY)
+    assert cache.lookup(one) is not None and cache.lookup(two) is not None
+    cache.invalidate(id_hash("unknown-session-id-xxxxxx"))
+    assert len(cache) == 2
+    cache.invalidate(id_hash(one.rpartition(".")[0]))
+    assert len(cache) == 1 and cache.lookup(two) is not None
+    cache.invalidate(None)
+    assert len(cache) == 0
 
 
 def test_cache_stays_within_its_bound(store: SessionStore, reader: SessionReader) -> None:

@@ -21,7 +21,9 @@ answers from memory while ``PRAGMA data_version`` says no other connection
 has committed to the file, and otherwise drops everything and reads again
 (:meth:`SessionStore.get`, one SELECT by primary key). All store methods
 block; from async code use an executor (the cache's reads are cheap enough
-to run inline).
+to run inline). On PostgreSQL (:mod:`gateway.storage.pg_sessions`) the
+same cache is told of each change by LISTEN/NOTIFY instead
+(:meth:`SessionCache.invalidate`).
 """
 
 from __future__ import annotations
