@@ -88,6 +88,11 @@ CLIENT_TIMEOUTS = Counter(
     "Connections closed because a request head or body stalled (slowloris)",
     ["phase"],
 )
+DATABASE_LISTENERS_DOWN = Gauge(
+    "gateway_database_listeners_down",
+    "Workers whose session listener (PostgreSQL LISTEN) is not connected; /healthz is 503 while any is",
+    multiprocess_mode="livesum",
+)
 WORKERS_LISTENING = Gauge(
     "gateway_workers_listening", "Worker processes accepting connections", multiprocess_mode="livesum"
 )

@@ -203,6 +203,7 @@ class GatewayWorker:
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _handler_args: dict[str, Any] = field(default_factory=dict)
     _ca_warnings: list[str] = field(default_factory=list)
+    _access: AccessLayer | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -221,6 +222,7 @@ class GatewayWorker:
             clock=self.clock,
         )
         access = self.access_factory(config, self.audit) if self.access_factory else None
+        self._access = access
         app = build_app(self.runtime, access)
         # The connection protocol's settings: given to the runner's server and to each
         # GatewayRequestHandler (built in _protocol), so both read the same limits.
@@ -374,7 +376,9 @@ class GatewayWorker:
                 self.runtime.refresher.config.warn_before_next_update,
             ),
         }
-        return fresh and bool(self.config.backends), detail
+        database = getattr(self._access, "database_health", None)  # PostgreSQL: is the session listener up?
+        db_ok, db_detail = database() if database is not None else (True, {})
+        return fresh and bool(self.config.backends) and db_ok, {**detail, **db_detail}
 
     async def reload(self) -> tuple[bool, str]:
         """Re-read the config and every file it names; swap only if all of it is good."""

@@ -37,6 +37,8 @@ class Reason(StrEnum):
     BACKEND_TIMEOUT = "backend_timeout"
     # The client's side: a request head or body that stopped arriving (never a backend's fault).
     CLIENT_TIMEOUT = "client_timeout"
+    # The gateway's own shared state (the PostgreSQL database) cannot be reached right now.
+    SERVICE_UNAVAILABLE = "service_unavailable"
     # Login and session.
     LOGIN_REQUIRED = "login_required"
     SUBJECT_MISMATCH = "subject_mismatch"

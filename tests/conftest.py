@@ -13,6 +13,7 @@ import uvloop
 
 from gateway.certs.files import ThrowawayPki, make_throwaway_pki
 from tests.pgserver import PgServer
+from tests.stores import Opener
 
 
 @pytest.fixture(scope="session")
@@ -81,3 +82,14 @@ def pg_url(postgres: PgServer) -> str:
 def store_backend(request: pytest.FixtureRequest) -> str:
     """Run a store's behaviour tests against both backends, so they cannot drift."""
     return str(request.param)
+
+
+@pytest.fixture
+def stores(store_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Opener]:
+    """Opens user and session stores of the backend under test, on one fresh file or database."""
+    url = request.getfixturevalue("pg_url") if store_backend == "postgres" else None
+    opener = Opener(store_backend, tmp_path / "gateway.db", url)
+    try:
+        yield opener
+    finally:
+        opener.close()

@@ -1,32 +1,33 @@
-"""`gateway users ...` through the real CLI entry point, on a real database file."""
+"""`gateway users ...` through the real CLI entry point, on a real SQLite file or PostgreSQL database."""
 
 from __future__ import annotations
 
 import datetime as dt
 import io
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from gateway.access.passwords import verify_password
 from gateway.access.policy import LoginSettings
-from gateway.access.sessions import SessionStore
-from gateway.access.users import UserStore
 from gateway.audit.events import AuditEvent, AuditFilter, EventKind
 from gateway.audit.store import AuditStore
 from gateway.cli import main
 from gateway.cli import users as cli_users
 from gateway.config import Config
+from gateway.storage.interfaces import SessionStoreProtocol, UserStoreProtocol
+from tests.stores import Opener
 
 GOOD_PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
-def config(tmp_path: Path) -> Path:
+def config(tmp_path: Path, stores: Opener) -> Path:
+    """A config on the backend under test: the SQLite file users.db, or the test's PostgreSQL database."""
     path = tmp_path / "gateway.yaml"
-    path.write_text("users:\n  database: users.db\nlogin:\n  password_min_length: 14\n")
+    where = f"database: {stores.url}\n" if stores.url else "users:\n  database: users.db\n"
+    path.write_text(where + "login:\n  password_min_length: 14\n")
     return path
 
 
@@ -42,16 +43,16 @@ def audited(monkeypatch: pytest.MonkeyPatch) -> list[AuditEvent]:
 
 
 @pytest.fixture
-def store(config: Path) -> Iterator[UserStore]:
+def store(config: Path, stores: Opener) -> UserStoreProtocol:
     """The users database as a gateway worker sees it, to check what the CLI did."""
-    with UserStore(config.parent / "users.db") as opened:
-        yield opened
+    stores.path = config.parent / "users.db"
+    return stores.users()
 
 
 @pytest.fixture
-def sessions(config: Path) -> Iterator[SessionStore]:
-    with SessionStore(config.parent / "users.db") as opened:
-        yield opened
+def sessions(config: Path, stores: Opener) -> SessionStoreProtocol:
+    stores.path = config.parent / "users.db"
+    return stores.sessions()
 
 
 def users(config: Path, *args: str) -> int:
@@ -68,7 +69,7 @@ def test_add_with_password_stdin(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     audited: list[AuditEvent],
-    store: UserStore,
+    store: UserStoreProtocol,
 ) -> None:
     assert add_with_password(config, monkeypatch) == 0
     out, err = capsys.readouterr()
@@ -88,7 +89,7 @@ def test_add_with_password_stdin(
 
 
 def test_add_without_password_prints_a_temporary_one(
-    config: Path, capsys: pytest.CaptureFixture[str], audited: list[AuditEvent], store: UserStore
+    config: Path, capsys: pytest.CaptureFixture[str], audited: list[AuditEvent], store: UserStoreProtocol
 ) -> None:
     assert users(config, "add", "LC000002", "--systems", "j-iriss") == 0
     out, err = capsys.readouterr()
@@ -126,7 +127,7 @@ def test_add_refusals(
 
 
 def test_list_table_and_json(
-    config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], store: UserStore
+    config: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], store: UserStoreProtocol
 ) -> None:
     add_with_password(config, monkeypatch, "LC000002")
     users(config, "add", "LC000001", "--systems", "tdnet")
@@ -151,7 +152,11 @@ def test_list_empty_store(config: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_disable_ends_sessions_and_enable_restores(
-    config: Path, monkeypatch: pytest.MonkeyPatch, audited: list[AuditEvent], store: UserStore, sessions: SessionStore
+    config: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    audited: list[AuditEvent],
+    store: UserStoreProtocol,
+    sessions: SessionStoreProtocol,
 ) -> None:
     add_with_password(config, monkeypatch)
     session_id, _ = sessions.create("LC000001", "ab" * 32, ["tdnet"], False, dt.datetime.now(dt.UTC))
@@ -171,7 +176,11 @@ def test_enable_unknown_user_fails(config: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_set_systems_updates_user_and_open_sessions(
-    config: Path, monkeypatch: pytest.MonkeyPatch, audited: list[AuditEvent], store: UserStore, sessions: SessionStore
+    config: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    audited: list[AuditEvent],
+    store: UserStoreProtocol,
+    sessions: SessionStoreProtocol,
 ) -> None:
     add_with_password(config, monkeypatch)
     session_id, _ = sessions.create("LC000001", "ab" * 32, ["tdnet", "clearing"], False, dt.datetime.now(dt.UTC))
@@ -189,8 +198,8 @@ def test_reset_password_sets_temporary_unlocks_and_ends_sessions(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     audited: list[AuditEvent],
-    store: UserStore,
-    sessions: SessionStore,
+    store: UserStoreProtocol,
+    sessions: SessionStoreProtocol,
 ) -> None:
     add_with_password(config, monkeypatch)
     now = dt.datetime.now(dt.UTC)
@@ -217,7 +226,7 @@ def test_unlock(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     audited: list[AuditEvent],
-    store: UserStore,
+    store: UserStoreProtocol,
 ) -> None:
     add_with_password(config, monkeypatch)
     now = dt.datetime.now(dt.UTC)
@@ -270,7 +279,7 @@ def test_roles_are_set_at_add_and_replaced_by_set_roles(
     config: Path,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
-    store: UserStore,
+    store: UserStoreProtocol,
     audited: list[AuditEvent],
 ) -> None:
     assert users(config, "add", "SEC00001", "--systems", "tdnet", "--roles", "auditor") == 0
@@ -291,7 +300,7 @@ def test_roles_are_set_at_add_and_replaced_by_set_roles(
 
 
 def test_unknown_role_and_unknown_user_are_refused(
-    config: Path, capsys: pytest.CaptureFixture[str], store: UserStore, audited: list[AuditEvent]
+    config: Path, capsys: pytest.CaptureFixture[str], store: UserStoreProtocol, audited: list[AuditEvent]
 ) -> None:
     assert users(config, "add", "LC000001", "--systems", "tdnet", "--roles", "admin") == 2
     assert "unknown role 'admin'" in capsys.readouterr().err

@@ -24,6 +24,7 @@ from gateway.access.sessions import (
     clear_cookie_header,
     cookie_value,
     create_session_key,
+    id_hash,
     load_session_key,
     login_csrf_token,
     new_login_nonce,
@@ -33,6 +34,8 @@ from gateway.access.sessions import (
 )
 from gateway.access.users import UserStore
 from gateway.errors import ConfigError, StoreError
+from gateway.storage.interfaces import SessionStoreProtocol
+from tests.stores import Opener
 
 NOW = dt.datetime(2025, 1, 15, 9, 0, tzinfo=dt.UTC)
 FP = "AB" * 32
@@ -48,18 +51,25 @@ def db(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def store(db: Path) -> Iterator[SessionStore]:
+    """A SQLite store (for the SQLite cache's tests)."""
     with SessionStore(db) as opened:
         yield opened
 
 
-def new(store: SessionStore, user: str = "LC000001", at: dt.datetime = NOW) -> str:
+@pytest.fixture
+def sessions(stores: Opener) -> SessionStoreProtocol:
+    """A store of each backend, for the behaviour both must share."""
+    return stores.sessions()
+
+
+def new(store: SessionStoreProtocol, user: str = "LC000001", at: dt.datetime = NOW) -> str:
     session_id, _ = store.create(user, FP, ["tdnet", "clearing"], False, at)
     return session_id
 
 
-def test_create_and_get(store: SessionStore) -> None:
-    session_id, csrf = store.create("LC000001", FP, ["tdnet", "clearing"], True, NOW)
-    record = store.get(session_id)
+def test_create_and_get(sessions: SessionStoreProtocol) -> None:
+    session_id, csrf = sessions.create("LC000001", FP, ["tdnet", "clearing"], True, NOW)
+    record = sessions.get(session_id)
     assert record is not None
     assert record.user_id == "LC000001"
     assert record.cert_fingerprint == FP.lower()
@@ -79,55 +89,55 @@ def test_ids_are_random_and_not_stored_in_clear(db: Path, store: SessionStore) -
 
 
 @pytest.mark.parametrize("bad", ["", "nope", "x" * 500, "a.b", "' OR 1=1 --" * 3])
-def test_get_unknown_or_malformed(store: SessionStore, bad: str) -> None:
-    new(store)
-    assert store.get(bad) is None
+def test_get_unknown_or_malformed(sessions: SessionStoreProtocol, bad: str) -> None:
+    new(sessions)
+    assert sessions.get(bad) is None
 
 
-def test_logout_in_one_worker_ends_the_session_in_another(db: Path) -> None:
-    with SessionStore(db) as worker1, SessionStore(db) as worker2:
-        session_id = new(worker1)
-        assert worker2.get(session_id) is not None
-        assert worker2.delete(session_id) is True
-        assert worker1.get(session_id) is None
-        assert worker1.delete(session_id) is False
+def test_logout_in_one_worker_ends_the_session_in_another(stores: Opener) -> None:
+    worker1, worker2 = stores.sessions(), stores.sessions()
+    session_id = new(worker1)
+    assert worker2.get(session_id) is not None
+    assert worker2.delete(session_id) is True
+    assert worker1.get(session_id) is None
+    assert worker1.delete(session_id) is False
 
 
-def test_delete_for_user_only_hits_that_user(store: SessionStore) -> None:
-    mine = [new(store), new(store)]
-    theirs = new(store, "LC000002")
-    assert store.delete_for_user("LC000001") == 2
-    assert all(store.get(s) is None for s in mine)
-    assert store.get(theirs) is not None
+def test_delete_for_user_only_hits_that_user(sessions: SessionStoreProtocol) -> None:
+    mine = [new(sessions), new(sessions)]
+    theirs = new(sessions, "LC000002")
+    assert sessions.delete_for_user("LC000001") == 2
+    assert all(sessions.get(s) is None for s in mine)
+    assert sessions.get(theirs) is not None
 
 
-def test_set_systems_for_user(store: SessionStore) -> None:
-    session_id = new(store)
-    assert store.set_systems_for_user("LC000001", ["j-iriss"]) == 1
-    record = store.get(session_id)
+def test_set_systems_for_user(sessions: SessionStoreProtocol) -> None:
+    session_id = new(sessions)
+    assert sessions.set_systems_for_user("LC000001", ["j-iriss"]) == 1
+    record = sessions.get(session_id)
     assert record is not None and record.systems == {"j-iriss"}
 
 
-def test_touch_writes_at_most_every_interval(store: SessionStore) -> None:
-    session_id = new(store)
+def test_touch_writes_at_most_every_interval(sessions: SessionStoreProtocol) -> None:
+    session_id = new(sessions)
     soon = NOW + TOUCH_INTERVAL - dt.timedelta(seconds=1)
-    assert store.touch(session_id, soon) is False
-    assert store.touch(session_id, soon, last_seen=NOW) is False
+    assert sessions.touch(session_id, soon) is False
+    assert sessions.touch(session_id, soon, last_seen=NOW) is False
     later = NOW + TOUCH_INTERVAL
-    assert store.touch(session_id, later, last_seen=NOW) is True
-    record = store.get(session_id)
+    assert sessions.touch(session_id, later, last_seen=NOW) is True
+    record = sessions.get(session_id)
     assert record is not None and record.last_seen == later
-    assert store.touch("unknown-session-id-xxxxxx", later + TOUCH_INTERVAL) is False
+    assert sessions.touch("unknown-session-id-xxxxxx", later + TOUCH_INTERVAL) is False
 
 
-def test_purge_expired(store: SessionStore) -> None:
-    idle = new(store, at=NOW - LIMITS.idle)
-    active_but_old = new(store, at=NOW - LIMITS.absolute)
-    store.touch(active_but_old, NOW)
-    alive = new(store, at=NOW - dt.timedelta(minutes=1))
-    assert store.purge_expired(NOW, LIMITS) == 2
-    assert store.get(idle) is None and store.get(active_but_old) is None
-    assert store.get(alive) is not None
+def test_purge_expired(sessions: SessionStoreProtocol) -> None:
+    idle = new(sessions, at=NOW - LIMITS.idle)
+    active_but_old = new(sessions, at=NOW - LIMITS.absolute)
+    sessions.touch(active_but_old, NOW)
+    alive = new(sessions, at=NOW - dt.timedelta(minutes=1))
+    assert sessions.purge_expired(NOW, LIMITS) == 2
+    assert sessions.get(idle) is None and sessions.get(active_but_old) is None
+    assert sessions.get(alive) is not None
 
 
 def test_shares_the_users_database(db: Path) -> None:
@@ -228,6 +238,18 @@ def test_cache_sees_systems_change_and_touch_from_another_connection(
         assert portal.touch(session_id, NOW + TOUCH_INTERVAL) is True
     touched = cache.lookup(cookie)
     assert touched is not None and touched.last_seen == NOW + TOUCH_INTERVAL
+
+
+def test_cache_invalidate_drops_one_session_or_all(store: SessionStore, cache: SessionCache) -> None:
+    """What a PostgreSQL reader's notifications call: one id hash drops that entry only, None drops all."""
+    one, two = sign(new(store), KEY), sign(new(store, "LC000002"), KEY)
+    assert cache.lookup(one) is not None and cache.lookup(two) is not None
+    cache.invalidate(id_hash("unknown-session-id-xxxxxx"))
+    assert len(cache) == 2
+    cache.invalidate(id_hash(one.rpartition(".")[0]))
+    assert len(cache) == 1 and cache.lookup(two) is not None
+    cache.invalidate(None)
+    assert len(cache) == 0
 
 
 def test_cache_stays_within_its_bound(store: SessionStore, reader: SessionReader) -> None:
@@ -331,9 +353,9 @@ def test_cookie_headers() -> None:
 # -- CSRF ------------------------------------------------------------------
 
 
-def test_session_csrf(store: SessionStore) -> None:
-    session_id, csrf = store.create("LC000001", FP, ["tdnet"], False, NOW)
-    record = store.get(session_id)
+def test_session_csrf(sessions: SessionStoreProtocol) -> None:
+    session_id, csrf = sessions.create("LC000001", FP, ["tdnet"], False, NOW)
+    record = sessions.get(session_id)
     assert record is not None
     assert check_session_csrf(record, csrf)
     assert not check_session_csrf(record, csrf[:-1] + "x")

@@ -84,3 +84,21 @@ def test_a_store_missing_a_method_is_caught() -> None:
     except AttributeError:
         return
     raise AssertionError("a store without the protocol's methods passed")
+
+
+def test_postgres_user_and_session_stores_satisfy_their_interfaces(pg_url: str) -> None:
+    from gateway.storage import postgres
+    from gateway.storage.pg_sessions import PgSessionReader, PgSessionStore
+    from gateway.storage.pg_users import PgUserStore
+    from tests.stores import migrate
+
+    migrate(pg_url)
+    with postgres.Database(postgres.target(pg_url)) as db:
+        users: UserStoreProtocol = PgUserStore(db)
+        sessions: SessionStoreProtocol = PgSessionStore(db)
+        reader: SessionReaderProtocol = PgSessionReader(db)
+        assert_satisfies(users, UserStoreProtocol)
+        assert_satisfies(sessions, SessionStoreProtocol)
+        assert_satisfies(reader, SessionReaderProtocol)
+        assert users.get_user("LC000001") is None
+        assert sessions.get("no-such-session") is None

@@ -1,4 +1,4 @@
-"""The SQLite user store: accounts, failures, locks; two stores on one file act as two workers."""
+"""The user store (SQLite and PostgreSQL): accounts, failures, locks; two stores on one database act as two workers."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import datetime as dt
 import sqlite3
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
 
@@ -24,7 +24,9 @@ from gateway.access.users import (
     validate_user_id,
 )
 from gateway.errors import GatewayError, StoreError
+from gateway.storage.interfaces import UserStoreProtocol
 from gateway.verdict import Reason, Verdict
+from tests.stores import Opener
 
 NOW = dt.datetime(2025, 1, 15, 9, 0, tzinfo=dt.UTC)
 SETTINGS = LoginSettings(
@@ -46,25 +48,17 @@ def db(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def opened(db: Path) -> Iterator[Callable[[], UserStore]]:
-    """Open stores on the test's file (each one stands for a worker); closed afterwards."""
-    stores: list[UserStore] = []
-
-    def open_store() -> UserStore:
-        stores.append(UserStore(db))
-        return stores[-1]
-
-    yield open_store
-    for store in stores:
-        store.close()
+def opened(stores: Opener) -> Callable[[], UserStoreProtocol]:
+    """Open stores on the test's file or database (each one stands for a worker); closed afterwards."""
+    return stores.users
 
 
 @pytest.fixture
-def store(opened: Callable[[], UserStore]) -> UserStore:
+def store(opened: Callable[[], UserStoreProtocol]) -> UserStoreProtocol:
     return opened()
 
 
-def test_add_and_get(store: UserStore, pw_hash: str) -> None:
+def test_add_and_get(store: UserStoreProtocol, pw_hash: str) -> None:
     added = store.add_user("LC000001", pw_hash, ["tdnet", "clearing"], now=NOW)
     got = store.get_user("LC000001")
     assert got == added
@@ -75,27 +69,28 @@ def test_add_and_get(store: UserStore, pw_hash: str) -> None:
     assert pw_hash not in repr(got)
 
 
-def test_get_is_exact(store: UserStore, pw_hash: str) -> None:
+def test_get_is_exact(store: UserStoreProtocol, pw_hash: str) -> None:
     store.add_user("LC000001", pw_hash, ["tdnet"], now=NOW)
     assert store.get_user("lc000001") is None
     assert store.get_user("LC000001 ") is None
     assert store.get_user("nobody") is None
 
 
-def test_database_file_is_private(db: Path, store: UserStore) -> None:
+def test_database_file_is_private(db: Path) -> None:
+    UserStore(db).close()
     assert stat.S_IMODE(db.stat().st_mode) == 0o600
     with closing(sqlite3.connect(db)) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-def test_duplicate_user_refused(store: UserStore, pw_hash: str) -> None:
+def test_duplicate_user_refused(store: UserStoreProtocol, pw_hash: str) -> None:
     store.add_user("LC000001", pw_hash, ["tdnet"], now=NOW)
     with pytest.raises(UserExistsError, match="already exists"):
         store.add_user("LC000001", pw_hash, ["clearing"], now=NOW)
 
 
 @pytest.mark.parametrize("user_id", ["", "a" * 65, "LC 01", "LC\n01", "LC000001\n", "ユーザ", "a/b", "a:b", "a;b"])
-def test_invalid_user_ids_refused(store: UserStore, pw_hash: str, user_id: str) -> None:
+def test_invalid_user_ids_refused(store: UserStoreProtocol, pw_hash: str, user_id: str) -> None:
     with pytest.raises(InvalidUserIdError, match="invalid user ID"):
         store.add_user(user_id, pw_hash, ["tdnet"], now=NOW)
     assert store.list_users() == []
@@ -110,7 +105,7 @@ def test_user_errors_are_gateway_errors() -> None:
     assert issubclass(UserError, GatewayError)
 
 
-def test_refuses_plain_password_and_empty_systems(store: UserStore, pw_hash: str) -> None:
+def test_refuses_plain_password_and_empty_systems(store: UserStoreProtocol, pw_hash: str) -> None:
     with pytest.raises(UserError, match="not an argon2id hash") as info:
         store.add_user("LC000001", "secret-plain-password", ["tdnet"], now=NOW)
     assert "secret-plain-password" not in str(info.value)
@@ -120,7 +115,7 @@ def test_refuses_plain_password_and_empty_systems(store: UserStore, pw_hash: str
         store.add_user("LC000001", pw_hash, ["TD NET"], now=NOW)
 
 
-def test_list_and_updates(store: UserStore, pw_hash: str) -> None:
+def test_list_and_updates(store: UserStoreProtocol, pw_hash: str) -> None:
     store.add_user("LC000002", pw_hash, ["tdnet"], now=NOW)
     store.add_user("LC000001", pw_hash, ["tdnet"], now=NOW, must_change_password=True)
     assert [u.user_id for u in store.list_users()] == ["LC000001", "LC000002"]
@@ -141,7 +136,7 @@ def test_list_and_updates(store: UserStore, pw_hash: str) -> None:
 
 
 @pytest.mark.parametrize("action", ["enable", "systems", "password"])
-def test_updates_of_unknown_user_fail(store: UserStore, pw_hash: str, action: str) -> None:
+def test_updates_of_unknown_user_fail(store: UserStoreProtocol, pw_hash: str, action: str) -> None:
     with pytest.raises(UserNotFoundError, match="no such user: ghost"):
         if action == "enable":
             store.set_enabled("ghost", True, now=NOW)
@@ -151,7 +146,7 @@ def test_updates_of_unknown_user_fail(store: UserStore, pw_hash: str, action: st
             store.set_password("ghost", pw_hash, temporary=True, now=NOW)
 
 
-def test_two_stores_on_one_file_see_each_others_writes(opened: Callable[[], UserStore], pw_hash: str) -> None:
+def test_two_stores_on_one_file_see_each_others_writes(opened: Callable[[], UserStoreProtocol], pw_hash: str) -> None:
     worker1, worker2 = opened(), opened()
     worker1.add_user("LC000001", pw_hash, ["tdnet"], now=NOW)
     user = worker2.get_user("LC000001")
@@ -161,13 +156,13 @@ def test_two_stores_on_one_file_see_each_others_writes(opened: Callable[[], User
     assert user is not None and not user.enabled
 
 
-def fail(store: UserStore, user_id: str, times: int, at: dt.datetime, ip: str = "192.0.2.1") -> None:
+def fail(store: UserStoreProtocol, user_id: str, times: int, at: dt.datetime, ip: str = "192.0.2.1") -> None:
     for _ in range(times):
         store.record_failure(user_id, ip, at, SETTINGS)
 
 
 @pytest.mark.parametrize("user_id", ["LC000001", "never-created"])
-def test_lockout_after_max_failures_and_its_expiry(store: UserStore, pw_hash: str, user_id: str) -> None:
+def test_lockout_after_max_failures_and_its_expiry(store: UserStoreProtocol, pw_hash: str, user_id: str) -> None:
     # Known and unknown IDs are locked the same way: a lock reveals nothing.
     store.add_user("LC000001", pw_hash, ["tdnet"], now=NOW)
     fail(store, user_id, SETTINGS.max_failures - 1, NOW)
@@ -184,7 +179,7 @@ def test_lockout_after_max_failures_and_its_expiry(store: UserStore, pw_hash: st
     assert store.record_failure(user_id, "192.0.2.1", after, SETTINGS).locked_until is None
 
 
-def test_failures_outside_the_window_do_not_lock(store: UserStore) -> None:
+def test_failures_outside_the_window_do_not_lock(store: UserStoreProtocol) -> None:
     fail(store, "LC000001", 4, NOW)
     later = NOW + SETTINGS.failure_window + dt.timedelta(seconds=1)
     result = store.record_failure("LC000001", "192.0.2.1", later, SETTINGS)
@@ -192,28 +187,28 @@ def test_failures_outside_the_window_do_not_lock(store: UserStore) -> None:
     assert result.user_failures == 1
 
 
-def test_locks_are_per_user_id(store: UserStore) -> None:
+def test_locks_are_per_user_id(store: UserStoreProtocol) -> None:
     fail(store, "LC000001", 5, NOW)
     assert store.locked_until("LC000001", NOW) is not None
     assert store.locked_until("LC000002", NOW) is None
     assert store.locked_until("lc000001", NOW) is None
 
 
-def test_clear_failures_after_success(store: UserStore) -> None:
+def test_clear_failures_after_success(store: UserStoreProtocol) -> None:
     fail(store, "LC000001", 4, NOW)
     store.clear_failures("LC000001")
     assert store.user_failures("LC000001", NOW, SETTINGS.failure_window) == 0
     assert store.record_failure("LC000001", "192.0.2.1", NOW, SETTINGS).locked_until is None
 
 
-def test_unlock(store: UserStore) -> None:
+def test_unlock(store: UserStoreProtocol) -> None:
     fail(store, "LC000001", 5, NOW)
     assert store.unlock("LC000001") is True
     assert store.locked_until("LC000001", NOW) is None
     assert store.unlock("LC000001") is False
 
 
-def test_ip_failures_counted_across_user_ids(store: UserStore) -> None:
+def test_ip_failures_counted_across_user_ids(store: UserStoreProtocol) -> None:
     for i in range(3):
         store.record_failure(f"user{i}", "198.51.100.7", NOW, SETTINGS)
     store.record_ip_failure("198.51.100.7", NOW, SETTINGS)
@@ -223,7 +218,7 @@ def test_ip_failures_counted_across_user_ids(store: UserStore) -> None:
     assert store.ip_failures("198.51.100.7", later, SETTINGS.failure_window) == 0
 
 
-def test_lock_is_shared_between_workers(opened: Callable[[], UserStore]) -> None:
+def test_lock_is_shared_between_workers(opened: Callable[[], UserStoreProtocol]) -> None:
     worker1, worker2 = opened(), opened()
     for i in range(5):
         (worker1 if i % 2 else worker2).record_failure("LC000001", "192.0.2.1", NOW, SETTINGS)
@@ -232,7 +227,7 @@ def test_lock_is_shared_between_workers(opened: Callable[[], UserStore]) -> None
     assert worker1.locked_until("LC000001", NOW) is None
 
 
-def test_concurrent_failures_lock_exactly_once(opened: Callable[[], UserStore]) -> None:
+def test_concurrent_failures_lock_exactly_once(opened: Callable[[], UserStoreProtocol]) -> None:
     # Many threads on two connections: the read-modify-write is atomic, so
     # exactly one failure starts the lock and none is lost.
     stores = [opened(), opened()]
@@ -253,14 +248,14 @@ def test_concurrent_failures_lock_exactly_once(opened: Callable[[], UserStore]) 
     assert stores[0].ip_failures("192.0.2.1", NOW, SETTINGS.failure_window) == 5
 
 
-def test_purge_drops_old_rows(store: UserStore) -> None:
+def test_purge_drops_old_rows(store: UserStoreProtocol) -> None:
     fail(store, "LC000001", 5, NOW)  # locks and clears the user's rows; 5 ip rows stay
     later = NOW + SETTINGS.lockout + dt.timedelta(seconds=1)
     assert store.purge(later, SETTINGS.failure_window) == 6
     assert store.purge(later, SETTINGS.failure_window) == 0
 
 
-def test_naive_datetimes_refused(store: UserStore, pw_hash: str) -> None:
+def test_naive_datetimes_refused(store: UserStoreProtocol, pw_hash: str) -> None:
     with pytest.raises(ValueError, match="naive"):
         store.add_user("LC000001", pw_hash, ["tdnet"], now=dt.datetime(2025, 1, 1))
 
@@ -281,7 +276,7 @@ def test_unopenable_path_is_a_store_error(tmp_path: Path) -> None:
         UserStore(blocker / "gateway.db")
 
 
-def test_login_state_snapshot(store: UserStore, pw_hash: str) -> None:
+def test_login_state_snapshot(store: UserStoreProtocol, pw_hash: str) -> None:
     store.add_user("LC000001", pw_hash, ["tdnet"], now=NOW)
     fail(store, "LC000001", 5, NOW, ip="203.0.113.9")
     state = store.login_state("LC000001", "203.0.113.9", NOW, SETTINGS.failure_window)
@@ -293,7 +288,9 @@ def test_login_state_snapshot(store: UserStore, pw_hash: str) -> None:
     assert empty == LoginState(None, None, 0)
 
 
-def edge_login(store: UserStore, user_id: str, password: str, now: dt.datetime, ip: str = "192.0.2.50") -> Reason:
+def edge_login(
+    store: UserStoreProtocol, user_id: str, password: str, now: dt.datetime, ip: str = "192.0.2.50"
+) -> Reason:
     """What the login handler does around decide_login (the lead's edge, in miniature)."""
     state = store.login_state(user_id, ip, now, SETTINGS.failure_window)
     if state.user is not None and state.user.enabled:
@@ -320,7 +317,9 @@ def edge_login(store: UserStore, user_id: str, password: str, now: dt.datetime, 
     return outcome.verdict.reason
 
 
-def test_unknown_user_and_wrong_password_give_the_same_answers(opened: Callable[[], UserStore], pw_hash: str) -> None:
+def test_unknown_user_and_wrong_password_give_the_same_answers(
+    opened: Callable[[], UserStoreProtocol], pw_hash: str
+) -> None:
     store = opened()
     store.add_user("LC000001", pw_hash, ["tdnet"], now=NOW)
     store.add_user("LC000003", pw_hash, ["tdnet"], now=NOW, enabled=False)
@@ -335,7 +334,7 @@ def test_unknown_user_and_wrong_password_give_the_same_answers(opened: Callable[
     assert edge_login(store, "LC000001", "correct horse battery", after) is Reason.OK
 
 
-def test_rate_limit_per_address_across_user_ids(opened: Callable[[], UserStore]) -> None:
+def test_rate_limit_per_address_across_user_ids(opened: Callable[[], UserStoreProtocol]) -> None:
     store = opened()
     for i in range(SETTINGS.ip_max_failures):
         assert edge_login(store, f"U{i}", "wrong password!", NOW) is Reason.BAD_CREDENTIALS

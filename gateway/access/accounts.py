@@ -33,7 +33,8 @@ from gateway.access.passwords import (
     verify_password,
 )
 from gateway.access.policy import LoginAttempt, LoginOutcome, LoginSettings, decide_login
-from gateway.access.users import User, UserStore
+from gateway.access.users import User
+from gateway.storage.interfaces import UserStoreProtocol
 from gateway.verdict import Reason, Verdict
 
 T = TypeVar("T")
@@ -192,7 +193,7 @@ class LoginResult:
 class Accounts:
     """The password half of a login, against one user store."""
 
-    def __init__(self, users: UserStore, settings: LoginSettings, run: Runner) -> None:
+    def __init__(self, users: UserStoreProtocol, settings: LoginSettings, run: Runner) -> None:
         self.users = users
         self.settings = settings
         self._run = run

@@ -14,11 +14,15 @@ landing page unless a backend is mounted there. As the gateway's
 * ``passthrough`` mode: the backend keeps its own login form; its login POST
   is forwarded only when the user field equals the certificate's CN.
 
-Blocking work (argon2, SQLite writes) runs in a thread pool. The per-request
+Blocking work (argon2, database writes) runs in a thread pool. The per-request
 session read goes through a :class:`~gateway.access.sessions.SessionCache`, inline
 on a read-only connection of its own: mostly a ``PRAGMA data_version`` and a
 dict lookup, else one primary-key SELECT on a WAL database (WAL readers
 never wait for writers, and a thread hop would cost more than the read).
+With ``database:`` (PostgreSQL, shared by several instances) the stores come
+from :class:`~gateway.storage.backends.Backend`, the cache is kept current by
+LISTEN/NOTIFY (:mod:`gateway.storage.pg_sessions`), and anything that needs
+the unreachable database is answered ``service_unavailable`` (503).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from gateway import metrics
 from gateway.access.accounts import (
@@ -59,9 +64,7 @@ from gateway.access.sessions import (
     SESSION_COOKIE,
     TOUCH_INTERVAL,
     SessionCache,
-    SessionReader,
     SessionRecord,
-    SessionStore,
     check_login_csrf,
     check_session_csrf,
     clear_cookie_header,
@@ -72,13 +75,17 @@ from gateway.access.sessions import (
     set_cookie_header,
     sign,
 )
-from gateway.access.users import UserStore
 from gateway.app import RUNTIME, forward_to, proxy_handler
 from gateway.audit.events import EventKind
 from gateway.audit.workspace import AuditWorkspace
 from gateway.certs.policy import PeerCertificate
 from gateway.config import SYSTEMS, Backend, Config
 from gateway.keys import PEER, USER
+from gateway.storage.backends import Backend as Storage
+from gateway.storage.pg_sessions import SCHEMA as SESSIONS_SCHEMA
+from gateway.storage.pg_sessions import PgSessionReader
+from gateway.storage.pg_users import SCHEMA as USERS_SCHEMA
+from gateway.storage.postgres import DatabaseUnavailable, check_schema
 from gateway.verdict import Reason, Verdict
 from gateway.web.messages import Message, message_for
 from gateway.web.pages import render
@@ -86,6 +93,8 @@ from gateway.web.responses import NO_STORE, wants_json
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+# At most one "database unavailable" log line per worker this often (the refusals are all audited).
+UNAVAILABLE_LOG_INTERVAL = 60.0
 SYSTEM_LABELS = {"tdnet": "TDnet", "j-iriss": "J-IRISS", "clearing": "清算受渡 / Clearing"}
 
 
@@ -96,16 +105,25 @@ def _jst(when: dt.datetime) -> str:
 class LoginAccess:
     """Login pages and the per-request session check (one per worker)."""
 
-    def __init__(self, config: Config, audit: Any) -> None:
+    def __init__(self, config: Config, audit: Any, storage: Storage | None = None) -> None:
         self.config = config
         self.audit = audit
         self.paths = config.gateway_paths
         self.login_link = ((self.paths.login, "ログイン画面へ", "Back to login"),)
         self.key = load_session_key(config.session.secret_file)
-        self.users = UserStore(config.users.database)
-        self.sessions = SessionStore(config.users.database)  # writes, from the pool
-        self.reader = SessionReader(config.users.database)  # reads, inline on the loop, never writes
+        # SQLite files or the shared PostgreSQL database: the config decides, in Backend.
+        self.storage = storage or Storage(config, role="gateway", workers=config.workers)
+        self._owns_storage = storage is None
+        self.users = self.storage.users()
+        self.sessions = self.storage.sessions()  # writes, from the pool
+        self.reader = self.storage.session_reader()  # reads, inline on the loop, never writes
         self.session_cache = SessionCache(self.reader, self.key)
+        try:
+            self._check_schemas()
+        except BaseException:
+            self.storage.close()
+            raise
+        self._unavailable_logged = -UNAVAILABLE_LOG_INTERVAL
         self.settings = LoginSettings.from_config(config.login)
         self.limits = SessionLimits.from_config(config.session)
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="login")
@@ -130,8 +148,11 @@ class LoginAccess:
         app.router.add_get(paths.landing, self.landing)
         app.router.add_get(paths.landing.rstrip("/"), self.to_landing)
         app.router.add_get("/", self.root)
+        # The workspace's protocol names the SQLite UserStore; it only calls get_user, which every store has.
         AuditWorkspace(self).setup(app)  # <prefix>audit, for users with the auditor role
+        app.middlewares.append(self._database_errors())
         app.on_startup.append(self._warm)
+        app.on_startup.append(self._listen)
         app.cleanup_ctx.append(self._housekeeping)
         app.on_cleanup.append(self._close)
 
@@ -156,12 +177,72 @@ class LoginAccess:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
+    async def _listen(self, app: web.Application) -> None:
+        """PostgreSQL: hear other instances' session changes, on this worker's loop, before serving."""
+        if isinstance(self.reader, PgSessionReader):
+            self.reader.start()
+            assert self.config.database is not None
+            if not await self.reader.listener.wait_up(self.config.database.connect_timeout):
+                log.warning("database listener not connected yet: sessions are refused until it is")
+
+    def _check_schemas(self) -> None:
+        """A schema that is behind stops the start (``gateway db migrate`` first); an unreachable
+        database does not: the worker answers ``service_unavailable`` until it is back."""
+        if self.storage.db is None:
+            return
+        try:
+            for schema in (USERS_SCHEMA, SESSIONS_SCHEMA):
+                check_schema(self.storage.db, schema)
+        except DatabaseUnavailable as exc:
+            log.warning("database unreachable at start-up (schema not checked): %s", exc)
+
     async def _close(self, app: web.Application) -> None:
         loop = asyncio.get_running_loop()
+        if isinstance(self.reader, PgSessionReader):
+            await self.reader.stop()
         await loop.run_in_executor(None, self.toucher.shutdown, True)
         await loop.run_in_executor(None, self.pool.shutdown, True)
         for store in (self.users, self.sessions, self.reader):
             store.close()
+        if self._owns_storage:
+            self.storage.close()
+
+    def database_health(self) -> tuple[bool, dict[str, Any]]:
+        """For /healthz: False while the session listener is down (sessions are served from memory, then refused)."""
+        if not isinstance(self.reader, PgSessionReader):
+            return True, {}
+        down_for = self.reader.down_for
+        if down_for is None:
+            return True, {"database": "ok"}
+        why = f"listener down for {down_for:.0f} s; sessions refused after {self.reader.grace:g} s"
+        return False, {"database": why}
+
+    def _database_up(self) -> bool:
+        return not isinstance(self.reader, PgSessionReader) or self.reader.listener.up
+
+    def _database_errors(self) -> Middleware:
+        """A login or session check that needs the unreachable database: 503 ``service_unavailable``.
+
+        Audited with a support ID like every refusal; logged once a minute at most, without a
+        traceback (an outage is one event, not one per request).
+        """
+
+        @web.middleware
+        async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+            try:
+                return await handler(request)
+            except DatabaseUnavailable as exc:
+                return self._unavailable(request, exc)
+
+        return middleware
+
+    def _unavailable(self, request: web.Request, exc: DatabaseUnavailable) -> web.StreamResponse:
+        verdict = Verdict.deny(Reason.SERVICE_UNAVAILABLE, str(exc))
+        now = asyncio.get_running_loop().time()
+        if now - self._unavailable_logged >= UNAVAILABLE_LOG_INTERVAL:
+            self._unavailable_logged = now
+            log.warning("refusing logins and session checks: %s", exc)
+        return request.app[RUNTIME].refuse(request, verdict, peer=request.get(PEER))
 
     def _now(self, request: web.Request) -> dt.datetime:
         return request.app[RUNTIME].clock()
@@ -195,7 +276,8 @@ class LoginAccess:
         if not verdict.allowed:
             return await self._session_refused(request, verdict, session, peer)
         assert session is not None
-        if now - session.last_seen >= TOUCH_INTERVAL:
+        # During an outage a touch would only queue up behind the pool's timeout.
+        if now - session.last_seen >= TOUCH_INTERVAL and self._database_up():
             touch = asyncio.get_running_loop().run_in_executor(
                 self.toucher, self.sessions.touch, session.session_id, now
             )
@@ -206,7 +288,10 @@ class LoginAccess:
         """The session check of :meth:`authorize`, again, for a long-lived WebSocket."""
         if backend.login.mode == "passthrough":
             return True
-        session = self._session(request)
+        try:
+            session = self._session(request)
+        except DatabaseUnavailable:
+            return False  # past the outage grace: a long-lived WebSocket ends like any request is refused
         return decide_session(session, peer.fingerprint, backend.system_name, self._now(request), self.limits).allowed
 
     async def _session_refused(
@@ -536,7 +621,9 @@ def same_path(a: str, b: str) -> bool:
 
 
 def _log_touch_failure(future: asyncio.Future[bool]) -> None:
-    if not future.cancelled() and future.exception() is not None:
+    if future.cancelled() or isinstance(future.exception(), DatabaseUnavailable):
+        return  # an outage is logged once, by the listener and the refusals
+    if future.exception() is not None:
         log.error("session last_seen update failed", extra={"error": str(future.exception())})
 
 

@@ -21,7 +21,9 @@ answers from memory while ``PRAGMA data_version`` says no other connection
 has committed to the file, and otherwise drops everything and reads again
 (:meth:`SessionStore.get`, one SELECT by primary key). All store methods
 block; from async code use an executor (the cache's reads are cheap enough
-to run inline).
+to run inline). On PostgreSQL (:mod:`gateway.storage.pg_sessions`) the
+same cache is told of each change by LISTEN/NOTIFY instead
+(:meth:`SessionCache.invalidate`).
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from gateway.access.policy import SessionLimits
 from gateway.access.users import from_epoch, join_systems, split_systems, to_epoch
@@ -120,7 +123,7 @@ class SessionStore(SqliteStore):
                 " must_change_password, csrf_token, created_at, last_seen)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    _id_hash(session_id),
+                    id_hash(session_id),
                     user_id,
                     cert_fingerprint.lower(),
                     join_systems(systems),
@@ -134,27 +137,15 @@ class SessionStore(SqliteStore):
 
     def get(self, session_id: str) -> SessionRecord | None:
         """The session with this id, expired or not (decide_session judges), or None."""
-        if not _TOKEN_RE.fullmatch(session_id):
+        if not well_formed_id(session_id):
             return None
         with self._guard() as conn:
             row = conn.execute(
                 "SELECT user_id, cert_fingerprint, systems, must_change_password, csrf_token,"
                 " created_at, last_seen FROM sessions WHERE id_hash = ?",
-                (_id_hash(session_id),),
+                (id_hash(session_id),),
             ).fetchone()
-        if row is None:
-            return None
-        user_id, fingerprint, systems, must_change, csrf_token, created, seen = row
-        return SessionRecord(
-            session_id=session_id,
-            user_id=user_id,
-            cert_fingerprint=fingerprint,
-            systems=split_systems(systems),
-            must_change_password=bool(must_change),
-            csrf_token=csrf_token,
-            created_at=from_epoch(created),
-            last_seen=from_epoch(seen),
-        )
+        return None if row is None else session_record(session_id, row)
 
     def touch(self, session_id: str, now: dt.datetime, *, last_seen: dt.datetime | None = None) -> bool:
         """Move ``last_seen`` to ``now`` if it is older than TOUCH_INTERVAL.
@@ -167,14 +158,14 @@ class SessionStore(SqliteStore):
         with self._guard() as conn:
             cursor = conn.execute(
                 "UPDATE sessions SET last_seen = ? WHERE id_hash = ? AND last_seen <= ?",
-                (to_epoch(now), _id_hash(session_id), to_epoch(now - TOUCH_INTERVAL)),
+                (to_epoch(now), id_hash(session_id), to_epoch(now - TOUCH_INTERVAL)),
             )
             return cursor.rowcount > 0
 
     def delete(self, session_id: str) -> bool:
         """End one session (logout); True if it existed."""
         with self._guard() as conn:
-            cursor = conn.execute("DELETE FROM sessions WHERE id_hash = ?", (_id_hash(session_id),))
+            cursor = conn.execute("DELETE FROM sessions WHERE id_hash = ?", (id_hash(session_id),))
             return cursor.rowcount > 0
 
     def delete_for_user(self, user_id: str) -> int:
@@ -225,6 +216,19 @@ class SessionReader(SessionStore):
             row = conn.execute("PRAGMA data_version").fetchone()
         return int(row[0])
 
+    def watch(self, invalidate: Callable[[str | None], None]) -> None:
+        """Nothing to watch: ``data_version`` already sees every commit to the file."""
+
+
+class CacheReader(Protocol):
+    """What :class:`SessionCache` uses of its reader (the storage interfaces' SessionReaderProtocol has it all)."""
+
+    def get(self, session_id: str) -> SessionRecord | None: ...
+
+    def data_version(self) -> int: ...
+
+    def watch(self, invalidate: Callable[[str | None], None]) -> None: ...
+
 
 class SessionCache:
     """The per-request cookie → session lookup of one worker, answered from memory when it can.
@@ -246,15 +250,32 @@ class SessionCache:
     Only cookies with a valid signature are kept (a forged cookie costs an
     HMAC each time but cannot push live sessions out), and the whole cache
     starts over when full, so memory stays bounded.
+
+    A reader whose database cannot bump a version on every commit (PostgreSQL,
+    shared by other hosts) is told of changes instead: it calls
+    :meth:`invalidate` with the changed session's id hash, or None for
+    "anything may have changed", and bumps its own ``data_version`` for the latter.
     """
 
-    def __init__(self, reader: SessionReader, key: bytes, max_entries: int = SESSION_CACHE_ENTRIES) -> None:
+    def __init__(self, reader: CacheReader, key: bytes, max_entries: int = SESSION_CACHE_ENTRIES) -> None:
         self.reader = reader
         self._key = key
         self._max_entries = max_entries
         self._entries: dict[str, SessionRecord | None] = {}
+        self._cookies: dict[str, str] = {}  # id hash -> the cookie its entry is kept under
         self._version: int | None = None
         self._lock = threading.Lock()  # the event loop is the normal caller; threads stay safe
+        reader.watch(self.invalidate)
+
+    def invalidate(self, hashed: str | None) -> None:
+        """Forget the session with this id hash (a write elsewhere changed or ended it); None: forget all."""
+        with self._lock:
+            if hashed is None:
+                self._clear()
+                return
+            cookie = self._cookies.pop(hashed, None)
+            if cookie is not None:
+                self._entries.pop(cookie, None)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -271,19 +292,24 @@ class SessionCache:
             if session_id is None:
                 return None
             record = self.reader.get(session_id)
-            self._remember(cookie, record)
+            self._remember(cookie, id_hash(session_id), record)
             return record
 
     def _drop_if_changed(self) -> None:
         version = self.reader.data_version()
         if version != self._version:
-            self._entries.clear()
+            self._clear()
             self._version = version
 
-    def _remember(self, cookie: str, record: SessionRecord | None) -> None:
+    def _clear(self) -> None:
+        self._entries.clear()
+        self._cookies.clear()
+
+    def _remember(self, cookie: str, hashed: str, record: SessionRecord | None) -> None:
         if len(self._entries) >= self._max_entries:
-            self._entries.clear()
+            self._clear()
         self._entries[cookie] = record
+        self._cookies[hashed] = cookie
 
 
 def cookie_value(header: str | None, name: str) -> str | None:
@@ -303,7 +329,29 @@ def cookie_value(header: str | None, name: str) -> str | None:
     return None
 
 
-def _id_hash(session_id: str) -> str:
+def well_formed_id(session_id: str) -> bool:
+    """True for text that could be a session id (anything else is not even looked up)."""
+    return _TOKEN_RE.fullmatch(session_id) is not None
+
+
+def session_record(session_id: str, row: Sequence[Any]) -> SessionRecord:
+    """A record from a row of (user_id, cert_fingerprint, systems, must_change_password, csrf_token,
+    created_at, last_seen): the same columns in every backend."""
+    user_id, fingerprint, systems, must_change, csrf_token, created, seen = row
+    return SessionRecord(
+        session_id=session_id,
+        user_id=user_id,
+        cert_fingerprint=fingerprint,
+        systems=split_systems(systems),
+        must_change_password=bool(must_change),
+        csrf_token=csrf_token,
+        created_at=from_epoch(created),
+        last_seen=from_epoch(seen),
+    )
+
+
+def id_hash(session_id: str) -> str:
+    """The sessions table's key for a session id (the id itself is never stored)."""
     return hashlib.sha256(session_id.encode("ascii", "replace")).hexdigest()
 
 

@@ -210,7 +210,7 @@ class UserStore(SqliteStore):
     ) -> User:
         """Create an account; raise UserExistsError if the ID is taken."""
         validate_user_id(user_id)
-        _check_hash(password_hash)
+        check_hash(password_hash)
         wanted = validate_systems(systems)
         granted = validate_roles(roles)
         at = to_epoch(now)
@@ -264,7 +264,7 @@ class UserStore(SqliteStore):
 
     def set_password(self, user_id: str, password_hash: str, *, temporary: bool, now: dt.datetime) -> None:
         """Store a new hash; ``temporary`` forces a change at the next login."""
-        _check_hash(password_hash)
+        check_hash(password_hash)
         self._update(user_id, "password_hash = ?, must_change_password = ?", (password_hash, temporary), now)
 
     def _update(self, user_id: str, assignments: str, values: tuple[object, ...], now: dt.datetime) -> None:
@@ -382,7 +382,7 @@ class UserStore(SqliteStore):
         return int(row[0])
 
 
-def _check_hash(password_hash: str) -> None:
+def check_hash(password_hash: str) -> None:
     # A guard against storing a plain password by mistake; the text of the
     # refused value is deliberately not in the message.
     if not password_hash.startswith(HASH_PREFIX):

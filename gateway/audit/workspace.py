@@ -55,14 +55,14 @@ from gateway.web.responses import NO_STORE
 
 if TYPE_CHECKING:
     from gateway.access.sessions import SessionRecord
-    from gateway.access.users import UserStore
     from gateway.config import Config, GatewayPaths
+    from gateway.storage.interfaces import UserStoreProtocol
 
 
 class LoginAccess(Protocol):
     """What the workspace uses of the login layer (a protocol: the login layer imports this module)."""
 
-    users: UserStore
+    users: UserStoreProtocol
     config: Config
     paths: GatewayPaths
 

@@ -64,7 +64,6 @@ from gateway.access.passwords import (
 from gateway.access.policy import LoginSettings, SessionLimits, decide_session, safe_next
 from gateway.access.sessions import (
     SessionRecord,
-    SessionStore,
     check_login_csrf,
     check_session_csrf,
     clear_cookie_header,
@@ -75,7 +74,6 @@ from gateway.access.sessions import (
     sign,
     unsign,
 )
-from gateway.access.users import UserStore
 from gateway.audit.events import AuditEvent, EventKind, connection_fields, new_support_id
 from gateway.ca import issuance
 from gateway.ca.authority import CaSettings, CertificateAuthority, IssuanceRefused
@@ -87,6 +85,7 @@ from gateway.certs import p12
 from gateway.certs.p12 import P12Format
 from gateway.config import Config, PortalConfig
 from gateway.errors import CaError, ConfigError, PkiError, listener_error
+from gateway.storage.backends import Backend as Storage
 from gateway.verdict import Reason, Verdict
 from gateway.web.messages import message_for
 from gateway.web.pages import render
@@ -274,8 +273,10 @@ class Portal:
         self.clock = clock
         self.session_clock = session_clock
         self.key = load_session_key(config.session.secret_file)
-        self.users = UserStore(config.users.database)
-        self.sessions = SessionStore(config.users.database)
+        # SQLite files or the shared PostgreSQL database (the config's ``database:``), as the gateway.
+        self.storage = Storage(config, role="portal")
+        self.users = self.storage.users()
+        self.sessions = self.storage.sessions()  # PostgreSQL: its ends and changes reach every gateway's cache
         self.settings = LoginSettings.from_config(config.login)
         self.limits = SessionLimits.from_config(config.session)
         self.accounts = accounts.Accounts(self.users, self.settings, self._run)
@@ -332,6 +333,7 @@ class Portal:
         self.pool.shutdown(wait=True)
         self.users.close()
         self.sessions.close()
+        self.storage.close()
 
     def _session(self, request: web.Request) -> SessionRecord | None:
         cookie = request.cookies.get(SESSION_COOKIE)

@@ -24,11 +24,11 @@ from gateway.access.passwords import (
     hash_password,
     policy_message,
 )
-from gateway.access.sessions import SessionStore
-from gateway.access.users import ROLES, User, UserError, UserStore, validate_roles
+from gateway.access.users import ROLES, User, UserError, validate_roles
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.cli.common import add_config_argument, config_path
 from gateway.config import SYSTEMS, Config, load_config
+from gateway.storage.backends import Backend as Storage
 from gateway.web.messages import plural
 
 
@@ -182,7 +182,7 @@ def cmd_add(args: argparse.Namespace) -> int:
     roles = validate_roles(_split(args.roles))
     temporary = not args.password_stdin
     password = generate_temporary_password() if temporary else _read_password(args.user_id, config)
-    with UserStore(config.users.database) as store:
+    with Storage(config, role="cli") as storage, storage.users() as store:
         store.add_user(
             args.user_id,
             hash_password(password),
@@ -204,7 +204,7 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_list(args: argparse.Namespace) -> int:
     config = load_config(config_path(args.config))
     now = _now()
-    with UserStore(config.users.database) as store:
+    with Storage(config, role="cli") as storage, storage.users() as store:
         rows = [_describe(user, store.locked_until(user.user_id, now)) for user in store.list_users()]
     if args.format == "json":
         print(json.dumps(rows, ensure_ascii=False, indent=2))
@@ -243,7 +243,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 def cmd_set_enabled(args: argparse.Namespace) -> int:
     config = load_config(config_path(args.config))
-    with UserStore(config.users.database) as store:
+    with Storage(config, role="cli") as storage, storage.users() as store:
         store.set_enabled(args.user_id, args.enabled, now=_now())
     ended = 0 if args.enabled else _end_sessions(config, args.user_id)
     action = "enable" if args.enabled else "disable"
@@ -256,10 +256,10 @@ def cmd_set_enabled(args: argparse.Namespace) -> int:
 def cmd_set_systems(args: argparse.Namespace) -> int:
     config = load_config(config_path(args.config))
     systems = _parse_systems(config, args.systems)
-    with UserStore(config.users.database) as store:
+    with Storage(config, role="cli") as storage, storage.users() as store:
         store.set_systems(args.user_id, systems, now=_now())
-    with SessionStore(config.users.database) as sessions:
-        sessions.set_systems_for_user(args.user_id, systems)
+    with Storage(config, role="cli") as storage, storage.sessions() as sessions:
+        sessions.set_systems_for_user(args.user_id, systems)  # PostgreSQL: announced to every instance
     joined = ",".join(sorted(systems))
     _audit(config, args.user_id, f"users set-systems systems={joined}")
     print(f"user {args.user_id} may now use: {', '.join(sorted(systems))}", file=sys.stderr)
@@ -269,7 +269,7 @@ def cmd_set_systems(args: argparse.Namespace) -> int:
 def cmd_set_roles(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     roles = validate_roles(_split(args.roles))
-    with UserStore(config.users.database) as store:
+    with Storage(config, role="cli") as storage, storage.users() as store:
         store.set_roles(args.user_id, roles, now=_now())
     joined = ",".join(sorted(roles))
     _audit(config, args.user_id, f"users set-roles roles={joined}")
@@ -284,7 +284,7 @@ def _split(text: str) -> list[str]:
 def cmd_reset_password(args: argparse.Namespace) -> int:
     config = load_config(config_path(args.config))
     password = generate_temporary_password()
-    with UserStore(config.users.database) as store:
+    with Storage(config, role="cli") as storage, storage.users() as store:
         store.set_password(args.user_id, hash_password(password), temporary=True, now=_now())
         store.unlock(args.user_id)
     ended = _end_sessions(config, args.user_id)
@@ -299,7 +299,7 @@ def cmd_reset_password(args: argparse.Namespace) -> int:
 
 def cmd_unlock(args: argparse.Namespace) -> int:
     config = load_config(config_path(args.config))
-    with UserStore(config.users.database) as store:
+    with Storage(config, role="cli") as storage, storage.users() as store:
         existed = store.unlock(args.user_id)
         known = store.get_user(args.user_id) is not None
     _audit(config, args.user_id, f"users unlock was_locked={existed}", EventKind.ACCOUNT_UNLOCKED)
@@ -310,5 +310,6 @@ def cmd_unlock(args: argparse.Namespace) -> int:
 
 
 def _end_sessions(config: Config, user_id: str) -> int:
-    with SessionStore(config.users.database) as sessions:
+    """End the user's sessions everywhere (on PostgreSQL, every instance's cache hears of it at once)."""
+    with Storage(config, role="cli") as storage, storage.sessions() as sessions:
         return sessions.delete_for_user(user_id)

@@ -53,16 +53,31 @@ class Backend:
         self.close()
 
     def users(self) -> UserStoreProtocol:
+        if self.db is not None:
+            from gateway.storage.pg_users import PgUserStore
+
+            return PgUserStore(self.db)
         from gateway.access.users import UserStore
 
         return UserStore(self.config.users.database)
 
     def sessions(self) -> SessionStoreProtocol:
+        """The session store; on PostgreSQL its writes are announced to every instance's caches."""
+        if self.db is not None:
+            from gateway.storage.pg_sessions import PgSessionStore
+
+            return PgSessionStore(self.db)
         from gateway.access.sessions import SessionStore
 
         return SessionStore(self.config.users.database)
 
     def session_reader(self) -> SessionReaderProtocol:
+        """The reader behind a worker's session cache (PostgreSQL: start its listener on the worker's loop)."""
+        if self.db is not None:
+            from gateway.storage.pg_sessions import PgSessionReader
+
+            assert self.config.database is not None
+            return PgSessionReader(self.db, grace=self.config.database.outage_grace)
         from gateway.access.sessions import SessionReader
 
         return SessionReader(self.config.users.database)

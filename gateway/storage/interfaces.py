@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol, Self
 
 if TYPE_CHECKING:
@@ -126,10 +126,18 @@ class SessionReaderProtocol(SessionStoreProtocol, Protocol):
 
     ``data_version`` differs from the last value read iff another connection
     committed since; the cache drops its entries when it changes (SQLite:
-    ``PRAGMA data_version``; another backend needs its own change counter).
+    ``PRAGMA data_version``). PostgreSQL has no such counter across hosts:
+    its reader is told of each change by LISTEN/NOTIFY, passes the changed
+    session to ``watch``'s callback, and bumps a counter of its own when
+    everything may have changed (a "*" notification, the listener reconnecting).
+    It may raise :class:`~gateway.storage.postgres.DatabaseUnavailable` from
+    either method while the database is unreachable.
     """
 
     def data_version(self) -> int: ...
+
+    def watch(self, invalidate: Callable[[str | None], None]) -> None:
+        """Have ``invalidate(id_hash)`` called when a session changes elsewhere (None: any may have)."""
 
 
 class AuditStoreProtocol(Closable, Protocol):

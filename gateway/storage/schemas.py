@@ -23,8 +23,8 @@ from gateway.storage.postgres import Schema
 # The PostgreSQL store modules, each with a module-level ``SCHEMA``, in the order
 # ``gateway db migrate`` creates them. One line per store.
 SCHEMA_MODULES: tuple[str, ...] = (
-    # "gateway.storage.pg_users",
-    # "gateway.storage.pg_sessions",
+    "gateway.storage.pg_users",
+    "gateway.storage.pg_sessions",
     "gateway.storage.pg_audit",
     # "gateway.storage.pg_issuance",
 )

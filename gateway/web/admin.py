@@ -112,8 +112,23 @@ def health_from_metrics(backends: int, grace_seconds: float, workers: int = 1, w
                 for sample in family.samples
             )
         )
-        ok = fresh and backends > 0 and listening >= workers
-        detail = {"crl_fresh": fresh, "backends": backends, "workers_listening": listening, "workers": workers}
+        database_down = int(
+            sum(
+                sample.value
+                for family in registry.collect()
+                if family.name == "gateway_database_listeners_down"
+                for sample in family.samples
+            )
+        )
+        ok = fresh and backends > 0 and listening >= workers and database_down == 0
+        detail: dict[str, Any] = {
+            "crl_fresh": fresh,
+            "backends": backends,
+            "workers_listening": listening,
+            "workers": workers,
+        }
+        if database_down:  # PostgreSQL: sessions are served from memory for the grace, then refused
+            detail["database"] = f"session listener down in {database_down} worker(s)"
         return ok, {**detail, **crl_health_detail(next_updates, time.time(), warn_before)}
 
     return check

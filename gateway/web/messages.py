@@ -183,6 +183,15 @@ MESSAGES: dict[Reason, Message] = {
         "通信環境を確認して、もう一度お試しください。",
         "Check your network connection and try again.",
     ),
+    Reason.SERVICE_UNAVAILABLE: Message(
+        503,
+        "ただいまログインを確認できません",
+        "Logins cannot be checked right now",
+        "一時的な障害のため、ログインとセッションを確認できません。しばらくしてから再度お試しください。"
+        "解決しない場合はサポートIDをお知らせください。",
+        "A temporary fault keeps the gateway from checking logins and sessions. Try again in a few minutes; "
+        "if it persists, contact support with the ID below.",
+    ),
     Reason.LOGIN_REQUIRED: Message(
         401,
         "ログインが必要です",
