@@ -14,16 +14,15 @@ from gateway.access.sessions import SessionReader, SessionStore
 from gateway.access.users import UserStore
 from gateway.storage import postgres
 from gateway.storage.interfaces import SessionStoreProtocol, UserStoreProtocol
-from gateway.storage.pg_sessions import SCHEMA as SESSIONS_SCHEMA
 from gateway.storage.pg_sessions import PgSessionReader, PgSessionStore
-from gateway.storage.pg_users import SCHEMA as USERS_SCHEMA
 from gateway.storage.pg_users import PgUserStore
+from gateway.storage.schemas import all_schemas
 
 
 def migrate(url: str) -> None:
-    """Create the users and sessions tables, as ``gateway db migrate`` does."""
+    """Create every component's tables, as ``gateway db migrate`` does."""
     with postgres.connect(postgres.target(url)) as conn:
-        postgres.migrate(conn, [USERS_SCHEMA, SESSIONS_SCHEMA])
+        postgres.migrate(conn, all_schemas())
 
 
 class Opener:

@@ -12,10 +12,10 @@ import pytest
 from gateway.access.passwords import verify_password
 from gateway.access.policy import LoginSettings
 from gateway.audit.events import AuditEvent, AuditFilter, EventKind
-from gateway.audit.store import AuditStore
 from gateway.cli import main
 from gateway.cli import users as cli_users
-from gateway.config import Config
+from gateway.config import Config, load_config
+from gateway.storage.backends import Backend
 from gateway.storage.interfaces import SessionStoreProtocol, UserStoreProtocol
 from tests.stores import Opener
 
@@ -252,7 +252,7 @@ def test_admin_actions_reach_the_audit_store(tmp_path: Path, config: Path) -> No
     # No monkeypatch here: the real hook writes to audit.db next to the config.
     assert users(config, "add", "LC000009", "--systems", "tdnet") == 0
     assert users(config, "unlock", "LC000009") == 0
-    with AuditStore(tmp_path / "audit.db") as audit:
+    with Backend(load_config(config)) as backend, backend.audit() as audit:  # audit.db, or the database
         events = audit.query(AuditFilter(user_id="LC000009"))
     assert [e.event for e in events] == [EventKind.ACCOUNT_UNLOCKED, EventKind.ADMIN_ACTION]
     assert events[1].detail == "users add systems=tdnet"
