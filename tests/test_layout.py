@@ -71,6 +71,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "gateway.storage.postgres",
             "gateway.storage.backends",
             "gateway.storage.pg_*",
+            "gateway.storage.sqlite_*",
             "gateway.forward.upstream",
             "gateway.tls.*",
             "gateway.keys",

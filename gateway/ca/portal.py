@@ -78,8 +78,8 @@ from gateway.access.sessions import (
 from gateway.access.users import UserStore
 from gateway.audit.events import AuditEvent, EventKind, connection_fields, new_support_id
 from gateway.ca import issuance
-from gateway.ca.authority import CaSettings, CertificateAuthority, IssuanceRefused
-from gateway.ca.issuance import CertificateRecord, RevocationReason, Status
+from gateway.ca.authority import CaSettings, CertificateAuthority
+from gateway.ca.issuance import CertificateRecord, IssuanceRefused, RevocationReason, Status
 from gateway.ca.portal_admin import MeteredAudit, setup_portal_admin
 from gateway.ca.publisher import DEFAULT_INTERVAL, AuditSink, CrlPublisher, crl_event
 from gateway.certs import builders as pki
@@ -87,6 +87,7 @@ from gateway.certs import p12
 from gateway.certs.p12 import P12Format
 from gateway.config import Config, PortalConfig
 from gateway.errors import CaError, ConfigError, PkiError, listener_error
+from gateway.storage.backends import Backend
 from gateway.verdict import Reason, Verdict
 from gateway.web.messages import message_for
 from gateway.web.pages import render
@@ -903,13 +904,25 @@ def build_portal_app(
     """
     if config.ca is None:
         raise ConfigError([f"{config.path}: ca: missing; the portal needs ca.dir"])
-    ca = CertificateAuthority.open(config.ca.dir, CaSettings.from_config(config.ca))
+    settings = CaSettings.from_config(config.ca)
+    backend = Backend(config, role="portal")
+    try:
+        records = backend.issuance(config.ca.dir, busy_timeout=settings.busy_timeout)
+        ca = CertificateAuthority.open(config.ca.dir, settings, records)
+    except BaseException:
+        backend.close()
+        raise
     portal = Portal(config, MeteredAudit(audit), ca, clock or utcnow, crl_interval, session_clock or utcnow)
     app = web.Application(client_max_size=MAX_FORM_BYTES)
     app[PORTAL] = portal
     portal.setup_routes(app)
     app.on_response_prepare.append(_security_headers)
     app.cleanup_ctx.append(portal.lifecycle)
+
+    async def close_backend(_app: web.Application) -> None:
+        backend.close()  # the CA records' pool (PostgreSQL), after the portal's own cleanup
+
+    app.on_cleanup.append(close_backend)
     setup_portal_admin(app, portal)
     return app
 
