@@ -102,6 +102,10 @@ class GatewayRuntime:
     # check). All time-independent (the chain check keeps the CA dates for the per-request
     # check); they depend on the CAs and the profile settings, so a reload clears this.
     _static_verdicts: _Lru = field(default_factory=lambda: _Lru(20_000))
+    # (issuer key id, serial) revocations the CA pushed through PostgreSQL
+    # (gateway.storage.pg_issuance.RevocationFeed fills it in place): they refuse
+    # before the next CRL lists them. Only ever adds refusals; empty without a database.
+    pushed_revocations: set[tuple[bytes, int]] = field(default_factory=set)
 
     def peer_of(self, request: web.BaseRequest) -> tuple[PeerCertificate | None, bool]:
         """The client's leaf, parsed once per distinct certificate and kept per connection; (None, sent?)."""
@@ -146,7 +150,7 @@ class GatewayRuntime:
                 check_chain(peer, self.anchors),
             )
             self._static_verdicts.put(key, static)
-        return check_certificate(
+        verdict = check_certificate(
             peer,
             self.anchors,
             self.refresher.state,
@@ -155,6 +159,10 @@ class GatewayRuntime:
             shape_verdict=static[1],
             chain=static[2],
         )
+        if verdict.allowed and (peer.issuer_key_id, peer.serial) in self.pushed_revocations:
+            # Step 7 again, from the push: the same reason the CRL would give.
+            return Verdict.deny(Reason.CERTIFICATE_REVOKED, f"serial {peer.serial_hex} revoked (pushed by the CA)")
+        return verdict
 
     def clear_verdicts(self) -> None:
         """Forget cached issuer verdicts (a reload changed the CAs)."""

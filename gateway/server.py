@@ -57,6 +57,8 @@ from gateway.errors import GatewayError, StartupError, listener_error
 from gateway.forward.routing import Router
 from gateway.logs import JsonAccessLogger, setup_logging
 from gateway.sdnotify import Notifier
+from gateway.storage import postgres
+from gateway.storage.pg_issuance import RevocationFeed
 from gateway.tls.deadlines import ClientDeadlines, peer_address
 from gateway.tls.listener import BatchListener, listen
 from gateway.tls.termination import (
@@ -204,6 +206,7 @@ class GatewayWorker:
     _handler_args: dict[str, Any] = field(default_factory=dict)
     _ca_warnings: list[str] = field(default_factory=list)
     _access: AccessLayer | None = None
+    _revocation_feed: RevocationFeed | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -221,6 +224,7 @@ class GatewayWorker:
             worker=self.worker,
             clock=self.clock,
         )
+        self._start_revocation_feed(config, self.runtime)
         access = self.access_factory(config, self.audit) if self.access_factory else None
         self._access = access
         app = build_app(self.runtime, access)
@@ -252,6 +256,8 @@ class GatewayWorker:
             )
         except OSError as exc:
             await refresher.aclose()
+            if self._revocation_feed is not None:
+                await self._revocation_feed.stop()
             raise listener_error("gateway", config.listen.host, config.listen.port, exc) from exc
         self.port = self._server.sockets[0].getsockname()[1]
         metrics.WORKERS_LISTENING.inc()
@@ -433,6 +439,17 @@ class GatewayWorker:
             await self._admin_runner.cleanup()
         if self.runtime is not None:
             await self.runtime.refresher.aclose()
+        if self._revocation_feed is not None:
+            await self._revocation_feed.stop()
+
+    def _start_revocation_feed(self, config: Config, runtime: GatewayRuntime) -> None:
+        """With a ``database:``, listen for the CA's revocation pushes (see :mod:`gateway.storage.pg_issuance`)."""
+        if config.database is None:
+            return
+        where = postgres.target_of(config.database, application_name=f"tse-gateway:{config.instance}")
+        self._revocation_feed = RevocationFeed(where, clock=self.clock)
+        runtime.pushed_revocations = self._revocation_feed.revoked
+        self._revocation_feed.start()
 
 
 # ---------------------------------------------------------------------------

@@ -33,12 +33,8 @@ from cryptography.x509.verification import (
     VerificationError,
 )
 
-from gateway.ca.authority import (
-    CaSettings,
-    CertificateAuthority,
-    IssuanceRefused,
-)
-from gateway.ca.issuance import JST, RevocationReason, Status
+from gateway.ca.authority import CaSettings, CertificateAuthority
+from gateway.ca.issuance import JST, IssuanceRefused, RevocationReason, Status
 from gateway.certs import builders as pki
 from gateway.certs.files import make_throwaway_pki
 from gateway.certs.p12 import P12Format

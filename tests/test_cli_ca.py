@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psycopg
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -18,6 +19,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, p
 from gateway import cli
 from gateway.audit.events import AuditFilter, EventKind, serial_hex
 from gateway.audit.store import AuditStore
+from gateway.storage import pg_issuance, postgres
 
 
 @pytest.fixture(autouse=True)
@@ -459,3 +461,32 @@ def test_server_cert_keeps_an_existing_key_unless_forced(ca_dir: Path) -> None:
     assert forced.returncode == 0, forced.stderr
     assert (ca_dir / "server.key").read_bytes() != key_before
     assert stat.S_IMODE((ca_dir / "server.key").stat().st_mode) == 0o600
+
+
+def test_with_a_database_concurrent_cli_issues_yield_one_valid_certificate(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``gateway ca`` processes sharing PostgreSQL (as on several hosts): the database enforces the rule."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        postgres.migrate(conn, [pg_issuance.SCHEMA])
+    config = _config(tmp_path, f"ca:\n  dir: ca\ndatabase:\n  url: {pg_url}\n")
+    assert run(capsys, "ca", "init", "--config", str(config))[0] == 0
+    assert not (tmp_path / "ca" / "issuance.db").exists()  # the records are in the database
+    argv = [sys.executable, "-m", "gateway", "ca", "issue", "LC000001", "--config", str(config), "--out"]
+    procs = [
+        subprocess.Popen(
+            [*argv, str(tmp_path / f"{i}.p12")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for i in range(4)
+    ]
+    outcomes = []
+    for proc in procs:
+        _out, err = proc.communicate(timeout=120)
+        outcomes.append(proc.returncode)
+        assert proc.returncode == 0 or "証明書重複エラー" in err.decode(), err.decode()
+    assert sorted(outcomes) == [0, 2, 2, 2]
+    code, out, _ = run(capsys, "ca", "list", "--status", "valid", "--format", "json", "--config", str(config))
+    assert code == 0 and len(json.loads(out)) == 1

@@ -76,6 +76,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "gateway.storage.schemas",
             "gateway.storage.transfer",
             "gateway.storage.pg_*",
+            "gateway.storage.sqlite_*",
             "gateway.forward.upstream",
             "gateway.tls.*",
             "gateway.keys",

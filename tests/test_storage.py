@@ -17,7 +17,7 @@ from gateway.access.sessions import SessionReader, SessionStore
 from gateway.access.users import UserStore
 from gateway.audit.store import AuditStore
 from gateway.ca.authority import CertificateAuthority
-from gateway.storage import interfaces
+from gateway.storage import interfaces, pg_issuance, postgres
 from gateway.storage.interfaces import (
     AuditStoreProtocol,
     IssuanceRecordsProtocol,
@@ -25,6 +25,7 @@ from gateway.storage.interfaces import (
     SessionStoreProtocol,
     UserStoreProtocol,
 )
+from gateway.storage.sqlite_issuance import SqliteIssuanceRecords
 
 T0 = dt.datetime(2026, 11, 1, 9, 0, tzinfo=dt.UTC)
 CONTEXT = {"__enter__", "__exit__"}
@@ -65,12 +66,26 @@ def test_audit_store_satisfies_its_interface(tmp_path: Path) -> None:
         assert store.count() == 0
 
 
-def test_the_ca_satisfies_the_issuance_records_interface(tmp_path: Path) -> None:
-    records: IssuanceRecordsProtocol = CertificateAuthority.init(tmp_path / "ca", now=T0)
+def test_the_issuance_records_satisfy_their_interface(tmp_path: Path) -> None:
+    ca = CertificateAuthority.init(tmp_path / "ca", now=T0)
+    records: IssuanceRecordsProtocol = SqliteIssuanceRecords.open(ca.database_path)
     assert_satisfies(records, IssuanceRecordsProtocol)
+    assert_satisfies(ca.records, IssuanceRecordsProtocol)
     assert records.list() == []
     assert records.last_crl() is not None  # init publishes the first CRL
-    assert not records.crl_due(T0)
+    assert not records.crl_stale()
+    assert not ca.crl_due(T0)
+
+
+def test_the_postgresql_issuance_records_satisfy_their_interface(pg_url: str) -> None:
+    with postgres.Database(postgres.target(pg_url)) as db:
+        with db.connection() as conn:
+            postgres.migrate(conn, [pg_issuance.SCHEMA])
+        records: IssuanceRecordsProtocol = pg_issuance.PgIssuanceRecords.open(db)
+        assert_satisfies(records, IssuanceRecordsProtocol)
+        assert records.list() == []
+        assert records.last_crl() is None
+        assert records.crl_stale()  # nothing published yet
 
 
 def test_a_store_missing_a_method_is_caught() -> None:

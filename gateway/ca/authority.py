@@ -1,11 +1,13 @@
-"""The Tokyo Stock Exchange SSO CA: key, issuance database and CRL, on disk.
+"""The Tokyo Stock Exchange SSO CA: its key and CRL on disk, its issuance records in a store.
 
 This is the I/O edge of issuance; the rules are in :mod:`gateway.ca.issuance`
 and the certificates come from :mod:`gateway.certs.builders`. The admin CLI and the
 issuance portal both drive a :class:`CertificateAuthority`, possibly from
-several processes at once, so every state change is one short SQLite
-transaction (WAL, ``busy_timeout``) and each operation opens its own
-connection (safe from executor threads).
+several processes (and, with PostgreSQL, several hosts) at once. Signing is
+done here; record keeping is the records store's
+(:class:`~gateway.storage.interfaces.IssuanceRecordsProtocol`:
+``issuance.db`` by default, :mod:`gateway.storage.pg_issuance` with a
+``database:``), and every state change is one transaction there.
 
 Layout of the CA directory::
 
@@ -23,10 +25,10 @@ import contextlib
 import datetime as dt
 import fcntl
 import os
-import sqlite3
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -35,6 +37,8 @@ from gateway.ca import issuance
 from gateway.ca.issuance import (
     CertificateKind,
     CertificateRecord,
+    CrlEntry,
+    CrlInfo,
     RevocationReason,
     Status,
 )
@@ -43,8 +47,12 @@ from gateway.certs import p12
 from gateway.certs.files import read_pem_certs, read_private_key, write_atomic
 from gateway.certs.p12 import P12Format
 from gateway.config import CaConfig
-from gateway.errors import CaError, PkiError, StoreError
+from gateway.errors import CaError, PkiError
+from gateway.storage.sqlite_issuance import SqliteIssuanceRecords
 from gateway.verdict import Verdict
+
+if TYPE_CHECKING:
+    from gateway.storage.interfaces import IssuanceRecordsProtocol
 
 CA_CERT = "ca.pem"
 CA_CERT_DER = "ca.der"
@@ -58,44 +66,6 @@ _CRL_LOCK = ".crl.lock"
 # Re-sign the CRL when less than this share of its validity is left, so a
 # missed run or two still leaves relying parties a current CRL.
 CRL_RESIGN_FRACTION = 1 / 3
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS certificates (
-    serial TEXT PRIMARY KEY,            -- upper-case hex, no leading zeros (too big for INTEGER)
-    kind TEXT NOT NULL CHECK (kind IN ('client', 'server')),
-    user_id TEXT NOT NULL,
-    not_before INTEGER NOT NULL,        -- Unix seconds, UTC
-    not_after INTEGER NOT NULL,
-    issued_at INTEGER NOT NULL,
-    fingerprint TEXT NOT NULL,
-    requested_by TEXT NOT NULL,
-    windows_login TEXT,
-    status TEXT NOT NULL CHECK (status IN ('valid', 'revoked')),  -- 'expired' is derived
-    revoked_at INTEGER,
-    revocation_reason TEXT,
-    revoked_by TEXT,
-    der BLOB NOT NULL,
-    CHECK ((status = 'revoked') = (revoked_at IS NOT NULL))
-);
-CREATE INDEX IF NOT EXISTS certificates_user ON certificates (user_id, kind, not_after);
-CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates (not_after)
-    WHERE status = 'revoked';
-CREATE TABLE IF NOT EXISTS crls (
-    number INTEGER PRIMARY KEY,
-    this_update INTEGER NOT NULL,
-    next_update INTEGER NOT NULL,
-    entries INTEGER NOT NULL,
-    der_bytes INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta (key, value) VALUES ('crl_number', 0), ('crl_stale', 1);
-PRAGMA user_version = 1;
-"""
-
-_COLUMNS = (
-    "serial, kind, user_id, not_before, not_after, issued_at, fingerprint, requested_by, "
-    "windows_login, revoked_at, revocation_reason, revoked_by"
-)
 
 
 @dataclass(frozen=True)
@@ -136,17 +106,6 @@ class ServerFiles:
 
 
 @dataclass(frozen=True)
-class CrlInfo:
-    """What one CRL publication produced."""
-
-    number: int
-    this_update: dt.datetime
-    next_update: dt.datetime
-    entries: int
-    der_bytes: int
-
-
-@dataclass(frozen=True)
 class Revocation:
     """The revoked certificate's record and the CRL that now lists it."""
 
@@ -154,16 +113,14 @@ class Revocation:
     crl: CrlInfo
 
 
-class IssuanceRefused(CaError):
-    """A rule of the manual refused the request; ``verdict`` says which and why."""
-
-    def __init__(self, verdict: Verdict, message: str) -> None:
-        self.verdict = verdict
-        super().__init__(message)
-
-
 class CertificateAuthority:
-    """The CA directory opened for use. Cheap to create; holds no open connection."""
+    """The CA directory opened for use: signs with its key, keeps its records in ``records``.
+
+    ``records`` is the issuance-records store (``issuance.db`` in the
+    directory by default, or the shared PostgreSQL one chosen by
+    :meth:`gateway.storage.backends.Backend.issuance`); every rule that must
+    hold across processes runs inside one of its transactions.
+    """
 
     def __init__(
         self,
@@ -171,14 +128,18 @@ class CertificateAuthority:
         certificate: x509.Certificate,
         key: pki.PrivateKey,
         settings: CaSettings,
+        records: IssuanceRecordsProtocol | None = None,
     ) -> None:
         self.directory = directory
         self.certificate = certificate
         self._key = key
         self.settings = settings
+        self.records: IssuanceRecordsProtocol = records or SqliteIssuanceRecords(
+            directory / DATABASE, busy_timeout=settings.busy_timeout
+        )
 
     def __repr__(self) -> str:
-        return f"CertificateAuthority({str(self.directory)!r})"
+        return f"CertificateAuthority({str(self.directory)!r}, {self.records!r})"
 
     # -- paths -------------------------------------------------------------
 
@@ -212,47 +173,50 @@ class CertificateAuthority:
         key_type: pki.KeyType = "ec-p256",
         now: dt.datetime,
         settings: CaSettings | None = None,
+        records: IssuanceRecordsProtocol | None = None,
     ) -> CertificateAuthority:
         """Create a new CA in ``directory``; refuse if any CA file is already there.
 
         The key file is created with O_EXCL, so two racing ``init`` runs
-        cannot both succeed and nothing existing is ever replaced.
+        cannot both succeed and nothing existing is ever replaced. Without
+        ``records`` a new ``issuance.db`` is created beside the key.
         """
         directory = directory.resolve()
         present = [n for n in (CA_KEY, CA_CERT, DATABASE, CRL_DER) if (directory / n).exists()]
         if present:
             raise CaError(f"{directory}: a CA already exists here ({', '.join(present)}); refusing to overwrite it")
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        settings = settings or CaSettings()
         key = pki.generate_key(key_type)
         cert = pki.build_ca(key, now=now)
         _create_private_key(directory / CA_KEY, key)
         write_atomic(directory / CA_CERT, pki.cert_pem(cert))
         write_atomic(directory / CA_CERT_DER, cert.public_bytes(serialization.Encoding.DER))
-        ca = cls(directory, cert, key, settings or CaSettings())
-        # The issuance records (who holds which certificate) are the CA's own: 0600 like its key.
-        os.close(os.open(ca.database_path, os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o600))
-        with ca._connect() as conn:
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.executescript(_SCHEMA)
+        if records is None:
+            records = SqliteIssuanceRecords.create(directory / DATABASE, busy_timeout=settings.busy_timeout)
+        ca = cls(directory, cert, key, settings, records)
         ca.publish_crl(now)
         return ca
 
     @classmethod
-    def open(cls, directory: Path, settings: CaSettings | None = None) -> CertificateAuthority:
-        """Open an existing CA; its certificate, key and database must all be there."""
+    def open(
+        cls,
+        directory: Path,
+        settings: CaSettings | None = None,
+        records: IssuanceRecordsProtocol | None = None,
+    ) -> CertificateAuthority:
+        """Open an existing CA; its certificate and key must be there (and ``issuance.db`` without ``records``)."""
         directory = directory.resolve()
         if not (directory / CA_CERT).is_file() or not (directory / CA_KEY).is_file():
             raise CaError(f"{directory}: no CA here (run `gateway ca init --dir {directory}`)")
-        if not (directory / DATABASE).is_file():
-            raise CaError(f"{directory}: {DATABASE} is missing; the CA's issuance records are gone")
+        settings = settings or CaSettings()
+        if records is None:
+            records = SqliteIssuanceRecords.open(directory / DATABASE, busy_timeout=settings.busy_timeout)
         cert = read_pem_certs(directory / CA_CERT)[0]
         key = read_private_key(directory / CA_KEY)
         if _spki(key) != cert.public_key().public_bytes(*_SPKI):
             raise PkiError(f"{directory}: {CA_KEY} does not belong to {CA_CERT}")
-        ca = cls(directory, cert, key, settings or CaSettings())
-        with ca._connect() as conn:
-            conn.executescript(_SCHEMA)  # idempotent; brings an older file up to date
-        return ca
+        return cls(directory, cert, key, settings, records)
 
     # -- issuing -----------------------------------------------------------
 
@@ -271,11 +235,12 @@ class CertificateAuthority:
     ) -> IssuedCertificate:
         """Issue a user's certificate if the manual's rules allow it now.
 
-        The rule check and the insert run in one ``BEGIN IMMEDIATE``
-        transaction: SQLite admits one writer at a time across threads and
-        processes, so of two simultaneous requests for one user the second
-        sees the first's certificate and is refused. The key is generated
-        before the transaction to keep it short. ``p12_format`` and
+        The rule check, the signing and the insert run in one records
+        transaction that the database serialises per user ID (SQLite:
+        ``BEGIN IMMEDIATE``; PostgreSQL: an advisory lock), so of two
+        simultaneous requests for one user, from any process or host, the
+        second sees the first's certificate and is refused. The key is
+        generated before the transaction to keep it short. ``p12_format`` and
         ``password`` choose the download (:mod:`gateway.certs.p12`; the default is
         the manual's empty password); a password that does not fit the
         format is refused before anything is issued.
@@ -286,10 +251,9 @@ class CertificateAuthority:
             raise CaError(problem[1])
         key = pki.generate_key(self.settings.client_key_type)
         not_before = _whole_seconds(now)
-        with self._transaction() as conn:
-            verdict = issuance.may_issue(self._records(conn, user=user_id), now)
-            if not verdict.allowed:
-                raise _duplicate(user_id, verdict)
+        signed: list[x509.Certificate] = []
+
+        def sign() -> tuple[CertificateRecord, bytes]:
             cert = pki.build_client_cert(
                 self.certificate,
                 self._key,
@@ -299,15 +263,12 @@ class CertificateAuthority:
                 crl_url=self.settings.crl_url,
                 windows_login=windows_login,
             )
-            record = _record_of(
-                cert,
-                "client",
-                user_id=user_id,
-                now=now,
-                by=requested_by,
-                windows_login=windows_login,
-            )
-            _insert(conn, record, cert)
+            signed.append(cert)
+            record = _record_of(cert, "client", user_id=user_id, now=now, by=requested_by, windows_login=windows_login)
+            return record, cert.public_bytes(serialization.Encoding.DER)
+
+        record = self.records.issue(user_id, now, sign)
+        cert = signed[-1]
         bundle = p12.bundle(key, cert, [self.certificate], friendly_name=user_id, fmt=p12_format, password=password)
         return IssuedCertificate(record, cert, bundle)
 
@@ -341,8 +302,7 @@ class CertificateAuthority:
         key = pki.generate_key(key_type)
         cert = pki.build_server_cert(self.certificate, self._key, key.public_key(), hostnames, now=now)
         record = _record_of(cert, "server", user_id=hostnames[0], now=now, by=requested_by, windows_login=None)
-        with self._transaction() as conn:
-            _insert(conn, record, cert)
+        self.records.add(record, cert.public_bytes(serialization.Encoding.DER))
         write_atomic(key_path, pki.key_pem(key), mode=0o600)
         write_atomic(cert_path, pki.cert_pem(cert) + pki.cert_pem(self.certificate))
         return ServerFiles(record, cert_path, key_path)
@@ -358,27 +318,15 @@ class CertificateAuthority:
         now: dt.datetime | None = None,
     ) -> builtins.list[CertificateRecord]:
         """Certificates, newest expiry first; ``status`` is judged at ``now`` (default: clock)."""
-        with self._connect() as conn:
-            records = self._records(conn, user=user, kind=kind)
-        if status is not None:
-            moment = now or dt.datetime.now(dt.UTC)
-            records = [r for r in records if issuance.status_of(r, moment) is status]
-        return issuance.sort_for_list(records)
+        return self.records.list(user, status, kind=kind, now=now)
 
     def get(self, serial: int) -> CertificateRecord:
         """One certificate's record by serial; unknown serials are an error."""
-        with self._connect() as conn:
-            return _get(conn, serial)
+        return self.records.get(serial)
 
     def certificate_of(self, serial: int) -> x509.Certificate:
         """The issued certificate itself (for a detail page or a re-check)."""
-        with self._connect() as conn:
-            row = conn.execute(
-                "SELECT der FROM certificates WHERE serial = ?", (issuance.storage_serial(serial),)
-            ).fetchone()
-        if row is None:
-            raise CaError(f"no certificate with serial {issuance.format_serial(serial)}")
-        return x509.load_der_x509_certificate(row[0])
+        return self.records.certificate_of(serial)
 
     # -- revoking and the CRL ----------------------------------------------
 
@@ -395,23 +343,11 @@ class CertificateAuthority:
 
         ``owner`` is the portal user asking (users revoke only their own);
         None means an administrator. The revocation is committed before the
-        CRL is built; if publishing fails the database keeps a "CRL stale"
-        mark, so :meth:`crl_due` asks for it again.
+        CRL is built (with PostgreSQL it is also pushed to every gateway in
+        that transaction); if publishing fails the records keep a "CRL
+        stale" mark, so :meth:`crl_due` asks for it again.
         """
-        with self._transaction() as conn:
-            record = _get(conn, serial)
-            verdict = issuance.may_revoke(record, now, owner=owner)
-            if not verdict.allowed:
-                why = f"cannot revoke {record.serial_hex}: {verdict.detail}"
-                raise IssuanceRefused(verdict, why)
-            at = _whole_seconds(now)
-            conn.execute(
-                "UPDATE certificates SET status = 'revoked', revoked_at = ?, "
-                "revocation_reason = ?, revoked_by = ? WHERE serial = ?",
-                (_ts(at), reason.value, by, issuance.storage_serial(record.serial)),
-            )
-            conn.execute("UPDATE meta SET value = 1 WHERE key = 'crl_stale'")
-            revoked = _get(conn, serial)
+        revoked = self.records.revoke(serial, reason, now, by, owner=owner)
         return Revocation(revoked, self.publish_crl(now))
 
     def publish_crl(self, now: dt.datetime) -> CrlInfo:
@@ -420,52 +356,32 @@ class CertificateAuthority:
         Publications are serialised by a lock file, not by the database's
         write lock, so issuing is not held up while a large CRL is signed;
         the CRL number is taken in the same transaction that reads the
-        entries, so a later number always lists at least as much. Entries
-        whose certificate expired more than ``crl_drop_expired_after`` ago
-        are left out (RFC 5280 allows it once a certificate has expired).
+        entries, so a later number always lists at least as much (across
+        portals too, when the records are shared). Entries whose
+        certificate expired more than ``crl_drop_expired_after`` ago are
+        left out (RFC 5280 allows it once a certificate has expired).
         """
         this_update = _whole_seconds(now)
         next_update = this_update + self.settings.crl_next_update
         cutoff = this_update - self.settings.crl_drop_expired_after
         with self._crl_lock():
-            with self._transaction() as conn:
-                number = conn.execute(
-                    "UPDATE meta SET value = value + 1 WHERE key = 'crl_number' RETURNING value"
-                ).fetchone()[0]
-                conn.execute("UPDATE meta SET value = 0 WHERE key = 'crl_stale'")
-                rows = conn.execute(
-                    "SELECT serial, revoked_at, revocation_reason FROM certificates "
-                    "WHERE status = 'revoked' AND not_after >= ?",
-                    (_ts(cutoff),),
-                ).fetchall()
+            number, entries = self.records.start_crl(cutoff)
             try:
-                info = self._write_crl(rows, number, this_update, next_update)
+                info = self._write_crl(entries, number, this_update, next_update)
             except BaseException:
-                with self._transaction() as conn:
-                    conn.execute("UPDATE meta SET value = 1 WHERE key = 'crl_stale'")
+                self.records.mark_crl_stale()
                 raise
-            with self._transaction() as conn:
-                conn.execute(
-                    "INSERT INTO crls (number, this_update, next_update, entries, der_bytes) VALUES (?, ?, ?, ?, ?)",
-                    (number, _ts(this_update), _ts(next_update), info.entries, info.der_bytes),
-                )
+            self.records.finish_crl(info)
         return info
 
     def _write_crl(
         self,
-        rows: builtins.list[tuple[str, int, str | None]],
+        rows: builtins.list[CrlEntry],
         number: int,
         this_update: dt.datetime,
         next_update: dt.datetime,
     ) -> CrlInfo:
-        entries = [
-            pki.RevokedEntry(
-                int(serial, 16),
-                _from_ts(revoked_at),
-                RevocationReason(reason).flag if reason else None,
-            )
-            for serial, revoked_at, reason in rows
-        ]
+        entries = [pki.RevokedEntry(e.serial, e.revoked_at, e.reason.flag if e.reason else None) for e in rows]
         crl = pki.build_crl(
             self.certificate,
             self._key,
@@ -481,13 +397,7 @@ class CertificateAuthority:
 
     def last_crl(self) -> CrlInfo | None:
         """The most recent successful publication, if any."""
-        with self._connect() as conn:
-            row = conn.execute(
-                "SELECT number, this_update, next_update, entries, der_bytes FROM crls ORDER BY number DESC LIMIT 1"
-            ).fetchone()
-        if row is None:
-            return None
-        return CrlInfo(row[0], _from_ts(row[1]), _from_ts(row[2]), row[3], row[4])
+        return self.records.last_crl()
 
     def crl_due(self, now: dt.datetime) -> bool:
         """Should the scheduler publish now?
@@ -499,60 +409,12 @@ class CertificateAuthority:
         last = self.last_crl()
         if last is None or not self.crl_der_path.is_file() or not self.crl_pem_path.is_file():
             return True
-        with self._connect() as conn:
-            stale = conn.execute("SELECT value FROM meta WHERE key = 'crl_stale'").fetchone()[0]
-        if stale:
+        if self.records.crl_stale():
             return True
         validity = last.next_update - last.this_update
         return last.next_update - now < validity * CRL_RESIGN_FRACTION
 
     # -- plumbing ----------------------------------------------------------
-
-    def _records(
-        self,
-        conn: sqlite3.Connection,
-        *,
-        user: str | None = None,
-        kind: CertificateKind | None = "client",
-    ) -> builtins.list[CertificateRecord]:
-        clauses, params = [], []
-        if user is not None:
-            clauses.append("user_id = ?")
-            params.append(user)
-        if kind is not None:
-            clauses.append("kind = ?")
-            params.append(kind)
-        where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = conn.execute(f"SELECT {_COLUMNS} FROM certificates{where}", params).fetchall()  # noqa: S608
-        return [_row_record(row) for row in rows]
-
-    def _connect(self) -> contextlib.closing[sqlite3.Connection]:
-        try:
-            conn = sqlite3.connect(self.database_path, timeout=self.settings.busy_timeout, isolation_level=None)
-            conn.execute(f"PRAGMA busy_timeout = {int(self.settings.busy_timeout * 1000)}")
-        except sqlite3.Error as exc:
-            why = f"{self.database_path}: cannot open the issuance database: {exc}"
-            raise StoreError(why) from exc
-        return contextlib.closing(conn)
-
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction, taken at BEGIN so the rule check and the write see one state."""
-        with self._connect() as conn:
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                why = f"{self.database_path}: database busy or unwritable: {exc}"
-                raise StoreError(why) from exc
-            try:
-                yield conn
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise StoreError(f"{self.database_path}: commit failed: {exc}") from exc
 
     @contextlib.contextmanager
     def _crl_lock(self) -> Iterator[None]:
@@ -570,15 +432,6 @@ def _check_subject(user_id: str, windows_login: str | None) -> None:
         problem = issuance.windows_login_problem(windows_login)
     if problem is not None:
         raise CaError(problem)
-
-
-def _duplicate(user_id: str, verdict: Verdict) -> IssuanceRefused:
-    return IssuanceRefused(
-        verdict,
-        f"{issuance.DUPLICATE_TITLE_JA}: {issuance.DUPLICATE_MESSAGE_JA} "
-        f"({issuance.DUPLICATE_MESSAGE_EN} for {user_id}: {verdict.detail}; "
-        "revoke it first or wait for the renewal window)",
-    )
 
 
 def _record_of(
@@ -600,57 +453,6 @@ def _record_of(
         issued_at=_whole_seconds(now),
         windows_login=windows_login,
         kind=kind,
-    )
-
-
-def _insert(conn: sqlite3.Connection, record: CertificateRecord, cert: x509.Certificate) -> None:
-    conn.execute(
-        "INSERT INTO certificates (serial, kind, user_id, not_before, not_after, issued_at, "
-        "fingerprint, requested_by, windows_login, status, der) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'valid', ?)",
-        (
-            issuance.storage_serial(record.serial),
-            record.kind,
-            record.user_id,
-            _ts(record.not_before),
-            _ts(record.not_after),
-            _ts(record.issued_at),
-            record.fingerprint,
-            record.requested_by,
-            record.windows_login,
-            cert.public_bytes(serialization.Encoding.DER),
-        ),
-    )
-
-
-def _get(conn: sqlite3.Connection, serial: int) -> CertificateRecord:
-    row = conn.execute(
-        f"SELECT {_COLUMNS} FROM certificates WHERE serial = ?",  # noqa: S608
-        (issuance.storage_serial(serial),),
-    ).fetchone()
-    if row is None:
-        raise CaError(f"no certificate with serial {issuance.format_serial(serial)}")
-    return _row_record(row)
-
-
-def _row_record(row: tuple[object, ...]) -> CertificateRecord:
-    (serial, kind, user_id, nb, na, issued, fp, by, login, revoked_at, reason, revoked_by) = row
-    assert isinstance(serial, str) and isinstance(user_id, str)
-    assert isinstance(nb, int) and isinstance(na, int) and isinstance(issued, int)
-    assert isinstance(fp, str) and isinstance(by, str)
-    return CertificateRecord(
-        serial=int(serial, 16),
-        user_id=user_id,
-        not_before=_from_ts(nb),
-        not_after=_from_ts(na),
-        fingerprint=fp,
-        requested_by=by,
-        issued_at=_from_ts(issued),
-        windows_login=login if isinstance(login, str) else None,
-        revoked_at=_from_ts(revoked_at) if isinstance(revoked_at, int) else None,
-        revocation_reason=RevocationReason(reason) if isinstance(reason, str) else None,
-        revoked_by=revoked_by if isinstance(revoked_by, str) else None,
-        kind="server" if kind == "server" else "client",
     )
 
 
@@ -679,11 +481,3 @@ def _whole_seconds(moment: dt.datetime) -> dt.datetime:
     if moment.tzinfo is None:
         raise ValueError("naive datetime; the CA works in aware UTC")
     return moment.astimezone(dt.UTC).replace(microsecond=0)
-
-
-def _ts(moment: dt.datetime) -> int:
-    return int(moment.timestamp())
-
-
-def _from_ts(seconds: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(seconds, dt.UTC)

@@ -35,6 +35,7 @@ from typing import Literal
 from cryptography import x509
 
 from gateway.audit.events import serial_hex
+from gateway.errors import CaError
 from gateway.verdict import Reason, Verdict
 
 JST = dt.timezone(dt.timedelta(hours=9), "JST")
@@ -132,6 +133,26 @@ class CertificateRecord:
     @property
     def serial_hex(self) -> str:
         return format_serial(self.serial)
+
+
+@dataclass(frozen=True)
+class CrlInfo:
+    """What one CRL publication produced (kept in the records' ``crls`` table)."""
+
+    number: int
+    this_update: dt.datetime
+    next_update: dt.datetime
+    entries: int
+    der_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class CrlEntry:
+    """One revoked certificate as a CRL lists it."""
+
+    serial: int
+    revoked_at: dt.datetime
+    reason: RevocationReason | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,3 +329,78 @@ def windows_login_problem(login: str) -> str | None:
 def reasons() -> Sequence[str]:
     """The revocation reason names accepted (for --help and forms)."""
     return [r.value for r in RevocationReason]
+
+
+# --- what the records stores share (both backends keep the same columns) -----------------------
+
+RECORD_COLUMNS = (
+    "serial, kind, user_id, not_before, not_after, issued_at, fingerprint, requested_by, "
+    "windows_login, revoked_at, revocation_reason, revoked_by"
+)
+
+
+class IssuanceRefused(CaError):
+    """A rule of the manual refused the request; ``verdict`` says which and why."""
+
+    def __init__(self, verdict: Verdict, message: str) -> None:
+        self.verdict = verdict
+        super().__init__(message)
+
+
+def duplicate_refusal(user_id: str, verdict: Verdict) -> IssuanceRefused:
+    """The 証明書重複エラー for a refused issuance, with what to do about it."""
+    return IssuanceRefused(
+        verdict,
+        f"{DUPLICATE_TITLE_JA}: {DUPLICATE_MESSAGE_JA} "
+        f"({DUPLICATE_MESSAGE_EN} for {user_id}: {verdict.detail}; "
+        "revoke it first or wait for the renewal window)",
+    )
+
+
+def revoke_refusal(record: CertificateRecord, verdict: Verdict) -> IssuanceRefused:
+    return IssuanceRefused(verdict, f"cannot revoke {record.serial_hex}: {verdict.detail}")
+
+
+def unknown_serial(serial: int) -> CaError:
+    return CaError(f"no certificate with serial {format_serial(serial)}")
+
+
+def timestamp(moment: dt.datetime) -> int:
+    """Stored instants are Unix seconds (numbers in both backends, so a table copies as is)."""
+    return int(moment.timestamp())
+
+
+def from_timestamp(seconds: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, dt.UTC)
+
+
+def record_of_row(row: Sequence[object]) -> CertificateRecord:
+    """A record from a row of :data:`RECORD_COLUMNS` (either backend)."""
+    (serial, kind, user_id, nb, na, issued, fp, by, login, revoked_at, reason, revoked_by) = row
+    assert isinstance(serial, str) and isinstance(user_id, str)
+    assert isinstance(nb, int) and isinstance(na, int) and isinstance(issued, int)
+    assert isinstance(fp, str) and isinstance(by, str)
+    return CertificateRecord(
+        serial=int(serial, 16),
+        user_id=user_id,
+        not_before=from_timestamp(nb),
+        not_after=from_timestamp(na),
+        fingerprint=fp,
+        requested_by=by,
+        issued_at=from_timestamp(issued),
+        windows_login=login if isinstance(login, str) else None,
+        revoked_at=from_timestamp(revoked_at) if isinstance(revoked_at, int) else None,
+        revocation_reason=RevocationReason(reason) if isinstance(reason, str) else None,
+        revoked_by=revoked_by if isinstance(revoked_by, str) else None,
+        kind="server" if kind == "server" else "client",
+    )
+
+
+def filter_records(
+    records: Iterable[CertificateRecord], status: Status | None, now: dt.datetime | None
+) -> list[CertificateRecord]:
+    """The list as the portal and CLI show it: ``status`` judged at ``now`` (default: clock), newest first."""
+    if status is not None:
+        moment = now or dt.datetime.now(dt.UTC)
+        records = [r for r in records if status_of(r, moment) is status]
+    return sort_for_list(records)

@@ -76,8 +76,8 @@ from gateway.access.sessions import (
 )
 from gateway.audit.events import AuditEvent, EventKind, connection_fields, new_support_id
 from gateway.ca import issuance
-from gateway.ca.authority import CaSettings, CertificateAuthority, IssuanceRefused
-from gateway.ca.issuance import CertificateRecord, RevocationReason, Status
+from gateway.ca.authority import CaSettings, CertificateAuthority
+from gateway.ca.issuance import CertificateRecord, IssuanceRefused, RevocationReason, Status
 from gateway.ca.portal_admin import MeteredAudit, setup_portal_admin
 from gateway.ca.publisher import DEFAULT_INTERVAL, AuditSink, CrlPublisher, crl_event
 from gateway.certs import builders as pki
@@ -85,7 +85,7 @@ from gateway.certs import p12
 from gateway.certs.p12 import P12Format
 from gateway.config import Config, PortalConfig
 from gateway.errors import CaError, ConfigError, PkiError, listener_error
-from gateway.storage.backends import Backend as Storage
+from gateway.storage.backends import Backend
 from gateway.verdict import Reason, Verdict
 from gateway.web.messages import message_for
 from gateway.web.pages import render
@@ -266,7 +266,9 @@ class Portal:
         clock: Callable[[], dt.datetime],
         crl_interval: float | None = DEFAULT_INTERVAL,
         session_clock: Callable[[], dt.datetime] = utcnow,
+        storage: Backend | None = None,
     ) -> None:
+        """``storage``: the process's stores (one pool, shared with the CA's records); made here when None."""
         self.config = config
         self.audit = audit
         self.ca = ca
@@ -274,7 +276,8 @@ class Portal:
         self.session_clock = session_clock
         self.key = load_session_key(config.session.secret_file)
         # SQLite files or the shared PostgreSQL database (the config's ``database:``), as the gateway.
-        self.storage = Storage(config, role="portal")
+        self._own_storage = storage is None
+        self.storage = storage if storage is not None else Backend(config, role="portal")
         self.users = self.storage.users()
         self.sessions = self.storage.sessions()  # PostgreSQL: its ends and changes reach every gateway's cache
         self.settings = LoginSettings.from_config(config.login)
@@ -333,7 +336,8 @@ class Portal:
         self.pool.shutdown(wait=True)
         self.users.close()
         self.sessions.close()
-        self.storage.close()
+        if self._own_storage:
+            self.storage.close()
 
     def _session(self, request: web.Request) -> SessionRecord | None:
         cookie = request.cookies.get(SESSION_COOKIE)
@@ -905,13 +909,27 @@ def build_portal_app(
     """
     if config.ca is None:
         raise ConfigError([f"{config.path}: ca: missing; the portal needs ca.dir"])
-    ca = CertificateAuthority.open(config.ca.dir, CaSettings.from_config(config.ca))
-    portal = Portal(config, MeteredAudit(audit), ca, clock or utcnow, crl_interval, session_clock or utcnow)
+    settings = CaSettings.from_config(config.ca)
+    backend = Backend(config, role="portal")
+    try:
+        records = backend.issuance(config.ca.dir, busy_timeout=settings.busy_timeout)
+        ca = CertificateAuthority.open(config.ca.dir, settings, records)
+    except BaseException:
+        backend.close()
+        raise
+    portal = Portal(
+        config, MeteredAudit(audit), ca, clock or utcnow, crl_interval, session_clock or utcnow, storage=backend
+    )
     app = web.Application(client_max_size=MAX_FORM_BYTES)
     app[PORTAL] = portal
     portal.setup_routes(app)
     app.on_response_prepare.append(_security_headers)
     app.cleanup_ctx.append(portal.lifecycle)
+
+    async def close_backend(_app: web.Application) -> None:
+        backend.close()  # the stores' and the CA records' pool (PostgreSQL), after the portal's own cleanup
+
+    app.on_cleanup.append(close_backend)
     setup_portal_admin(app, portal)
     return app
 
@@ -993,7 +1011,7 @@ def run_portal(config: Config) -> int:
 async def _serve(config: Config) -> int:
     from gateway.audit.writer import AuditLog
 
-    audit = AuditLog(config.audit)
+    audit = AuditLog(config, checkpoints=True)  # the whole config: its database, instance and signing key
     await audit.start()
     try:
         runner, port = await start_portal(config, audit=audit)

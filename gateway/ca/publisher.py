@@ -23,7 +23,8 @@ from concurrent.futures import Executor
 from typing import Protocol
 
 from gateway.audit.events import AuditEvent, EventKind
-from gateway.ca.authority import CertificateAuthority, CrlInfo
+from gateway.ca.authority import CertificateAuthority
+from gateway.ca.issuance import CrlInfo
 from gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)

@@ -13,19 +13,21 @@ audit trail as an :class:`~gateway.audit.events.AuditEvent` with actor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import getpass
 import json
 import sys
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gateway.audit.events import AuditEvent, EventKind
 from gateway.ca import issuance
-from gateway.ca.authority import CaSettings, CertificateAuthority, IssuanceRefused
-from gateway.ca.issuance import CertificateRecord, RevocationReason, Status
+from gateway.ca.authority import CaSettings, CertificateAuthority
+from gateway.ca.issuance import CertificateRecord, IssuanceRefused, RevocationReason, Status
 from gateway.certs import p12
 from gateway.certs.builders import KEY_TYPES, SSO_CA_NAME
 from gateway.certs.files import write_atomic
@@ -33,6 +35,7 @@ from gateway.certs.p12 import MIN_PASSWORD_LENGTH, P12Format
 from gateway.cli.common import add_config_argument, config_path, format_person_time
 from gateway.config import Config, load_config
 from gateway.errors import CaError, ConfigError
+from gateway.storage.backends import Backend
 from gateway.web.messages import plural
 
 
@@ -129,7 +132,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     target = _target(args)
     key_type = args.key_type or (target.config.ca.key_type if target.config and target.config.ca else "ec-p256")
     now = dt.datetime.now(dt.UTC)
-    ca = CertificateAuthority.init(target.directory, key_type=key_type, now=now, settings=target.settings)
+    with _backend(target) as backend:
+        records = backend.issuance(target.directory) if backend and backend.shared else None
+        ca = CertificateAuthority.init(
+            target.directory, key_type=key_type, now=now, settings=target.settings, records=records
+        )
     print(f"created CA {issuance.format_serial(ca.certificate.serial_number)} ({key_type})")
     print(f"  certificate: {ca.cert_path}  (DER for Windows: {ca.cert_der_path})")
     print(f"  private key: {ca.directory / 'ca.key'} (0600)")
@@ -139,16 +146,16 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_server_cert(args: argparse.Namespace) -> int:
     target = _target(args)
-    ca = CertificateAuthority.open(target.directory, target.settings)
-    now = dt.datetime.now(dt.UTC)
-    files = ca.issue_server(
-        args.hostnames, now, _actor(), out_cert=args.out_cert, out_key=args.out_key, force=args.force
-    )
-    _record(target, _event(EventKind.CERTIFICATE_ISSUED, files.record, detail="server"))
-    print(f"issued server certificate {files.record.serial_hex} for {', '.join(args.hostnames)}")
-    print(f"  expires {format_person_time(files.record.not_after)}")
-    print(f"  chain: {files.cert}\n  key:   {files.key} (0600)")
-    return 0
+    with _open_ca(target) as ca:
+        now = dt.datetime.now(dt.UTC)
+        files = ca.issue_server(
+            args.hostnames, now, _actor(), out_cert=args.out_cert, out_key=args.out_key, force=args.force
+        )
+        _record(target, _event(EventKind.CERTIFICATE_ISSUED, files.record, detail="server"))
+        print(f"issued server certificate {files.record.serial_hex} for {', '.join(args.hostnames)}")
+        print(f"  expires {format_person_time(files.record.not_after)}")
+        print(f"  chain: {files.cert}\n  key:   {files.key} (0600)")
+        return 0
 
 
 def cmd_issue(args: argparse.Namespace) -> int:
@@ -157,46 +164,46 @@ def cmd_issue(args: argparse.Namespace) -> int:
     if out.exists():
         raise CaError(f"{out}: exists; refusing to overwrite it (choose another --out)")
     p12_format, password = _p12_choice(args)
-    ca = CertificateAuthority.open(target.directory, target.settings)
-    now = dt.datetime.now(dt.UTC)
-    try:
-        issued = ca.issue_client(
-            args.user_id, now, _actor(), windows_login=args.windows_login, p12_format=p12_format, password=password
-        )
-    except IssuanceRefused as exc:
-        _record(
-            target,
-            AuditEvent(
-                event=EventKind.ISSUANCE_REFUSED,
-                reason=exc.verdict.reason.value,
-                user_id=args.user_id,
-                actor=_actor(),
-                detail=exc.verdict.detail,
-            ),
-        )
-        raise
-    write_atomic(out, issued.pkcs12, mode=0o600)
-    record = issued.record
-    _record(target, _event(EventKind.CERTIFICATE_ISSUED, record, detail=f"pkcs12 format {p12_format}"))
-    print(f"issued {record.serial_hex} to {record.user_id}")
-    print(f"  expires {format_person_time(record.not_after)}")
-    print(f"  SHA-256 {record.fingerprint}")
-    print(f"  PKCS#12 {out} (format {p12_format}, {'password set' if password else 'empty password'})")
-    return 0
+    with _open_ca(target) as ca:
+        now = dt.datetime.now(dt.UTC)
+        try:
+            issued = ca.issue_client(
+                args.user_id, now, _actor(), windows_login=args.windows_login, p12_format=p12_format, password=password
+            )
+        except IssuanceRefused as exc:
+            _record(
+                target,
+                AuditEvent(
+                    event=EventKind.ISSUANCE_REFUSED,
+                    reason=exc.verdict.reason.value,
+                    user_id=args.user_id,
+                    actor=_actor(),
+                    detail=exc.verdict.detail,
+                ),
+            )
+            raise
+        write_atomic(out, issued.pkcs12, mode=0o600)
+        record = issued.record
+        _record(target, _event(EventKind.CERTIFICATE_ISSUED, record, detail=f"pkcs12 format {p12_format}"))
+        print(f"issued {record.serial_hex} to {record.user_id}")
+        print(f"  expires {format_person_time(record.not_after)}")
+        print(f"  SHA-256 {record.fingerprint}")
+        print(f"  PKCS#12 {out} (format {p12_format}, {'password set' if password else 'empty password'})")
+        return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     target = _target(args)
-    ca = CertificateAuthority.open(target.directory, target.settings)
-    now = dt.datetime.now(dt.UTC)
-    status = Status(args.status) if args.status else None
-    kind = None if args.kind == "all" else args.kind
-    rows = issuance.list_rows(ca.list(user=args.user, status=status, kind=kind, now=now), now)
-    if args.format == "json":
-        print(json.dumps([_json_row(row) for row in rows], ensure_ascii=False, indent=2))
-    else:
-        print(_table(rows))
-    return 0
+    with _open_ca(target) as ca:
+        now = dt.datetime.now(dt.UTC)
+        status = Status(args.status) if args.status else None
+        kind = None if args.kind == "all" else args.kind
+        rows = issuance.list_rows(ca.list(user=args.user, status=status, kind=kind, now=now), now)
+        if args.format == "json":
+            print(json.dumps([_json_row(row) for row in rows], ensure_ascii=False, indent=2))
+        else:
+            print(_table(rows))
+        return 0
 
 
 def cmd_revoke(args: argparse.Namespace) -> int:
@@ -205,31 +212,31 @@ def cmd_revoke(args: argparse.Namespace) -> int:
         serial = issuance.parse_serial(args.serial)
     except ValueError as exc:
         raise CaError(str(exc)) from exc
-    ca = CertificateAuthority.open(target.directory, target.settings)
-    now = dt.datetime.now(dt.UTC)
-    result = ca.revoke(serial, RevocationReason(args.reason), now, _actor())
-    _record(target, _event(EventKind.CERTIFICATE_REVOKED, result.record, reason=args.reason))
-    _record(target, _crl_event(result.crl.number, result.crl.entries))
-    print(f"revoked {result.record.serial_hex} ({result.record.user_id}, {args.reason})")
-    print(f"  CRL #{result.crl.number} published with {plural(result.crl.entries, 'entry')}")
-    return 0
+    with _open_ca(target) as ca:
+        now = dt.datetime.now(dt.UTC)
+        result = ca.revoke(serial, RevocationReason(args.reason), now, _actor())
+        _record(target, _event(EventKind.CERTIFICATE_REVOKED, result.record, reason=args.reason))
+        _record(target, _crl_event(result.crl.number, result.crl.entries))
+        print(f"revoked {result.record.serial_hex} ({result.record.user_id}, {args.reason})")
+        print(f"  CRL #{result.crl.number} published with {plural(result.crl.entries, 'entry')}")
+        return 0
 
 
 def cmd_crl(args: argparse.Namespace) -> int:
     target = _target(args)
-    ca = CertificateAuthority.open(target.directory, target.settings)
-    now = dt.datetime.now(dt.UTC)
-    if args.if_due and not ca.crl_due(now):
-        last = ca.last_crl()
-        number = last.number if last else 0
-        print(f"CRL #{number} is current; nothing to do")
+    with _open_ca(target) as ca:
+        now = dt.datetime.now(dt.UTC)
+        if args.if_due and not ca.crl_due(now):
+            last = ca.last_crl()
+            number = last.number if last else 0
+            print(f"CRL #{number} is current; nothing to do")
+            return 0
+        info = ca.publish_crl(now)
+        _record(target, _crl_event(info.number, info.entries))
+        print(f"CRL #{info.number}: {plural(info.entries, 'entry')}, {plural(info.der_bytes, 'byte')}")
+        print(f"  next update {format_person_time(info.next_update)}")
+        print(f"  {ca.crl_der_path}\n  {ca.crl_pem_path}")
         return 0
-    info = ca.publish_crl(now)
-    _record(target, _crl_event(info.number, info.entries))
-    print(f"CRL #{info.number}: {plural(info.entries, 'entry')}, {plural(info.der_bytes, 'byte')}")
-    print(f"  next update {format_person_time(info.next_update)}")
-    print(f"  {ca.crl_der_path}\n  {ca.crl_pem_path}")
-    return 0
 
 
 # -- helpers ------------------------------------------------------------------
@@ -242,6 +249,24 @@ def _target(args: argparse.Namespace) -> _Target:
     if config.ca is None:
         raise ConfigError([f"{config.path}: ca: missing; `gateway ca` needs ca.dir"])
     return _Target(config.ca.dir, CaSettings.from_config(config.ca), config)
+
+
+@contextlib.contextmanager
+def _backend(target: _Target) -> Iterator[Backend | None]:
+    """The config's storage backend (its pool closed afterwards); None with ``--dir`` alone."""
+    if target.config is None:
+        yield None
+        return
+    with Backend(target.config, role="ca-cli") as backend:
+        yield backend
+
+
+@contextlib.contextmanager
+def _open_ca(target: _Target) -> Iterator[CertificateAuthority]:
+    """The CA with its records where the config keeps them (``database:`` or ``issuance.db``)."""
+    with _backend(target) as backend:
+        records = backend.issuance(target.directory, busy_timeout=target.settings.busy_timeout) if backend else None
+        yield CertificateAuthority.open(target.directory, target.settings, records)
 
 
 def _actor() -> str:

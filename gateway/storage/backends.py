@@ -10,6 +10,7 @@ closes it.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Self
 
 from gateway.config import Config
@@ -18,6 +19,7 @@ from gateway.storage import postgres
 if TYPE_CHECKING:
     from gateway.storage.interfaces import (
         AuditStoreProtocol,
+        IssuanceRecordsProtocol,
         SessionReaderProtocol,
         SessionStoreProtocol,
         UserStoreProtocol,
@@ -91,3 +93,16 @@ class Backend:
         from gateway.audit.store import AuditStore
 
         return AuditStore(self.config.audit.database, readonly=readonly)
+
+    def issuance(self, ca_dir: Path, *, busy_timeout: float = 15.0) -> IssuanceRecordsProtocol:
+        """The CA's issuance records: ``issuance.db`` in ``ca_dir``, or the shared database's ``ca`` tables.
+
+        The CA's key and certificate stay files in ``ca_dir`` either way.
+        """
+        if self.db is not None:
+            from gateway.storage.pg_issuance import PgIssuanceRecords
+
+            return PgIssuanceRecords.open(self.db)
+        from gateway.storage.sqlite_issuance import SqliteIssuanceRecords
+
+        return SqliteIssuanceRecords.open(ca_dir / "issuance.db", busy_timeout=busy_timeout)

@@ -3,8 +3,9 @@
 Each :class:`typing.Protocol` here is the contract a storage backend fulfils;
 today the SQLite classes do (:class:`gateway.access.users.UserStore`,
 :class:`gateway.access.sessions.SessionStore` and ``SessionReader``,
-:class:`gateway.audit.store.AuditStore`, and the records side of
-:class:`gateway.ca.authority.CertificateAuthority`), and mypy checks that
+:class:`gateway.audit.store.AuditStore`,
+:class:`gateway.storage.sqlite_issuance.SqliteIssuanceRecords`; the
+PostgreSQL ones are ``gateway.storage.pg_*``), and mypy checks that
 they do (``tests/test_storage.py`` assigns each to its protocol). A second
 backend implements the same protocols and runs the same behaviour tests.
 
@@ -31,8 +32,7 @@ if TYPE_CHECKING:
     from gateway.audit.chain import Mark, Trail
     from gateway.audit.events import AuditEvent, AuditFilter
     from gateway.audit.store import AuditSummary
-    from gateway.ca.authority import CrlInfo
-    from gateway.ca.issuance import CertificateKind, CertificateRecord, Status
+    from gateway.ca.issuance import CertificateKind, CertificateRecord, CrlEntry, CrlInfo, RevocationReason, Status
 
 
 class Closable(Protocol):
@@ -167,13 +167,24 @@ class AuditStoreProtocol(Closable, Protocol):
     ) -> AuditSummary: ...
 
 
-class IssuanceRecordsProtocol(Protocol):
-    """The CA's issuance records as the portal, the CLI and the CRL schedule read them.
+class IssuanceRecordsProtocol(Closable, Protocol):
+    """The CA's issuance records: what the CA writes and the portal, the CLI and the CRL schedule read.
 
-    The writes (issue, revoke, publish a CRL) stay inside
-    :class:`~gateway.ca.authority.CertificateAuthority`: each runs the
-    issuance rule and the write in one ``BEGIN IMMEDIATE`` transaction, so
-    a second backend has to offer that transaction, not only these reads.
+    :class:`~gateway.ca.authority.CertificateAuthority` signs; this store
+    keeps the records and runs the rules that must hold across processes
+    and hosts inside its own transactions, so the database (not a Python
+    lock) enforces them:
+
+    - ``issue`` checks "one valid certificate per user ID" (the renewal
+      window included) and inserts what ``sign`` returns, serialised per
+      user ID against every other writer; a refusal raises
+      :class:`~gateway.ca.issuance.IssuanceRefused` and inserts nothing.
+    - ``revoke`` checks the revocation rule, marks the CRL stale and (with
+      PostgreSQL) pushes the revocation to the gateways, all at COMMIT.
+    - ``start_crl`` takes the next CRL number and reads the entries in one
+      transaction, so CRL numbers strictly increase across publishers and
+      a later number lists at least as much; ``finish_crl`` records the
+      publication, ``mark_crl_stale`` asks for another after a failure.
     """
 
     def list(
@@ -191,4 +202,20 @@ class IssuanceRecordsProtocol(Protocol):
 
     def last_crl(self) -> CrlInfo | None: ...
 
-    def crl_due(self, now: dt.datetime) -> bool: ...
+    def crl_stale(self) -> bool: ...
+
+    def issue(
+        self, user_id: str, now: dt.datetime, sign: Callable[[], tuple[CertificateRecord, bytes]]
+    ) -> CertificateRecord: ...
+
+    def add(self, record: CertificateRecord, der: bytes) -> None: ...
+
+    def revoke(
+        self, serial: int, reason: RevocationReason, now: dt.datetime, by: str, *, owner: str | None = None
+    ) -> CertificateRecord: ...
+
+    def start_crl(self, cutoff: dt.datetime) -> tuple[int, builtins.list[CrlEntry]]: ...
+
+    def finish_crl(self, info: CrlInfo) -> None: ...
+
+    def mark_crl_stale(self) -> None: ...

@@ -26,7 +26,7 @@ SCHEMA_MODULES: tuple[str, ...] = (
     "gateway.storage.pg_users",
     "gateway.storage.pg_sessions",
     "gateway.storage.pg_audit",
-    # "gateway.storage.pg_issuance",
+    "gateway.storage.pg_issuance",
 )
 
 
