@@ -292,11 +292,13 @@ class Listener:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="pg-listener")
 
     async def stop(self) -> None:
+        """Stop listening; a later :meth:`start` reports "up" again (so callers reload what they missed)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self._set(False)
 
     async def wait_up(self, timeout: float) -> bool:
         """True once connected (within ``timeout`` seconds); start-up uses it."""
