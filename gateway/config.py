@@ -364,6 +364,9 @@ class Limits:
 # gateway instances and the portal then stay under PostgreSQL's default
 # max_connections (100, 3 of them reserved for superusers).
 INSTANCE_CONNECTION_BUDGET = 24
+# Connections a gateway worker holds besides its pool: the audit writer's one and two
+# listening ones (session changes, pushed revocations).
+WORKER_EXTRA_CONNECTIONS = 3
 
 
 @dataclass(frozen=True)
@@ -387,11 +390,12 @@ class DatabaseConfig:
     def pool_for(self, workers: int) -> int:
         """Connections per worker: the setting, or the instance budget shared among the workers.
 
-        Each worker also holds one listening connection (LISTEN/NOTIFY), hence the ``+ 1``.
+        Each worker also holds WORKER_EXTRA_CONNECTIONS outside the pool, so with
+        ``auto`` an instance of up to 6 workers holds at most the budget.
         """
         if self.pool_size is not None:
             return self.pool_size
-        return max(1, INSTANCE_CONNECTION_BUDGET // max(1, workers) - 1)
+        return max(1, INSTANCE_CONNECTION_BUDGET // max(1, workers) - WORKER_EXTRA_CONNECTIONS)
 
 
 @dataclass(frozen=True)

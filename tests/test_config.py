@@ -13,7 +13,7 @@ import yaml
 
 from gateway.certs.files import ThrowawayPki
 from gateway.cli import main
-from gateway.config import Check, Config, load_config, require_gateway
+from gateway.config import Check, Config, load_config, parse_config, require_gateway
 from gateway.errors import ConfigError
 from tests.harness import write_config
 
@@ -205,3 +205,33 @@ def test_required_keys_are_named_when_missing(tmp_path: Path) -> None:
 def test_an_empty_client_ca_list_is_refused(tmp_path: Path) -> None:
     lines = problems(write(tmp_path, example_with("tls.client_ca", [])))
     assert any(": tls.client_ca: missing; expected a PEM bundle path (or a list of them)" in line for line in lines)
+
+
+def test_the_database_string_is_shorthand_for_a_mapping_and_auto_pools_fit_the_default_max_connections(
+    tmp_path: Path,
+) -> None:
+    from gateway.config import INSTANCE_CONNECTION_BUDGET, WORKER_EXTRA_CONNECTIONS
+
+    config = parse_config({"database": "postgresql://gw@db.example.jp/gateway"}, tmp_path / "g.yaml")
+    assert config.database is not None and config.database.url == "postgresql://gw@db.example.jp/gateway"
+    assert config.database.outage_grace == 30.0 and config.database.pool_size is None
+    for workers in range(1, 7):  # workers: auto on hosts of up to 6 cores
+        per_instance = workers * (config.database.pool_for(workers) + WORKER_EXTRA_CONNECTIONS)
+        assert per_instance <= INSTANCE_CONNECTION_BUDGET, workers
+    portal = config.database.pool_for(1) + 1  # one process: its pool and its audit writer
+    assert 3 * INSTANCE_CONNECTION_BUDGET + portal <= 100 - 3  # PostgreSQL's default, minus superuser slots
+
+
+def test_a_store_set_both_as_a_file_and_in_the_database_is_refused(tmp_path: Path) -> None:
+    data = {"database": "postgresql://gw@db/gateway", "users": {"database": "x.db"}, "audit": {"database": "a.db"}}
+    lines = problems(write(tmp_path, data))
+    assert any(": users.database: set together with the top-level database:" in line for line in lines), lines
+    assert any(": audit.database: set together with the top-level database:" in line for line in lines), lines
+    assert parse_config({"users": {"database": "x.db"}}, tmp_path / "g.yaml").database is None  # SQLite alone: fine
+
+
+def test_the_instance_defaults_to_the_host_name_and_refuses_odd_names(tmp_path: Path) -> None:
+    assert parse_config({}, tmp_path / "g.yaml").instance
+    assert parse_config({"instance": "gw-tdnet-1"}, tmp_path / "g.yaml").instance == "gw-tdnet-1"
+    lines = problems(write(tmp_path, {"instance": "gw a"}))
+    assert any(": instance: expected an instance name, got 'gw a'" in line for line in lines), lines

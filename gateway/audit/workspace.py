@@ -153,18 +153,22 @@ class AuditWorkspace:
         self.store_path = Path(access.config.audit.database)
         self.path = access.paths.prefix + "audit"
         self._backend: Backend | None = None
+        self._own_backend = False
 
     @property
     def backend(self) -> Backend:
         """Where the trail is (the shared database or the SQLite file); its pool opens on first use."""
         if self._backend is None:
-            self._backend = Backend(self.access.config, role="auditor")
+            storage = getattr(self.access, "storage", None)  # the worker's own pool, when it has one
+            self._backend = storage if isinstance(storage, Backend) else Backend(self.access.config, role="auditor")
+            self._own_backend = self._backend is not storage
         return self._backend
 
     async def _close(self, _app: web.Application) -> None:
         if self._backend is not None:
             backend, self._backend = self._backend, None
-            backend.close()
+            if self._own_backend:
+                backend.close()
 
     def setup(self, app: web.Application) -> None:
         app.on_cleanup.append(self._close)

@@ -384,7 +384,7 @@ class AuditLog:
         if self._store is None:
             if self._backend is None:
                 assert self.config is not None
-                self._backend = Backend(self.config, role="audit")
+                self._backend = Backend(self.config, role="audit", pool_size=1)  # one writer thread
                 self._own_backend = True
             self._store = self._backend.audit()  # type: ignore[assignment]
         assert self._store is not None

@@ -29,15 +29,20 @@ if TYPE_CHECKING:
 class Backend:
     """The stores one process uses, all from one place (files or one database pool)."""
 
-    def __init__(self, config: Config, *, role: str = "gateway", workers: int = 1) -> None:
-        """``role`` names the process to PostgreSQL (application_name); ``workers`` sizes the pool."""
+    def __init__(
+        self, config: Config, *, role: str = "gateway", workers: int = 1, pool_size: int | None = None
+    ) -> None:
+        """``role`` names the process to PostgreSQL (application_name); ``workers`` sizes the pool.
+
+        ``pool_size`` fixes the size for a user that needs a set number (the
+        audit writer is one thread: one connection).
+        """
         self.config = config
         self.db: postgres.Database | None = None
         if config.database is not None:
             where = postgres.target_of(config.database, application_name=f"tse-{role}:{config.instance}")
-            self.db = postgres.Database(
-                where, pool_size=config.database.pool_for(workers), timeout=config.database.connect_timeout
-            )
+            size = pool_size if pool_size is not None else config.database.pool_for(workers)
+            self.db = postgres.Database(where, pool_size=size, timeout=config.database.connect_timeout)
 
     @property
     def shared(self) -> bool:
