@@ -338,7 +338,7 @@ class RevocationFeed:
     and pays one set lookup.
     """
 
-    def __init__(self, where: Target, *, clock: Callable[[], dt.datetime], heartbeat: float = 5.0) -> None:
+    def __init__(self, where: Target, *, clock: Callable[[], dt.datetime], heartbeat: float = 2.0) -> None:
         self.target = where
         self.clock = clock
         self.revoked: set[PushedKey] = set()

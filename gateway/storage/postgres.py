@@ -275,7 +275,7 @@ class Listener:
         handler: Handler,
         on_state: Callable[[bool], None] | None = None,
         *,
-        heartbeat: float = 5.0,
+        heartbeat: float = 2.0,
         max_backoff: float = 5.0,
     ) -> None:
         self.target = where
