@@ -7,6 +7,7 @@ restarts it in ``finally``. Counts are exact: nothing lost, nothing doubled.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fcntl
 import json
 import logging
@@ -20,7 +21,7 @@ import pytest
 from prometheus_client import REGISTRY
 
 from gateway.audit import chain
-from gateway.audit.events import AuditEvent, EventKind
+from gateway.audit.events import AuditEvent, EventKind, new_support_id
 from gateway.audit.signing import load_public_key
 from gateway.audit.spool import Spool
 from gateway.audit.writer import AuditLog, record_now
@@ -230,3 +231,33 @@ def test_a_spool_file_is_locked_by_its_owner(tmp_path: Path) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with its owner
     finally:
         os.close(fd)
+
+
+async def test_a_client_s_nul_or_bad_utf8_neither_fails_the_batch_nor_the_spool(
+    tmp_path: Path, url: str, outage: Outage
+) -> None:
+    """``/a%00b`` decodes to a NUL, invalid UTF-8 in a header to a lone surrogate: both stored, escaped, with the rest."""
+    hostile = [
+        AuditEvent(EventKind.REQUEST_REFUSED, reason="no_certificate", path="/a\0b", detail="nul"),
+        AuditEvent(EventKind.REQUEST_REFUSED, reason="no_certificate", user_agent="x\udcff", detail="surrogate"),
+        event(0),
+    ]
+    config = make_config(tmp_path, url)
+    audit = AuditLog(config, worker=0, retry_interval=0.2)
+    await audit.start()
+    try:
+        for e in hostile:
+            audit.record(e)
+        await until(lambda: len(rows(url)) == 3)  # the whole batch, not stderr
+        await asyncio.to_thread(outage.crash)
+        for e in hostile:
+            audit.record(dataclasses.replace(e, support_id=new_support_id(), detail=e.detail + "-spooled"))
+        await until(lambda: spooled_lines(config) == 3)
+        await asyncio.to_thread(outage.start)
+        await until(lambda: len(rows(url)) == 6 and not spool_files(config))
+    finally:
+        await audit.aclose()
+    with psycopg.connect(url, autocommit=True) as conn:
+        stored = dict(conn.execute("SELECT detail, path || '|' || user_agent FROM events").fetchall())
+    assert stored["nul"] == "/a\\x00b|" and stored["surrogate"] == "|x\\udcff"
+    assert stored["nul-spooled"] == "/a\\x00b|"

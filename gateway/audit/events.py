@@ -111,6 +111,37 @@ class AuditEvent:
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(AuditEvent))
+_TEXT_FIELDS = tuple(f.name for f in dataclasses.fields(AuditEvent) if f.type in ("str", str))
+
+
+def storable_text(text: str) -> str:
+    """``text`` as every store and the spool can hold it: NUL and lone surrogates escaped.
+
+    Why: clients control paths (``/a%00b`` decodes to a NUL) and headers
+    (aiohttp turns invalid UTF-8 into lone surrogates). PostgreSQL refuses
+    both and a UTF-8 file cannot hold the second, so one such event used to
+    fail its whole batch: a refused client could keep its own attempts out
+    of the trail. Escaped, the event is stored and still shows what was sent.
+    """
+    if "\0" in text:
+        text = text.replace("\0", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
+
+
+def storable(event: AuditEvent) -> AuditEvent:
+    """The event with every text field made storable (the same event when nothing needed it)."""
+    changes = {}
+    for name in _TEXT_FIELDS:
+        value = getattr(event, name)
+        if value and value != (clean := storable_text(value)):
+            changes[name] = clean
+    return dataclasses.replace(event, **changes) if changes else event
+
+
 _INT_FIELDS = frozenset({"client_port", "worker"})
 
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from gateway.audit.events import AuditEvent, event_to_dict, utcnow
+from gateway.audit.events import AuditEvent, event_to_dict, storable, utcnow
 from gateway.audit.signing import load_or_create_signing_key
 from gateway.audit.spool import Spool
 from gateway.audit.store import AuditStore
@@ -277,6 +277,7 @@ class AuditLog:
             log.warning("audit checkpoint of %s failed: %s", self.instance or "(no instance)", exc)
 
     def _write(self, batch: Sequence[AuditEvent]) -> None:
+        batch = [storable(event) for event in batch]  # a client's NUL or bad UTF-8 must not fail the batch
         try:
             self._write_jsonl(batch)
         finally:
