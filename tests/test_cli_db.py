@@ -1,10 +1,9 @@
 """``gateway db migrate/status/import`` and the start-up schema checks, on a real PostgreSQL server.
 
-The PostgreSQL stores' own schemas are plugged into
-:func:`gateway.storage.schemas.all_schemas`; these tests put small schemas
-in their place that mirror the SQLite tables (same names and columns), so the
-commands are tested on their own. Every refusal has its accept twin, and no
-output, log line or error may show the database password.
+The schemas are this release's own (:func:`gateway.storage.schemas.all_schemas`),
+and the single-host files are written by the SQLite stores' own code. Every
+refusal has its accept twin, and no output, log line or error may show the
+database password.
 """
 
 from __future__ import annotations
@@ -22,72 +21,19 @@ import yaml
 from gateway import cli
 from gateway.access.sessions import SessionStore
 from gateway.access.users import UserStore
-from gateway.audit.events import FIELDS, AuditEvent, EventKind
+from gateway.audit.events import AuditEvent, EventKind
+from gateway.audit.signing import load_or_create_signing_key
 from gateway.audit.store import AuditStore
 from gateway.ca.authority import CertificateAuthority
 from gateway.certs.files import ThrowawayPki
-from gateway.storage import schemas, transfer
-from gateway.storage.postgres import Schema
+from gateway.config import load_config
+from gateway.storage import transfer
+from gateway.storage.backends import Backend
 from tests.harness import free_port, write_config
 from tests.pgserver import PgServer
 
 NOW = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
 SECRET = "Pw-n0t-in-any-output-7c1f"
-
-_EVENT_COLUMNS = ", ".join(
-    f"{name} INTEGER" if name in ("client_port", "worker") else f"{name} TEXT NOT NULL" for name in FIELDS
-)
-# Test-only schemas mirroring the SQLite tables (gateway/access/users.py, sessions.py,
-# gateway/audit/store.py, gateway/ca/authority.py): users has a second version, like SQLite's.
-TEST_SCHEMAS = [
-    Schema(
-        "users",
-        {
-            1: "CREATE TABLE users (user_id TEXT PRIMARY KEY, password_hash TEXT NOT NULL, systems TEXT NOT NULL,"
-            " enabled BOOLEAN NOT NULL, must_change_password BOOLEAN NOT NULL, created_at DOUBLE PRECISION NOT NULL,"
-            " updated_at DOUBLE PRECISION NOT NULL);"
-            " CREATE TABLE login_failures (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, kind TEXT NOT NULL,"
-            " key TEXT NOT NULL, at DOUBLE PRECISION NOT NULL);"
-            " CREATE TABLE lockouts (user_id TEXT PRIMARY KEY, locked_until DOUBLE PRECISION NOT NULL)",
-            2: "ALTER TABLE users ADD COLUMN roles TEXT NOT NULL DEFAULT ''",
-        },
-    ),
-    Schema(
-        "sessions",
-        {
-            1: "CREATE TABLE sessions (id_hash TEXT PRIMARY KEY, user_id TEXT NOT NULL, cert_fingerprint TEXT NOT NULL,"
-            " systems TEXT NOT NULL, must_change_password BOOLEAN NOT NULL, csrf_token TEXT NOT NULL,"
-            " created_at DOUBLE PRECISION NOT NULL, last_seen DOUBLE PRECISION NOT NULL)"
-        },
-    ),
-    Schema(
-        "audit",
-        {
-            1: f"CREATE TABLE events (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, time_ms BIGINT NOT NULL,"
-            f" {_EVENT_COLUMNS}); CREATE INDEX events_support_id ON events (support_id)"
-        },
-    ),
-    Schema(
-        "ca",
-        {
-            1: "CREATE TABLE certificates (serial TEXT PRIMARY KEY, kind TEXT NOT NULL, user_id TEXT NOT NULL,"
-            " not_before BIGINT NOT NULL, not_after BIGINT NOT NULL, issued_at BIGINT NOT NULL,"
-            " fingerprint TEXT NOT NULL, requested_by TEXT NOT NULL, windows_login TEXT, status TEXT NOT NULL,"
-            " revoked_at BIGINT, revocation_reason TEXT, revoked_by TEXT, der BYTEA NOT NULL);"
-            " CREATE TABLE crls (number BIGINT PRIMARY KEY, this_update BIGINT NOT NULL, next_update BIGINT NOT NULL,"
-            " entries INTEGER NOT NULL, der_bytes INTEGER NOT NULL);"
-            " CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);"
-            " INSERT INTO meta (key, value) VALUES ('crl_number', 0), ('crl_stale', 1)"
-        },
-    ),
-]
-
-
-@pytest.fixture(autouse=True)
-def test_schemas(monkeypatch: pytest.MonkeyPatch) -> list[Schema]:
-    """This release's schemas, as far as these tests know (the real stores plug theirs in the same place)."""
-    monkeypatch.setattr(schemas, "all_schemas", lambda: list(TEST_SCHEMAS))
-    return TEST_SCHEMAS
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -116,12 +62,13 @@ def test_migrate_creates_every_component_then_is_up_to_date(
     config = pg_config(tmp_path, with_password(pg_url))
     code, out, err = run(capsys, "db", "migrate", "--config", str(config))
     assert code == 0, err
-    assert "users: 0 → 2" in out
+    assert "users: 0 → 1" in out
+    assert "audit: 0 → 2" in out
     assert "ca: 0 → 1" in out
     assert "postgres:***@" in out
     code, out, _ = run(capsys, "db", "migrate", "--config", str(config))
     assert code == 0
-    assert "users: up to date (version 2)" in out
+    assert "audit: up to date (version 2)" in out
     assert SECRET not in out
 
 
@@ -131,15 +78,15 @@ def test_status_says_behind_and_names_the_command_until_migrated(
     config = pg_config(tmp_path, pg_url)
     code, out, _ = run(capsys, "db", "status", "--config", str(config))
     assert code == 1
-    assert f"users: 0 (this release: 2) behind: run gateway db migrate --config {config}" in out
+    assert f"audit: 0 (this release: 2) behind: run gateway db migrate --config {config}" in out
     run(capsys, "db", "migrate", "--config", str(config))
     code, out, _ = run(capsys, "db", "status", "--config", str(config))
     assert code == 0
-    assert "users: 2 (this release: 2) up to date" in out
-    postgres.sql(pg_url, "UPDATE schema_version SET version = 3 WHERE component = 'users'")
+    assert "audit: 2 (this release: 2) up to date" in out
+    postgres.sql(pg_url, "UPDATE schema_version SET version = 3 WHERE component = 'audit'")
     code, out, _ = run(capsys, "db", "status", "--config", str(config))
     assert code == 1
-    assert "users: 3 (this release: 2) ahead" in out
+    assert "audit: 3 (this release: 2) ahead" in out
 
 
 def test_migrate_without_database_opens_each_sqlite_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -237,6 +184,25 @@ def test_import_copies_every_table_and_a_second_run_changes_nothing(
     assert meta["crl_number"] == 41  # never back to the fresh database's 0: relying parties want it to grow
 
 
+def test_an_imported_audit_trail_keeps_its_chain_and_new_events_continue_it(
+    tmp_path: Path, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = single_host(tmp_path)
+    with AuditStore(tmp_path / "audit.db") as store:  # a signed checkpoint comes along too
+        store.checkpoint("", load_or_create_signing_key(tmp_path / "audit-signing.key"), NOW)
+    new = pg_config(tmp_path, pg_url)
+    run(capsys, "db", "migrate", "--config", str(new))
+    assert run(capsys, "db", "import", "--from", str(old), "--config", str(new))[0] == 0
+    with Backend(load_config(new)) as backend, backend.audit() as store:
+        store.append([AuditEvent(EventKind.LOGIN, support_id="AFTER", time=NOW)])  # same instance as imported
+        assert store.get("AFTER") is not None  # continued the chain: no seq collision, no lost event
+    code, out, err = run(capsys, "audit", "verify", "--config", str(new))
+    assert code == 0, out + err
+    with psycopg.connect(pg_url) as conn:
+        assert conn.execute("SELECT count(*) FROM audit_marks").fetchone() == (1,)
+        assert conn.execute("SELECT seq FROM audit_chain_heads WHERE instance = ''").fetchone() == (6,)
+
+
 def test_import_never_lowers_the_crl_number(
     tmp_path: Path, pg_url: str, postgres: PgServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -259,10 +225,10 @@ def test_import_refuses_a_schema_that_is_behind_and_copies_nothing(
     assert f"run: gateway db migrate --config {new}" in err
     assert "Traceback" not in err
     run(capsys, "db", "migrate", "--config", str(new))
-    postgres.sql(pg_url, "UPDATE schema_version SET version = 1 WHERE component = 'users'")
+    postgres.sql(pg_url, "UPDATE schema_version SET version = 1 WHERE component = 'audit'")
     code, _, err = run(capsys, "db", "import", "--from", str(old), "--config", str(new))
     assert code == 2
-    assert "users: the tables are at version 1, this release needs 2" in err
+    assert "audit: the tables are at version 1, this release needs 2" in err
     assert counts(pg_url)["events"] == 0  # checked before anything was copied
 
 
@@ -309,7 +275,7 @@ def test_check_config_and_serve_refuse_a_schema_behind_then_accept_it_migrated(
     code, out, err = run(capsys, "check-config", "--config", str(config))
     assert code == 2
     assert f"database: {with_password(pg_url, '***')}" in out  # the target, never the password
-    assert f"the users tables are at version 0, this release needs 2; run: gateway db migrate --config {config}" in err
+    assert f"tables are at version 0, this release needs 1; run: gateway db migrate --config {config}" in err
     code, _, err = run(capsys, "serve", "--config", str(config))
     assert code == 1
     assert f"run: gateway db migrate --config {config}" in err

@@ -134,7 +134,7 @@ def storable_text(text: str) -> str:
 
 def storable(event: AuditEvent) -> AuditEvent:
     """The event with every text field made storable (the same event when nothing needed it)."""
-    changes = {}
+    changes: dict[str, Any] = {}
     for name in _TEXT_FIELDS:
         value = getattr(event, name)
         if value and value != (clean := storable_text(value)):

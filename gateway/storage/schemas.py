@@ -65,6 +65,18 @@ class Source:
     component: str
     file: Callable[[Config], Path | None]
     tables: tuple[Table, ...]
+    # Run after the tables, in the same transaction: state derived from the copied rows.
+    after: tuple[str, ...] = ()
+
+
+# The audit chain's head per instance is its last event: after an import it must be the
+# imported chain's end, or the next event would restart at seq 1 (and collide with it).
+_AUDIT_HEADS = """
+INSERT INTO audit_chain_heads (instance, seq, hash)
+SELECT DISTINCT ON (instance) instance, seq, hash FROM events ORDER BY instance, seq DESC
+ON CONFLICT (instance) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash
+WHERE EXCLUDED.seq > audit_chain_heads.seq
+"""
 
 
 def _ca_file(config: Config) -> Path | None:
@@ -85,8 +97,15 @@ SQLITE_SOURCES: tuple[Source, ...] = (
     Source("sessions", lambda config: config.users.database, (Table("sessions", ("id_hash",)),)),
     # Events are copied in the order they were written (new ids keep it); a support ID
     # names one request, so it is with the event kind and time that it names one event.
+    # Signed checkpoints and prune anchors come along, so the imported trail verifies as before.
     Source(
-        "audit", lambda config: config.audit.database, (Table("events", ("support_id", "event", "time_ms"), ("id",)),)
+        "audit",
+        lambda config: config.audit.database,
+        (
+            Table("events", ("support_id", "event", "time_ms"), ("id",)),
+            Table("audit_marks", ("instance", "kind", "seq", "signature"), ("id",)),
+        ),
+        after=(_AUDIT_HEADS,),
     ),
     Source(
         "ca",

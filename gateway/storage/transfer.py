@@ -53,7 +53,10 @@ def import_component(
 ) -> list[Copied]:
     """Copy every table of ``source`` from ``lite`` into ``conn``'s database, in one transaction."""
     with conn.transaction():
-        return [_copy_table(lite, conn, table, progress) for table in source.tables]
+        copied = [_copy_table(lite, conn, table, progress) for table in source.tables]
+        for statement in source.after:
+            conn.execute(statement.encode())  # constant SQL from schemas.SQLITE_SOURCES
+        return copied
 
 
 def _copy_table(
