@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, Literal, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
@@ -66,6 +66,8 @@ class Check(Generic[T]):
     convert: Callable[[Any, Path], T]
     expected: str
     zero: Any = None
+    # How a wrong value is echoed in the error (a URL's password must not be).
+    shown: Callable[[Any], str] = repr
 
 
 def _plain(convert: Callable[[Any], T]) -> Callable[[Any, Path], T]:
@@ -188,12 +190,22 @@ INSTANCE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}", re.ASCII)
 
 
 def _postgres_url(raw: Any) -> str:
-    """A libpq URL (postgresql://USER@HOST:PORT/DB?...); the words never echo a password."""
+    """A libpq URL (postgresql://USER@HOST:PORT/DB?...); a password only in the user part, redacted on display."""
     text = _string(raw)
     parts = urlsplit(text)
     if parts.scheme not in ("postgresql", "postgres") or not parts.path.strip("/"):
         raise ValueError("")
+    if any(key == "password" for key, _ in parse_qsl(parts.query)):
+        raise Expected("a URL without ?password= (it would show wherever the URL is named): use password_file")
     return text
+
+
+def _redacted_url(raw: Any) -> str:
+    """``repr`` of a wrong database URL without its secrets (user-part password, ?password=)."""
+    if not isinstance(raw, str):
+        return repr(raw)
+    text = re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", raw)
+    return repr(re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", text))
 
 
 def _instance(raw: Any) -> str:
@@ -377,7 +389,9 @@ class DatabaseConfig:
     mapping. Absent: every store stays a SQLite file (the embedded default).
     """
 
-    url: str = setting(check=Check(_plain(_postgres_url), "a postgresql:// URL with a database name", ""))
+    url: str = setting(
+        check=Check(_plain(_postgres_url), "a postgresql:// URL with a database name", "", shown=_redacted_url)
+    )
     # The password, kept out of the YAML (and out of every log line): the file's first line.
     password_file: Path | None = setting(None, Check(_path, "a file path"))
     # Connections per worker process; "auto" shares INSTANCE_CONNECTION_BUDGET among the workers.
@@ -592,10 +606,10 @@ class _Reader:
         try:
             return True, check.convert(raw, self.base)
         except Expected as exc:
-            self.problem(path, f"expected {exc.expected}, got {raw!r}")
+            self.problem(path, f"expected {exc.expected}, got {check.shown(raw)}")
         except (TypeError, ValueError) as exc:
             why = f" ({exc})" if str(exc) else ""
-            self.problem(path, f"expected {check.expected}, got {raw!r}{why}")
+            self.problem(path, f"expected {check.expected}, got {check.shown(raw)}{why}")
         return False, None
 
 

@@ -235,3 +235,13 @@ def test_the_instance_defaults_to_the_host_name_and_refuses_odd_names(tmp_path: 
     assert parse_config({"instance": "gw-tdnet-1"}, tmp_path / "g.yaml").instance == "gw-tdnet-1"
     lines = problems(write(tmp_path, {"instance": "gw a"}))
     assert any(": instance: expected an instance name, got 'gw a'" in line for line in lines), lines
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["mysql://gw:S3cret-pw@db/gateway", "postgresql://gw:S3cret-pw@db/", "postgresql://gw@db/gw?password=S3cret-pw"],
+)
+def test_a_wrong_database_url_is_named_without_its_password(tmp_path: Path, url: str) -> None:
+    lines = problems(write(tmp_path, {"database": url}))
+    assert any(": database.url: expected " in line for line in lines), lines
+    assert not any("S3cret-pw" in line for line in lines), lines

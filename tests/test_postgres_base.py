@@ -118,3 +118,25 @@ async def _until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         await asyncio.sleep(0.02)
+
+
+async def test_a_handler_that_raises_does_not_leave_the_listener_reported_up(pg_url: str) -> None:
+    """A bug in a handler must not stop the listening while ``up`` still says it listens (caches would go stale)."""
+    got: list[str] = []
+    states: list[bool] = []
+
+    def handler(_channel: str, payload: str) -> None:
+        if payload == "boom":
+            raise RuntimeError("handler bug")
+        got.append(payload)
+
+    listener = pg.Listener(pg.target(pg_url), ("test_channel",), handler, states.append, heartbeat=0.5)
+    listener.start()
+    try:
+        assert await listener.wait_up(5)
+        _notify(pg_url, "boom")
+        await _until(lambda: False in states and states[-1] is True)  # reported down, then listening again
+        _notify(pg_url, "after")
+        await _until(lambda: "after" in got)
+    finally:
+        await listener.stop()

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
 import psycopg_pool
@@ -92,7 +92,7 @@ def target(url: str, password_file: Path | None = None, *, application_name: str
     The password file's first line wins over a password in the URL, so the
     YAML can stay free of secrets.
     """
-    password = urlsplit(url).password or ""
+    password = unquote(urlsplit(url).password or "")  # libpq decodes %XX in the URL: so must the scrubbing
     if password_file is not None:
         try:
             password = Path(password_file).read_text(encoding="utf-8").splitlines()[0].strip()
@@ -105,7 +105,8 @@ def target(url: str, password_file: Path | None = None, *, application_name: str
     try:
         info = pg_conninfo.make_conninfo(url, **extra)
     except psycopg.ProgrammingError as exc:
-        raise ConfigError([f"database.url: {redact_url(url)}: {str(exc).replace(password, '***')}"]) from exc
+        words = str(exc).replace(password, "***") if password else str(exc)
+        raise ConfigError([f"database.url: {redact_url(url)}: {words}"]) from exc
     return Target(conninfo=info, display=redact_url(url), password=password)
 
 
@@ -317,6 +318,8 @@ class Listener:
             except (psycopg.Error, OSError, TimeoutError) as exc:
                 if self.up:  # one line per outage, not one per retry
                     log.warning("database listener lost: %s", self.target.scrub(str(exc).strip() or repr(exc)))
+            except Exception as exc:  # a bug in a handler: never leave "up" standing while nobody listens
+                log.error("database listener failed: %s: %s", type(exc).__name__, self.target.scrub(str(exc)))
             if self.up:
                 delay = 0.1
             self._set(False)
