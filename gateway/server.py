@@ -41,7 +41,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -58,7 +58,6 @@ from gateway.forward.routing import Router
 from gateway.logs import JsonAccessLogger, setup_logging
 from gateway.sdnotify import Notifier
 from gateway.storage import postgres
-from gateway.storage.pg_issuance import RevocationFeed
 from gateway.tls.deadlines import ClientDeadlines, peer_address
 from gateway.tls.listener import BatchListener, listen
 from gateway.tls.termination import (
@@ -71,6 +70,9 @@ from gateway.tls.termination import (
 from gateway.web.admin import build_admin_app, crl_health_detail, health_from_metrics
 from gateway.web.messages import plural
 from gateway.web.protocol import GatewayRequestHandler
+
+if TYPE_CHECKING:
+    from gateway.storage.pg_issuance import RevocationFeed
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +208,7 @@ class GatewayWorker:
     _handler_args: dict[str, Any] = field(default_factory=dict)
     _ca_warnings: list[str] = field(default_factory=list)
     _access: AccessLayer | None = None
-    _revocation_feed: RevocationFeed | None = None
+    _revocation_feed: RevocationFeed | None = None  # with a database: the CA's pushed revocations
 
     async def start(self) -> None:
         config = self.config
@@ -447,6 +449,8 @@ class GatewayWorker:
         if config.database is None:
             return
         where = postgres.target_of(config.database, application_name=f"tse-gateway:{config.instance}")
+        from gateway.storage.pg_issuance import RevocationFeed  # the CA's code only where a database pushes
+
         self._revocation_feed = RevocationFeed(where, clock=self.clock)
         runtime.pushed_revocations = self._revocation_feed.revoked
         self._revocation_feed.start()
