@@ -25,6 +25,7 @@ import contextlib
 import datetime as dt
 import os
 import re
+import resource
 import shlex
 import shutil
 import ssl
@@ -109,19 +110,27 @@ class PgGateway(Gateway):
             gateway_cli(self.config_path, *add, stdin=PASSWORD + "\n")
 
 
-def keepalive(gw: Gateway, pki: BenchPki, backend: Backend, seconds: float, conns: int) -> dict[str, Any]:
-    """autocannon at ``gw`` with LC000001's certificate and session cookie; CPU per request first."""
+def keepalive(
+    gw: Gateway, pki: BenchPki, backend: Backend, seconds: float, conns: int, database: procs.CpuMeter
+) -> dict[str, Any]:
+    """autocannon at ``gw`` with LC000001's certificate and session cookie; CPU per request first.
+
+    ``database``: PostgreSQL's meter, whose CPU counts per request beside the gateway's (SQLite's is in-process).
+    """
     url = f"https://127.0.0.1:{gw.port}/onre/tiny"
     headers = {"Cookie": gw.cookie}
     load.autocannon(url, conns, 1, headers, pki)  # warm-up
     assert backend.proc is not None
     server, back = procs.CpuMeter(gw.all_pids()).start(), procs.CpuMeter([backend.proc.pid]).start()
+    database.start()
     res = load.autocannon(url, conns, seconds, headers, pki)
     server.stop()
     back.stop()
+    database.stop()
     total = max(1, res.ok + res.bad)
     return {
         "gateway_cpu_us": 1e6 * server.cpu / total,
+        "postgres_cpu_us": 1e6 * database.cpu / total,
         "backend_cpu_us": 1e6 * back.cpu / total,
         "loadgen_cpu_us": 1e6 * res.client_cpu / total,
         "rps": res.requests_per_second,
@@ -153,7 +162,7 @@ async def _login_loop(port: int, ctx: ssl.SSLContext, user: str, stop_at: float,
                     counts[1] += 1
 
 
-def logins(gw: Gateway, pki: BenchPki, seconds: float, clients: int) -> dict[str, Any]:
+def logins(gw: Gateway, pki: BenchPki, seconds: float, clients: int, database: procs.CpuMeter) -> dict[str, Any]:
     """``clients`` concurrent loops of GET login page + POST (303 with a session cookie = one login)."""
     ctx = client_ssl(pki)
     counts = [0, 0]
@@ -165,13 +174,16 @@ def logins(gw: Gateway, pki: BenchPki, seconds: float, clients: int) -> dict[str
     asyncio.run(run(1.0))  # warm-up
     counts[:] = [0, 0]
     meter = procs.CpuMeter(gw.all_pids()).start()
+    database.start()
     client_before = procs.cpu_seconds([os.getpid()])
     asyncio.run(run(seconds))
     meter.stop()
+    database.stop()
     client_cpu = procs.cpu_seconds([os.getpid()]) - client_before
     ok = max(1, counts[0])
     return {
         "gateway_cpu_ms": 1e3 * meter.cpu / ok,
+        "postgres_cpu_ms": 1e3 * database.cpu / ok,
         "client_cpu_ms": 1e3 * client_cpu / ok,
         "per_second": counts[0] / meter.wall,
         "logins": counts[0],
@@ -446,16 +458,20 @@ def _count_events(url: str) -> int:
 
 
 def _autocannon_nocert(port: int, conns: int, amount: int, cafile: Path) -> load.KeepAliveResult:
-    """autocannon without a client certificate, exactly ``amount`` requests (so every answer is counted)."""
+    """autocannon without a client certificate, exactly ``amount`` requests (so every answer is counted).
+
+    ``Accept: application/json`` gets the 149-byte JSON refusal instead of the 4.4 KB page: less work
+    for the load generator, which shares the cores; the gateway audits both the same way.
+    """
     argv = [
         str(load.autocannon_bin()), "--json", "-c", str(conns), "-a", str(amount), "-t", "10",
-        "--ca", str(cafile), f"https://127.0.0.1:{port}/onre/tiny",
+        "--ca", str(cafile), "-H", "Accept: application/json", f"https://127.0.0.1:{port}/onre/tiny",
     ]  # fmt: skip
     out, wall, cpu = load.run_timed(argv, 600)
     return load.parse_autocannon(out, wall, cpu)
 
 
-def audit(cluster: Cluster, seconds: float, conns: int) -> dict[str, Any]:
+def audit(cluster: Cluster, seconds: float, conns: int, database: procs.CpuMeter) -> dict[str, Any]:
     """Every instance refusing requests without a certificate at once; rows in ``events`` against refusals."""
     cafile = cluster.directory / "ca" / "ca.pem"
     probe = [_autocannon_nocert(inst.port, conns, 2000, cafile) for inst in cluster.instances]  # warm-up + pace
@@ -464,6 +480,8 @@ def audit(cluster: Cluster, seconds: float, conns: int) -> dict[str, Any]:
     time.sleep(1.0)
     before = _settled(cluster.url, 30)
     meter = procs.CpuMeter(cluster.pids()).start()
+    database.start()
+    loadgen_before = _children_cpu()
     started = time.perf_counter()
     results: list[load.KeepAliveResult] = [None] * len(cluster.instances)  # type: ignore[list-item]
 
@@ -476,6 +494,7 @@ def audit(cluster: Cluster, seconds: float, conns: int) -> dict[str, Any]:
     for t in threads:
         t.join()
     load_done = time.perf_counter()
+    loadgen_cpu = _children_cpu() - loadgen_before  # the three tools together (RUSAGE_CHILDREN is per process)
     refusals = sum(r.bad for r in results)
     served = sum(r.ok for r in results)
     expected = before + refusals
@@ -485,6 +504,7 @@ def audit(cluster: Cluster, seconds: float, conns: int) -> dict[str, Any]:
         written = _count_events(cluster.url)
     drained = time.perf_counter()
     meter.stop()
+    database.stop()
     time.sleep(1.0)
     final = _count_events(cluster.url)  # a duplicate or a late row shows up by now
     rows = final - before
@@ -498,9 +518,63 @@ def audit(cluster: Cluster, seconds: float, conns: int) -> dict[str, Any]:
         "served_200": served,
         "errors": "; ".join(r.errors for r in results if r.errors),
         "gateway_cpu_us": 1e6 * meter.cpu / max(1, refusals),
-        "loadgen_cpu_us": 1e6 * sum(r.client_cpu for r in results) / max(1, refusals),
+        "postgres_cpu_us": 1e6 * database.cpu / max(1, refusals),
+        "loadgen_cpu_us": 1e6 * loadgen_cpu / max(1, refusals),
         "seconds": load_done - started,
     }
+
+
+def store_capacity(cluster: Cluster, per_instance: int, database: procs.CpuMeter) -> dict[str, Any]:
+    """The events table alone, no HTTP: one thread per instance appends ``per_instance`` refusal events
+    through the gateway's own ``PgAuditStore.append`` (hash chain included) in the writer's batch size."""
+    from gateway.audit.events import AuditEvent, EventKind
+    from gateway.audit.writer import BATCH_SIZE
+    from gateway.config import load_config
+    from gateway.storage.backends import Backend as StorageBackend
+
+    def write(inst: Instance) -> None:
+        with StorageBackend(load_config(inst.config), role="bench") as backend:
+            store = backend.audit()
+            for start in range(0, per_instance, BATCH_SIZE):
+                size = min(BATCH_SIZE, per_instance - start)
+                store.append(
+                    [
+                        AuditEvent(
+                            event=EventKind.REQUEST_REFUSED,
+                            reason="no_certificate",
+                            client_ip="127.0.0.1",
+                            method="GET",
+                            path="/onre/tiny",
+                            instance=f"{inst.name}-store",
+                        )
+                        for _ in range(size)
+                    ]
+                )
+            store.close()
+
+    before = _count_events(cluster.url)
+    threads = [threading.Thread(target=write, args=(inst,)) for inst in cluster.instances]
+    meter = procs.CpuMeter([os.getpid()]).start()
+    database.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    meter.stop()
+    database.stop()
+    rows = _count_events(cluster.url) - before
+    return {
+        "events_per_second": rows / meter.wall,
+        "rows": rows,
+        "sent": per_instance * len(cluster.instances),
+        "writer_cpu_us": 1e6 * meter.cpu / max(1, rows),
+        "postgres_cpu_us": 1e6 * database.cpu / max(1, rows),
+    }
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _settled(url: str, timeout: float) -> int:
@@ -516,6 +590,41 @@ def _settled(url: str, timeout: float) -> int:
 
 
 # --- the run ------------------------------------------------------------------------------------
+
+
+class PgMeter(procs.CpuMeter):
+    """PostgreSQL's CPU: the postmaster and its live backends, plus what exited backends used.
+
+    A backend (one per connection) that exits in between is reaped by the postmaster, whose
+    cutime/cstime (/proc/<pid>/stat fields 16-17) then include it, so no connection is missed.
+    """
+
+    def __init__(self, server: PgServer) -> None:
+        assert server.dir is not None
+        self.postmaster = int((server.dir / "data" / "postmaster.pid").read_text().split()[0])
+        super().__init__([self.postmaster])
+
+    def _total(self) -> float:
+        fields = Path(f"/proc/{self.postmaster}/stat").read_text().rsplit(")", 1)[1].split()
+        reaped = (int(fields[13]) + int(fields[14])) / procs.TICKS
+        return procs.cpu_seconds(procs.tree(self.postmaster)) + reaped
+
+    def start(self) -> PgMeter:
+        super().start()
+        self._before = self._total()
+        return self
+
+    def stop(self) -> PgMeter:
+        super().stop()
+        self.cpu = self._total() - self._before
+        return self
+
+
+class NoMeter(procs.CpuMeter):
+    """No PostgreSQL (the SQLite gateway): zero."""
+
+    def __init__(self) -> None:
+        super().__init__([])
 
 
 def loadavg() -> str:
@@ -550,7 +659,7 @@ def run(seconds: float, quick: bool, workdir: Path, pki: BenchPki) -> dict[str, 
                 rows: dict[str, list[dict[str, Any]]] = {"sqlite": [], "postgres": []}
                 for rnd in range(2):
                     for label, gw in (("sqlite", sqlite), ("postgres", pgw)):
-                        row = keepalive(gw, pki, backend, seconds, 50)
+                        row = keepalive(gw, pki, backend, seconds, 50, PgMeter(pg) if gw is pgw else NoMeter())
                         rows[label].append(row)
                         log(
                             f"keep-alive {label} #{rnd + 1}: {row['gateway_cpu_us']:.0f} µs/req, {row['rps']:.0f} req/s"
@@ -559,7 +668,7 @@ def run(seconds: float, quick: bool, workdir: Path, pki: BenchPki) -> dict[str, 
                 out["load"].append(loadavg())
                 login_rows: dict[str, dict[str, Any]] = {}
                 for label, gw in (("sqlite", sqlite), ("postgres", pgw)):
-                    login_rows[label] = logins(gw, pki, max(3.0, seconds), 4)
+                    login_rows[label] = logins(gw, pki, max(3.0, seconds), 4, PgMeter(pg) if gw is pgw else NoMeter())
                     r = login_rows[label]
                     log(f"logins {label}: {r['gateway_cpu_ms']:.1f} ms CPU/login, {r['per_second']:.1f}/s")
                 out["logins"] = login_rows
@@ -575,10 +684,12 @@ def run(seconds: float, quick: bool, workdir: Path, pki: BenchPki) -> dict[str, 
                 r = out["revocation"]
                 log(f"revocation: p50 {r['p50_ms']:.0f} ms, p99 {r['p99_ms']:.0f} ms, max {r['max_ms']:.0f} ms")
                 out["load"].append(loadavg())
-                out["audit"] = audit(cluster, seconds, 50)
+                out["audit"] = audit(cluster, seconds, 50, PgMeter(pg))
                 a = out["audit"]
                 log(f"audit: {a['events_per_second']:.0f} events/s, {a['rows']} rows for {a['refusals']} refusals")
                 out["load"].append(loadavg())
+                out["store"] = store_capacity(cluster, 10_000 if quick else 30_000, PgMeter(pg))
+                log(f"audit store alone: {out['store']['events_per_second']:.0f} events/s")
             finally:
                 cluster.stop()
     finally:
@@ -604,15 +715,17 @@ def render(res: dict[str, Any], desc: dict[str, str], command: str, seconds: flo
         f"**1. Keep-alive, one gateway (1 worker), 50 connections, logged in, {seconds:.0f} s per run, "
         "interleaved SQLite, PostgreSQL, SQLite, PostgreSQL**",
         "",
-        "| state | gateway CPU µs/req | backend µs/req | loadgen µs/req | req/s | p99 ms | non-200 |",
-        "|---|---|---|---|---|---|---|",
+        "| state | gateway CPU µs/req | PostgreSQL µs/req | backend µs/req | loadgen µs/req | req/s | p99 ms "
+        "| non-200 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     ka = res["keepalive"]
     for i in range(len(ka["sqlite"])):
         for label in ("sqlite", "postgres"):
             r = ka[label][i]
             lines.append(
-                f"| {label} #{i + 1} | {r['gateway_cpu_us']:.0f} | {r['backend_cpu_us']:.0f} | "
+                f"| {label} #{i + 1} | {r['gateway_cpu_us']:.0f} | {_pg_cell(label, r['postgres_cpu_us'])} "
+                f"| {r['backend_cpu_us']:.0f} | "
                 f"{r['loadgen_cpu_us']:.0f} | {r['rps']:,.0f} | {r['p99_ms']:.0f} | {r['non_200']}"
                 f"{' (' + r['errors'] + ')' if r['errors'] else ''} |"
             )
@@ -620,20 +733,21 @@ def render(res: dict[str, Any], desc: dict[str, str], command: str, seconds: flo
     rps_s, rps_p = _mean(ka["sqlite"], "rps"), _mean(ka["postgres"], "rps")
     ratio = rps_p / rps_s if rps_s else 0.0
     lines += [
-        f"| **PostgreSQL / SQLite** (means) | **{cpu_p / cpu_s:.2f}x** CPU | | | **{100 * ratio:.0f} %** req/s | | |",
+        f"| **PostgreSQL / SQLite** (means) | **{cpu_p / cpu_s:.2f}x** | | | | **{100 * ratio:.0f} %** | | |",
         "",
         f"Target PG/SQLite req/s ≥ 90 %: **{'met' if ratio >= 0.9 else 'not met'}** ({100 * ratio:.0f} %; CPU per "
         f"request PG/SQLite {100 * cpu_s / cpu_p:.0f} % of the efficiency).",
         "",
         f"**2. Logins** (GET login page + POST, argon2 included; 4 concurrent clients, {max(3.0, seconds):.0f} s)",
         "",
-        "| state | gateway CPU ms/login | client CPU ms/login | logins/s | failed |",
-        "|---|---|---|---|---|",
+        "| state | gateway CPU ms/login | PostgreSQL ms/login | client CPU ms/login | logins/s | failed |",
+        "|---|---|---|---|---|---|",
     ]
     for label in ("sqlite", "postgres"):
         r = res["logins"][label]
         lines.append(
-            f"| {label} | {r['gateway_cpu_ms']:.1f} | {r['client_cpu_ms']:.1f} | {r['per_second']:.1f} "
+            f"| {label} | {r['gateway_cpu_ms']:.1f} | {_pg_cell(label, r['postgres_cpu_ms'], 1)} "
+            f"| {r['client_cpu_ms']:.1f} | {r['per_second']:.1f} "
             f"| {r['failed']} |"
         )
     rv = res["revocation"]
@@ -657,16 +771,33 @@ def render(res: dict[str, Any], desc: dict[str, str], command: str, seconds: flo
         "connections, a fixed number of requests so every answer is counted), rows in the shared `events` table "
         "after the writers drained",
         "",
-        "| gateway CPU µs/refusal (3 instances) | loadgen µs/refusal | refusals/s | events/s written (to drained) "
-        "| drain after load s | refusals | rows | lost | target ≥ 5,000 events/s |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| {a['gateway_cpu_us']:.0f} | {a['loadgen_cpu_us']:.0f} | {a['refusals_per_second']:,.0f} | "
+        "| gateway CPU µs/refusal (3 instances) | PostgreSQL µs/event | loadgen µs/refusal | refusals/s "
+        "| events/s written (to drained) | drain after load s | refusals | rows | lost | target ≥ 5,000 events/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {a['gateway_cpu_us']:.0f} | {a['postgres_cpu_us']:.0f} | {a['loadgen_cpu_us']:.0f} "
+        f"| {a['refusals_per_second']:,.0f} | "
         f"{a['events_per_second']:,.0f} | {a['drain_seconds']:.1f} | {a['refusals']:,} | {a['rows']:,} | {a['lost']} "
         f"| **{'met' if a['events_per_second'] >= 5000 else 'not met'}** |",
     ]
     if a["served_200"] or a["errors"]:
         lines.append(f"\n(answers that were not refusals: {a['served_200']}; tool errors: {a['errors'] or 'none'})")
+    st = res["store"]
+    lines += [
+        "",
+        "**4b. The events table alone** (no HTTP): three threads, one per instance name, append "
+        f"{st['sent'] // 3:,} refusal events each through `PgAuditStore.append` (hash chain included) in the "
+        "audit writer's batches of 500",
+        "",
+        "| writer CPU µs/event (Python, GIL-shared) | PostgreSQL µs/event | events/s | rows / sent |",
+        "|---|---|---|---|",
+        f"| {st['writer_cpu_us']:.0f} | {st['postgres_cpu_us']:.0f} | {st['events_per_second']:,.0f} "
+        f"| {st['rows']:,} / {st['sent']:,} |",
+    ]
     return "\n".join(lines) + "\n"
+
+
+def _pg_cell(label: str, value: float, digits: int = 0) -> str:
+    return f"{value:.{digits}f}" if label == "postgres" else "–"
 
 
 def _pg_version() -> str:
