@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["shared-state"]:
         from bench import shared_state
 
-        return shared_state.main(argv[1:])
+        return shared_state.main(argv[1:], prog="./dev.sh bench shared-state")
     args = parse_args(argv)
     for tool in ("nginx", "openssl", "curl", "node", "npm"):
         if shutil.which(tool) is None:

@@ -384,8 +384,10 @@ def _ctx(cluster: Cluster, holder: Holder | None) -> ssl.SSLContext:
     return ctx
 
 
-def _watch(conn: Any, cookie: str, started: threading.Event, refused: list[float], i: int, poll: float) -> None:
-    """Poll one open connection every ``poll`` s until it is refused; note when in ``refused[i]``."""
+def _watch(
+    conn: Any, cookie: str, started: threading.Event, refused: list[tuple[float, int]], i: int, poll: float
+) -> None:
+    """Poll one open connection every ``poll`` s until it is refused; note when and how in ``refused[i]``."""
     started.wait()
     deadline = time.perf_counter() + 10
     while time.perf_counter() < deadline:
@@ -394,7 +396,7 @@ def _watch(conn: Any, cookie: str, started: threading.Event, refused: list[float
         except OSError:
             status = 0  # closed after a refusal counts as refused
         if status != 200:
-            refused[i] = time.perf_counter()
+            refused[i] = (time.perf_counter(), status)
             return
         time.sleep(poll)
 
@@ -409,6 +411,7 @@ def revocations(cluster: Cluster, count: int, poll: float = 0.002) -> dict[str, 
         for h in holders:
             h.cookie = _login_sync(cluster.instances[0].port, _ctx(cluster, h), h.user_id)
         delays: list[float] = []
+        statuses: dict[int, int] = {}  # the refusals' HTTP status (0: the connection was closed)
         missed = 0
         for n, h in enumerate(holders):
             ctx = _ctx(cluster, h)
@@ -417,7 +420,7 @@ def revocations(cluster: Cluster, count: int, poll: float = 0.002) -> dict[str, 
                 status = _get(conn, "/onre/tiny", h.cookie)
                 if status != 200:
                     raise RuntimeError(f"{h.user_id}: HTTP {status} before its revocation")
-            refused: list[float] = [0.0] * len(conns)
+            refused: list[tuple[float, int]] = [(0.0, 0)] * len(conns)
             started = threading.Event()
             threads = [
                 threading.Thread(target=_watch, args=(c, h.cookie, started, refused, i, poll))
@@ -429,11 +432,12 @@ def revocations(cluster: Cluster, count: int, poll: float = 0.002) -> dict[str, 
             ca.revoke(h.serial, RevocationReason("keyCompromise"), dt.datetime.now(dt.UTC), "bench")
             for t in threads:
                 t.join(15)
-            for at in refused:
+            for at, status in refused:
                 if at == 0.0:
                     missed += 1
                 else:
                     delays.append(max(0.0, at - ca.records.committed))
+                    statuses[status] = statuses.get(status, 0) + 1
             for conn in conns:
                 conn.close()
             if (n + 1) % 25 == 0:
@@ -448,6 +452,7 @@ def revocations(cluster: Cluster, count: int, poll: float = 0.002) -> dict[str, 
         "p99_ms": 1e3 * percentile(delays, 99),
         "max_ms": 1e3 * max(delays, default=0.0),
         "poll_ms": 1e3 * poll,
+        "statuses": ", ".join(f"{count} × HTTP {code}" for code, count in sorted(statuses.items())),
     }
 
 
@@ -763,6 +768,8 @@ def render(res: dict[str, Any], desc: dict[str, str], command: str, seconds: flo
         "|---|---|---|---|---|---|",
         f"| {rv['observations']} | {rv['missed']} | {rv['p50_ms']:.0f} | {rv['p99_ms']:.0f} | {rv['max_ms']:.0f} | "
         f"**{'met' if rv['p99_ms'] < 1000 and not rv['missed'] else 'not met'}** |",
+        "",
+        f"Refusals seen: {rv['statuses']}.",
     ]
     a = res["audit"]
     lines += [
@@ -810,9 +817,9 @@ def save(text: str) -> None:
     RESULTS.write_text(current.rstrip("\n") + "\n\n" + text, encoding="utf-8")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m bench.shared_state") -> int:
     args_list = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="python -m bench.shared_state", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     p.add_argument("--seconds", type=float, default=None, help="seconds per load figure (default 10, quick 3)")
     p.add_argument("--quick", action="store_true", help="smoke run: 3 s per figure, 20 revocations")
     p.add_argument("--no-save", action="store_true", help="print the table but leave bench/RESULTS.md alone")
@@ -829,7 +836,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
-    command = "python -m bench.shared_state " + shlex.join(args_list)
+    command = f"{prog} {shlex.join(args_list)}"
     text = render(res, machine.describe(), command.strip(), seconds)
     print()
     print(text)
