@@ -15,8 +15,9 @@ PY="$(command -v python3.11 || command -v python3)"
 # nodejs + npm: npm installs axe-core (pinned, in tests/e2e/.axe) for the browser suite's accessibility check.
 APT_TEST=(openssl postgresql chromium chromium-driver libnss3-tools gnutls-bin openjdk-17-jre-headless systemd prometheus nodejs npm)
 # nodejs + npm: autocannon (npm registry, pinned in bench/load.py) drives keep-alive load with the client
-# certificate; stunnel4 + wrk only for `python -m bench.probe --tool wrk-stunnel` (the previous method).
-APT_BENCH=(openssl curl nginx nodejs npm stunnel4 wrk)
+# certificate; stunnel4 + wrk only for `python -m bench.probe --tool wrk-stunnel` (the previous method);
+# postgresql: `./dev.sh bench shared-state` starts a throwaway server of its own (initdb + pg_ctl).
+APT_BENCH=(openssl curl nginx nodejs npm stunnel4 wrk postgresql)
 
 need_apt() {
     local missing=()

@@ -3,6 +3,7 @@
 ./dev.sh bench                 # full run (~15 min on 2 cores), writes bench/RESULTS.md
 ./dev.sh bench --quick         # smoke run, a few seconds per figure (~3 min)
 ./dev.sh bench --workers 1     # only one worker count
+./dev.sh bench shared-state    # shared state in PostgreSQL vs SQLite (bench/shared_state.py, ~4 min)
 """
 
 from __future__ import annotations
@@ -73,7 +74,12 @@ def plan_from(args: argparse.Namespace) -> Plan:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["shared-state"]:
+        from bench import shared_state
+
+        return shared_state.main(argv[1:], prog="./dev.sh bench shared-state")
+    args = parse_args(argv)
     for tool in ("nginx", "openssl", "curl", "node", "npm"):
         if shutil.which(tool) is None:
             print(f"bench: {tool} not found; run ./dev.sh bench (installs nginx nodejs npm) as root", file=sys.stderr)
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(workdir, ignore_errors=True)
     results.pop("cookie", None)
     desc = machine.describe()
-    command = "./dev.sh bench " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "./dev.sh bench " + shlex.join(argv)
     text = report.render(results, desc, command.strip())
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d-%H%M%S")
     (OUT / f"results-{stamp}.json").write_text(json.dumps({"machine": desc, **results}, indent=2))

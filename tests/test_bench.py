@@ -160,3 +160,13 @@ def test_profile_summary_leaves_waiting_threads_out_of_the_shares() -> None:
     text = profile.render("keepalive", summary, "note")
     assert "| kernel (system calls) | 93.3 % |" in text
     assert "120 samples of running code (23 of waiting threads left out)." in text
+
+
+def test_percentile_is_nearest_rank() -> None:
+    from bench.shared_state import percentile
+
+    values = [float(v) for v in range(1, 101)]  # 1..100
+    assert (percentile(values, 50), percentile(values, 99), percentile(values, 100)) == (50.0, 99.0, 100.0)
+    assert percentile([0.3, 0.1, 0.2], 50) == 0.2  # unsorted input
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 99) == 0.0
