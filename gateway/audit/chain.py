@@ -132,9 +132,14 @@ def encode_event(record: Mapping[str, Any]) -> bytes:
 
 def encode_body(fields: Mapping[str, Any]) -> bytes:
     """The event's part of the encoding, computable before seq and prev_hash are known (outside a lock)."""
-    values = list(_GET_BODY(fields))
-    values[_BODY_PORT] = _number(values[_BODY_PORT])
-    values[_BODY_WORKER] = _number(values[_BODY_WORKER])
+    return encode_body_values(list(_GET_BODY(fields)))
+
+
+def encode_body_values(values: list[Any]) -> bytes:
+    """:func:`encode_body` of the values in :data:`BODY_FIELDS` order (a store's row, no dict); ``values`` is reused."""
+    port, worker = values[_BODY_PORT], values[_BODY_WORKER]
+    values[_BODY_PORT] = "" if port is None else str(port)
+    values[_BODY_WORKER] = "" if worker is None else str(worker)
     return _join(values)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import os
 import sqlite3
 import threading
@@ -28,6 +29,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,7 +44,6 @@ from gateway.audit.events import (
     EventKind,
     epoch_ms,
     event_from_dict,
-    event_to_dict,
     format_time,
     from_epoch_ms,
     normalize_serial,
@@ -471,13 +472,16 @@ def chain_bodies(events: Sequence[AuditEvent]) -> dict[str, tuple[list[list[Any]
     normalised serial), so what verify reads back hashes the same.
     """
     out: dict[str, tuple[list[list[Any]], list[bytes]]] = {}
+    encode = chain.encode_body_values
     for event in events:
         row = row_values(event)
-        fields = dict(zip(FIELDS, row[1:], strict=True))
         rows, bodies = out.setdefault(event.instance, ([], []))
         rows.append(row)
-        bodies.append(chain.encode_body(fields))
+        bodies.append(encode(row[1:-1]))  # FIELDS without `instance` (last) are BODY_FIELDS: asserted below
     return out
+
+
+assert (*chain.BODY_FIELDS, "instance") == FIELDS, "chain_bodies slices the row: AuditEvent's fields moved"
 
 
 def mark_values(mark: chain.Mark) -> tuple[Any, ...]:
@@ -511,12 +515,29 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+_ALL_FIELDS = attrgetter(*FIELDS)
+# Positions in a row_values row (epoch milliseconds first, then FIELDS).
+_ROW_TIME, _ROW_EVENT, _ROW_SID, _ROW_SERIAL = (
+    1 + FIELDS.index(n) for n in ("time", "event", "support_id", "cert_serial")
+)
+# A gateway sees the same few certificates again and again: their serials are normalised once.
+_serial = functools.lru_cache(maxsize=4096)(normalize_serial)
+
+
 def row_values(event: AuditEvent) -> list[Any]:
-    """The INSERT_SQL parameters of an event: epoch milliseconds, then FIELDS in order."""
-    data = event_to_dict(event)
-    data["support_id"] = event.support_id.upper()
-    data["cert_serial"] = normalize_serial(event.cert_serial) if event.cert_serial else ""
-    return [epoch_ms(event.time), *(data[name] for name in FIELDS)]
+    """The INSERT_SQL parameters of an event: epoch milliseconds, then FIELDS in order.
+
+    The values of :func:`~gateway.audit.events.event_to_dict` (a test compares them), plus the
+    support ID upper-cased, read without building a dict: this runs once per event written.
+    """
+    when = event.time
+    row = [epoch_ms(when), *_ALL_FIELDS(event)]
+    row[_ROW_TIME] = format_time(when)
+    row[_ROW_EVENT] = str(event.event)
+    row[_ROW_SID] = event.support_id.upper()
+    serial = event.cert_serial
+    row[_ROW_SERIAL] = _serial(serial) if serial else ""
+    return row
 
 
 _row = row_values
