@@ -241,3 +241,17 @@ def test_cells_and_names() -> None:
     assert jst_text("2026-11-30T15:00:00.000Z") == "2026-12-01 00:00:00"
     assert csv_cell("=HYPERLINK(1)") == "'=HYPERLINK(1)"
     assert csv_cell("-1") == "-1" and csv_cell("LC-1") == "LC-1" and csv_cell(None) == ""
+
+
+async def test_the_page_shows_the_verification_of_the_period(gw: Harness) -> None:
+    from gateway.audit.signing import generate_signing_key
+
+    async with gw.session("LC000001") as s:
+        assert (await login(gw, s)).status == 303
+        status, page, _ = await get(s, gw, WORKSPACE, since="30d")
+        assert status == 200 and 'data-verified="no"' in page and "no audit signing key yet" in page
+        generate_signing_key(gw.config.audit.signing_key)
+        status, page, _ = await get(s, gw, WORKSPACE, since="30d")
+        assert status == 200 and 'data-verified="yes"' in page, re.findall(r"trail-state.*", page)
+        line = re.findall(r'<p class="trail-state".*</p>', page)
+        assert len(line) == 1 and "検証済み" in line[0] and "Verified: the hash chains and signed" in line[0], line

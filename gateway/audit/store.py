@@ -26,7 +26,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from operator import attrgetter
@@ -125,6 +125,11 @@ SELECT_SQL = f"SELECT {', '.join(FIELDS)} FROM events"  # noqa: S608 - constant 
 CHAINED_FIELDS = (*FIELDS, "seq", "prev_hash", "hash")
 CHAIN_SELECT_SQL = f"SELECT {', '.join(CHAINED_FIELDS)} FROM events WHERE instance = ? AND seq > ? ORDER BY id"  # noqa: S608
 HEAD_SQL = "SELECT seq, hash FROM audit_chain_heads WHERE instance = ?"
+# The heads of the instances with events in [since, until) (the report pages verify only those).
+PERIOD_HEADS_SQL = (
+    "SELECT h.instance, h.seq FROM audit_chain_heads h WHERE EXISTS "
+    "(SELECT 1 FROM events e WHERE e.instance = h.instance AND e.time_ms >= ? AND e.time_ms < ?)"
+)
 SET_HEAD_SQL = (
     "INSERT INTO audit_chain_heads (instance, seq, hash) VALUES (?, ?, ?) "
     "ON CONFLICT (instance) DO UPDATE SET seq = excluded.seq, hash = excluded.hash"
@@ -319,20 +324,34 @@ class AuditStore:
 
     # -- the chain --
 
-    def chain_trail(self, since: dt.datetime | None = None) -> chain.Trail:
+    def chain_trail(
+        self,
+        since: dt.datetime | None = None,
+        *,
+        instances: Collection[str] | None = None,
+        after: Mapping[str, int] | None = None,
+    ) -> chain.Trail:
         """Every instance's chain (storage order) and the marks, for verify and the export.
 
         With ``since``, each chain from the latest mark made before it (verify with ``partial=True``).
+        ``instances`` keeps those chains (and their marks) only; ``after`` reads an instance's events
+        after that seq instead (the report pages' cache verified the rest).
         """
-        marks = [mark_from_row(r) for r in self._read(SELECT_MARKS_SQL, [])]
-        instances = [str(r[0]) for r in self._read("SELECT instance FROM audit_chain_heads ORDER BY instance", [])]
-        trail = chain.Trail({}, [m for m in marks if m.kind is chain.MarkKind.CHECKPOINT], [])
-        trail.anchors.extend(m for m in marks if m.kind is chain.MarkKind.PRUNE)
-        for instance in instances:
-            start = start_seq(marks, instance, since)
-            rows = self._read(CHAIN_SELECT_SQL, [instance, start])
-            trail.events[instance] = [dict(zip(CHAINED_FIELDS, r, strict=True)) for r in rows]
-        return trail
+        with self._lock:
+            conn = self._conn
+
+            def read() -> chain.Trail:
+                conn.execute("BEGIN")  # one snapshot: the marks and the events agree
+                try:
+                    return trail_of(lambda sql, params: conn.execute(sql, params).fetchall(), since, instances, after)
+                finally:
+                    conn.execute("COMMIT")
+
+            return self._retry(read)
+
+    def chain_heads(self, since: dt.datetime, until: dt.datetime, instance: str = "") -> dict[str, int]:
+        """Instance -> head seq, for the instances (or ``instance``) with events in [since, until)."""
+        return period_heads(self._read, since, until, instance)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -482,6 +501,35 @@ def chain_bodies(events: Sequence[AuditEvent]) -> dict[str, tuple[list[list[Any]
 
 
 assert (*chain.BODY_FIELDS, "instance") == FIELDS, "chain_bodies slices the row: AuditEvent's fields moved"
+
+
+def trail_of(
+    read: Reader,
+    since: dt.datetime | None,
+    instances: Collection[str] | None,
+    after: Mapping[str, int] | None,
+) -> chain.Trail:
+    """:meth:`AuditStore.chain_trail` with ``read(sql, params)`` (both backends, inside one snapshot)."""
+    marks = [mark_from_row(r) for r in read(SELECT_MARKS_SQL, [])]
+    names = [str(r[0]) for r in read("SELECT instance FROM audit_chain_heads ORDER BY instance", [])]
+    if instances is not None:
+        names = [name for name in names if name in instances]
+        marks = [m for m in marks if m.instance in instances]
+    trail = chain.Trail({}, [m for m in marks if m.kind is chain.MarkKind.CHECKPOINT], [])
+    trail.anchors.extend(m for m in marks if m.kind is chain.MarkKind.PRUNE)
+    for name in names:
+        start = (after or {}).get(name, start_seq(marks, name, since))
+        rows = read(CHAIN_SELECT_SQL, [name, start])
+        trail.events[name] = [dict(zip(CHAINED_FIELDS, r, strict=True)) for r in rows]
+    return trail
+
+
+def period_heads(read: Reader, since: dt.datetime, until: dt.datetime, instance: str) -> dict[str, int]:
+    """:meth:`AuditStore.chain_heads` with ``read(sql, params)``."""
+    sql, params = PERIOD_HEADS_SQL, [epoch_ms(since), epoch_ms(until)] + ([instance] if instance else [])
+    if instance:
+        sql += " AND h.instance = ?"
+    return {str(name): int(seq) for name, seq in read(sql + " ORDER BY h.instance", params)}
 
 
 def mark_values(mark: chain.Mark) -> tuple[Any, ...]:

@@ -46,6 +46,7 @@ from gateway.audit.events import (
 )
 from gateway.audit.rows import cert_cn, page_rows
 from gateway.audit.store import AuditStore, AuditSummary
+from gateway.audit.trailstate import StateCache, TrailState
 from gateway.errors import GatewayError, StoreError
 from gateway.keys import PEER
 from gateway.storage.backends import Backend
@@ -153,6 +154,7 @@ class AuditWorkspace:
         self.store_path = Path(access.config.audit.database)
         self.path = access.paths.prefix + "audit"
         self._backend: Backend | None = None
+        self._states = StateCache()  # the period's verification, kept while paging
 
     @property
     def backend(self) -> Backend:
@@ -198,7 +200,9 @@ class AuditWorkspace:
             page = parse_page(request.query.get("page", "").strip())
             f = workspace_filter(filters, now)
             loop = asyncio.get_running_loop()
-            events, total, summary = await loop.run_in_executor(None, _load, self.backend, f, page, now)
+            events, total, summary, state = await loop.run_in_executor(
+                None, _load, self.backend, f, page, now, self._states
+            )
         except StoreError as exc:
             return self._html(render_report([], None, filters, error=str(exc), workspace=self._links(filters)), 503)
         except GatewayError as exc:
@@ -217,7 +221,13 @@ class AuditWorkspace:
         detail = f"filter: {filter_text(filters) or 'since=24h'}; page={page} rows={len(events)} total={total}"
         self.access._record(request, EventKind.AUDIT_VIEWED, Reason.OK, user_id=who, detail=detail)
         html = render_report(
-            events, summary, filters, rows=page_rows(events), paging=paging, workspace=self._links(filters)
+            events,
+            summary,
+            filters,
+            rows=page_rows(events),
+            paging=paging,
+            workspace=self._links(filters),
+            trail_state=state,
         )
         return self._html(html, 200)
 
@@ -301,13 +311,14 @@ def _reader(source: Backend | Path) -> AuditStore | PgAuditStore:
 
 
 def _load(
-    source: Backend | Path, f: AuditFilter, page: int, now: dt.datetime
-) -> tuple[list[AuditEvent], int, AuditSummary]:
-    """The blocking part of a page: one read-only store; the page, its total, the chart's counts."""
-    from gateway.audit.report import DEFAULT_WINDOW
+    source: Backend, f: AuditFilter, page: int, now: dt.datetime, states: StateCache
+) -> tuple[list[AuditEvent], int, AuditSummary, TrailState]:
+    """The blocking part of a page: one read-only store; the page, its total, the chart's counts, the verification."""
+    from gateway.audit.report import DEFAULT_WINDOW, verification
 
     with _reader(source) as store:
         events, total = store.page(f, (page - 1) * f.limit)
         since = f.since or now - DEFAULT_WINDOW
         summary = store.summary(since, f.until or now, match=f)
-    return events, total, summary
+        state = verification(store, source.config, since, f.until or now, f.instance, states)
+    return events, total, summary, state
