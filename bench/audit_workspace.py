@@ -30,7 +30,7 @@ from pathlib import Path
 from gateway.audit.events import AuditEvent, EventKind, utcnow
 from gateway.audit.report import render_report
 from gateway.audit.store import AuditStore
-from gateway.audit.workspace import EXPORT_BATCH, _load, csv_chunk, json_chunk, page_rows, workspace_filter
+from gateway.audit.workspace import EXPORT_BATCH, _load, csv_chunk, export_cursor, page_rows, workspace_filter
 
 KINDS = [EventKind.LOGIN, EventKind.LOGIN_REFUSED, EventKind.REQUEST_REFUSED, EventKind.HANDSHAKE_FAILED]
 REASONS = ["ok", "bad_credentials", "certificate_revoked", "not_authorized", "no_certificate", "session_expired"]
@@ -67,7 +67,7 @@ def fill(path: Path, events: int, now: dt.datetime, seed: int = 17) -> None:
 def timed_page(path: Path, now: dt.datetime) -> tuple[float, int, int]:
     start = time.perf_counter()
     f = workspace_filter({"user": "LC000042", "since": "30d"}, now)
-    events, total, summary = _load(path, f, 1, now)
+    events, total, summary, _ = _load(path, f, 1, now)
     render_report(events, summary, {"user": "LC000042", "since": "30d"}, rows=page_rows(events))
     return time.perf_counter() - start, len(events), total
 
@@ -79,10 +79,10 @@ def timed_export(path: Path, now: dt.datetime, fmt: str) -> tuple[float, float, 
     cpu = time.process_time()
     rows = size = 0
     with AuditStore(path, readonly=True) as store:
-        cursor = store.cursor(f)
+        cursor, encode = export_cursor(store, f, fmt)  # what the workspace's export runs
+        size += len(csv_chunk([], header=True).encode()) if fmt == "csv" else 0
         while batch := cursor.fetchmany(EXPORT_BATCH):
-            chunk = csv_chunk(batch, header=rows == 0) if fmt == "csv" else json_chunk(batch, first=rows == 0)
-            size += len(chunk.encode())
+            size += len(encode(batch, rows == 0).encode())
             rows += len(batch)
     return time.perf_counter() - start, time.process_time() - cpu, rows, size
 

@@ -15,7 +15,7 @@ import pytest
 
 from gateway.access.login import LoginAccess
 from gateway.access.users import UserStore
-from gateway.audit.events import AuditEvent, EventKind
+from gateway.audit.events import AuditEvent, AuditFilter, EventKind
 from gateway.audit.rows import cert_cn, jst_text
 from gateway.audit.store import AuditStore
 from gateway.audit.workspace import csv_cell
@@ -255,3 +255,34 @@ async def test_the_page_shows_the_verification_of_the_period(gw: Harness) -> Non
         assert status == 200 and 'data-verified="yes"' in page, re.findall(r"trail-state.*", page)
         line = re.findall(r'<p class="trail-state".*</p>', page)
         assert len(line) == 1 and "検証済み" in line[0] and "Verified: the hash chains and signed" in line[0], line
+
+
+def test_the_lines_sqlite_builds_are_what_csv_and_json_would_write(tmp_path: Path) -> None:
+    """The exports' SQL encoding against the Python one, on hostile cells (formulas, quotes, newlines)."""
+    from gateway.audit.workspace import CSV_LINE_SQL, JSON_LINE_SQL, csv_chunk, csv_lines_chunk, json_chunk
+
+    nasty = ["=1+2", "+1", "-1", "-12a", "-", "@SUM(A1)", "\tx", "\rx", "＝1", "＋1", "－1", "＠x", 'say "hi"',
+             "a,b", "two\nlines", "cr\rlf", "ｶﾅ 日本語", "", "'quoted", "-１２"]  # fmt: skip
+    events = [
+        AuditEvent(
+            EventKind.LOGIN_REFUSED,
+            time=NOW - dt.timedelta(seconds=i),
+            reason=text,
+            user_agent=text,
+            path="/" + text,
+            cert_subject=rf"CN={text}\, x,O=Example" if i % 2 else text,
+            client_port=None if i % 3 else 443,
+            worker=i % 2,
+        )
+        for i, text in enumerate(nasty)
+    ]
+    with AuditStore(tmp_path / "audit.db") as store:
+        store.append(events)
+        f = AuditFilter()
+        plain = store.cursor(f).fetchall()
+        csv_text = csv_lines_chunk(store.cursor(f, CSV_LINE_SQL).fetchall(), header=True)
+        json_rows = [json.loads(row[0]) for row in store.cursor(f, JSON_LINE_SQL).fetchall()]
+    assert csv_text == csv_chunk(plain, header=True)
+    reasons = [row[3] for row in list(csv.reader(io.StringIO(csv_text)))[1:]]
+    assert reasons[:3] == ["'=1+2", "'+1", "-1"] and "'-１２" in reasons
+    assert json_rows == json.loads("[" + json_chunk(plain, first=True) + "]")

@@ -50,6 +50,7 @@ from gateway.audit.events import (
     serial_spellings,
     utcnow,
 )
+from gateway.audit.rows import cert_cn
 from gateway.errors import StoreError
 
 T = TypeVar("T")
@@ -395,16 +396,19 @@ class AuditStore:
             rows, total = self._retry(read)
         return [event_from_dict(dict(r)) for r in rows], total
 
-    def cursor(self, f: AuditFilter) -> sqlite3.Cursor:
+    def cursor(self, f: AuditFilter, columns: str = "") -> sqlite3.Cursor:
         """A cursor over every event matching ``f`` (its limit ignored), newest first.
 
         For streamed exports: the caller fetches batches with ``fetchmany`` (from one
         thread at a time) and never holds the whole result. Rows are plain tuples in
-        FIELDS order (cheaper than ``sqlite3.Row`` at a million rows). Use a store of its own.
+        FIELDS order (cheaper than ``sqlite3.Row`` at a million rows), or of ``columns``,
+        SQL expressions over the events' columns and ``cert_cn(subject)`` (the export
+        builds its lines there). Use a store of its own.
         """
         where, params = where_sql(f)
-        sql = f"{_SELECT}{where}{ORDER_SQL}"
+        sql = f"SELECT {columns} FROM events{where}{ORDER_SQL}" if columns else f"{_SELECT}{where}{ORDER_SQL}"  # noqa: S608
         with self._lock:
+            self._conn.create_function("cert_cn", 1, _cert_cn, deterministic=True)
             cursor = self._conn.cursor()
             cursor.row_factory = None
             return self._retry(lambda: cursor.execute(sql, params))
@@ -452,6 +456,10 @@ class AuditStore:
             except sqlite3.Error as exc:
                 raise StoreError(f"audit database {self.path}: {exc}") from exc
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+# The same few certificates appear again and again in an export.
+_cert_cn = functools.lru_cache(maxsize=4096)(cert_cn)
 
 
 def _chain_existing(conn: sqlite3.Connection) -> None:
