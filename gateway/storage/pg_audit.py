@@ -287,18 +287,20 @@ class PgAuditStore:
             rows = conn.execute(sql, [*params, f.limit, offset]).fetchall()
         return [_event(r) for r in rows], int(total[0]) if total else 0
 
-    def cursor(self, f: AuditFilter) -> ExportCursor:
+    def cursor(self, f: AuditFilter, columns: str = "") -> ExportCursor:
         """A server-side cursor over every event matching ``f`` (limit ignored), newest first.
 
-        Holds one pooled connection until :meth:`close`; rows are tuples in FIELDS order.
+        Holds one pooled connection until :meth:`close`; rows are tuples in FIELDS order, or
+        of ``columns`` (SQL expressions over the events' columns: the export's lines).
         """
         where, params = where_sql(f)
+        select = f"SELECT {columns} FROM events" if columns else SELECT_SQL  # noqa: S608
         stack = contextlib.ExitStack()
         try:
             conn = stack.enter_context(self.db.transaction())
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             cur = stack.enter_context(conn.cursor(name="audit_export"))
-            cur.execute(_pg(f"{SELECT_SQL}{where}{ORDER_SQL}"), params)
+            cur.execute(select + _pg(where + ORDER_SQL), params)  # the columns may hold a "?" (a regex)
         except psycopg.Error as exc:
             stack.close()
             raise StoreError(f"database {self.db.target}: {self.db.target.scrub(str(exc).strip())}") from None
