@@ -396,19 +396,23 @@ class AuditStore:
             rows, total = self._retry(read)
         return [event_from_dict(dict(r)) for r in rows], total
 
-    def cursor(self, f: AuditFilter, columns: str = "") -> sqlite3.Cursor:
+    def cursor(
+        self, f: AuditFilter, columns: str = "", functions: Mapping[str, Callable[[str], str]] | None = None
+    ) -> sqlite3.Cursor:
         """A cursor over every event matching ``f`` (its limit ignored), newest first.
 
         For streamed exports: the caller fetches batches with ``fetchmany`` (from one
         thread at a time) and never holds the whole result. Rows are plain tuples in
         FIELDS order (cheaper than ``sqlite3.Row`` at a million rows), or of ``columns``,
-        SQL expressions over the events' columns and ``cert_cn(subject)`` (the export
-        builds its lines there). Use a store of its own.
+        SQL expressions over the events' columns, ``cert_cn(subject)`` and ``functions``
+        (one-argument SQL functions; the export builds its lines there). Use a store of its own.
         """
         where, params = where_sql(f)
         sql = f"SELECT {columns} FROM events{where}{ORDER_SQL}" if columns else f"{_SELECT}{where}{ORDER_SQL}"  # noqa: S608
         with self._lock:
-            self._conn.create_function("cert_cn", 1, _cert_cn, deterministic=True)
+            named: dict[str, Callable[[str], str]] = {"cert_cn": _cert_cn, **(functions or {})}
+            for name, function in named.items():
+                self._conn.create_function(name, 1, function, deterministic=True)
             cursor = self._conn.cursor()
             cursor.row_factory = None
             return self._retry(lambda: cursor.execute(sql, params))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import datetime as dt
+import functools
 import io
 import json
 import sqlite3
@@ -137,26 +138,42 @@ def csv_cell(value: Any) -> Any:
 
 _INTEGER_FIELDS = ("client_port", "worker")
 _QUOTE, _TWO_QUOTES = "'\"'", "'\"\"'"
-# PostgreSQL has no cert_cn(): the same expression as gateway.audit.rows.cert_cn (a test compares them).
+# PostgreSQL has no cert_cn(): the same expression as gateway.audit.rows.cert_cn (a test compares them),
+# computed once per row in a LATERAL subquery (OFFSET 0 keeps the planner from copying it into each use).
 _PG_CN = (
-    r"(CASE WHEN cert_subject ~* '(^|,)\s*CN=' THEN regexp_replace(substring(cert_subject FROM"
-    r" '(?i)(?:^|,)\s*CN=((?:[^,\\]|\\.)*)'), '\\(.)', '\1', 'g')"
+    r"(CASE WHEN cert_subject = '' THEN '' WHEN cert_subject ~* '(^|,)\s*CN=' THEN regexp_replace(substring("
+    r"cert_subject FROM '(?i)(?:^|,)\s*CN=((?:[^,\\]|\\.)*)'), '\\(.)', '\1', 'g')"
     " WHEN strpos(cert_subject, '=') > 0 THEN '' ELSE cert_subject END)"
 )
+PG_EXPORT_SOURCE = f"events CROSS JOIN LATERAL (SELECT {_PG_CN} AS cn OFFSET 0) AS derived"
 
 
 @dataclass(frozen=True, slots=True)
 class _Dialect:
     char: str  # the function making a character from its code
     is_negative_number: str  # a format string over the value: "-" then ASCII digits only
+    needs_quotes: str  # a format string over the value: holds a quote, comma, CR or LF
     cert_cn: str
+    neutral_cert_cn: str  # the certificate name's cell, when not the generic one over cert_cn
     json_object: str
 
 
 _SQLITE = _Dialect(
-    "char", "({0} GLOB '-[0-9]*' AND substr({0}, 2) NOT GLOB '*[^0-9]*')", "cert_cn(cert_subject)", "json_object"
+    char="char",
+    is_negative_number="({0} GLOB '-[0-9]*' AND substr({0}, 2) NOT GLOB '*[^0-9]*')",
+    needs_quotes="({0} GLOB '*[\",\n\r]*')",
+    cert_cn="cert_cn(cert_subject)",
+    neutral_cert_cn="neutral_cert_cn(cert_subject)",  # one Python call a row (cached), not one per use
+    json_object="json_object",
 )
-_POSTGRES = _Dialect("chr", "({0} ~ '^-[0-9]+$')", _PG_CN, "json_build_object")
+_POSTGRES = _Dialect(
+    char="chr",
+    is_negative_number="({0} ~ '^-[0-9]+$')",
+    needs_quotes="({0} ~ '[\",\n\r]')",
+    cert_cn="derived.cn",
+    neutral_cert_cn="",  # the generic cell over derived.cn (computed once a row)
+    json_object="json_build_object",
+)
 
 
 def _sql_source(name: str, d: _Dialect) -> str:
@@ -164,25 +181,32 @@ def _sql_source(name: str, d: _Dialect) -> str:
     if name == "time_utc":
         return "time"
     if name == "cert_cn":
-        return f"(CASE WHEN cert_subject = '' THEN '' ELSE {d.cert_cn} END)"
+        return d.cert_cn
     return name
+
+
+def _sql_neutral_cell(name: str, d: _Dialect) -> str:
+    """:func:`csv_cell` in SQL: the value, an apostrophe before a formula's first character."""
+    if name == "cert_cn" and d.neutral_cert_cn:
+        return d.neutral_cert_cn
+    value = _sql_source(name, d)
+    if name in _INTEGER_FIELDS:
+        return f"coalesce(CAST({value} AS TEXT), '')"  # digits: never risky
+    risky = ", ".join(f"'{c}'" for c in "=+-@＝＋－＠") + f", {d.char}(9), {d.char}(13)"
+    return (
+        f"(CASE WHEN substr({value}, 1, 1) IN ({risky}) AND NOT {d.is_negative_number.format(value)}"
+        f" THEN {d.char}(39) || {value} ELSE {value} END)"
+    )
 
 
 def _sql_csv_cell(name: str, d: _Dialect) -> str:
     """:func:`csv_cell` and the csv module's minimal quoting, in SQL."""
-    value = _sql_source(name, d)
+    neutral = _sql_neutral_cell(name, d)
     if name in _INTEGER_FIELDS:
-        return f"coalesce(CAST({value} AS TEXT), '')"  # digits: never risky, never quoted
-    risky = ", ".join(f"'{c}'" for c in "=+-@＝＋－＠") + f", {d.char}(9), {d.char}(13)"
-    neutral = (
-        f"(CASE WHEN substr({value}, 1, 1) IN ({risky}) AND NOT {d.is_negative_number.format(value)}"
-        f" THEN {d.char}(39) || {value} ELSE {value} END)"
-    )
-    special = " OR ".join(f"strpos({neutral}, {c}) > 0" for c in (_QUOTE, "','", f"{d.char}(10)", f"{d.char}(13)"))
-    if d is _SQLITE:
-        special = special.replace("strpos(", "instr(")
+        return neutral  # digits: never quoted
+    # The apostrophe a neutral cell adds needs no quotes: whether to quote is decided on the value itself.
     quoted = f"{_QUOTE} || replace({neutral}, {_QUOTE}, {_TWO_QUOTES}) || {_QUOTE}"
-    return f"(CASE WHEN {special} THEN {quoted} ELSE {neutral} END)"
+    return f"(CASE WHEN {d.needs_quotes.format(_sql_source(name, d))} THEN {quoted} ELSE {neutral} END)"
 
 
 def csv_line_sql(d: _Dialect) -> str:
@@ -194,8 +218,26 @@ def json_line_sql(d: _Dialect) -> str:
     return f"{d.json_object}({pairs})" + ("::text" if d is _POSTGRES else "")
 
 
-CSV_LINE_SQL, JSON_LINE_SQL = csv_line_sql(_SQLITE), json_line_sql(_SQLITE)
+# SQLite: the neutral cells, quoted by the csv module (C; cheaper there than SQLite's per-cell checks).
+# PostgreSQL: the whole line, on the server (its CPU, not the gateway's).
+CSV_CELLS_SQL, JSON_LINE_SQL = ", ".join(_sql_neutral_cell(n, _SQLITE) for n in EXPORT_COLUMNS), json_line_sql(_SQLITE)
 PG_CSV_LINE_SQL, PG_JSON_LINE_SQL = csv_line_sql(_POSTGRES), json_line_sql(_POSTGRES)
+
+
+@functools.lru_cache(maxsize=4096)
+def neutral_cert_cn(subject: str) -> str:
+    """The certificate-name cell before quoting (SQLite's export calls it once a row)."""
+    return csv_cell(cert_cn(subject)) if subject else ""
+
+
+def csv_rows_chunk(rows: Sequence[Sequence[Any]], *, header: bool) -> str:
+    """CSV_CELLS_SQL's rows as CSV text, by the csv module (as :func:`csv_chunk` writes them)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    if header:
+        writer.writerow(EXPORT_COLUMNS)
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def csv_lines_chunk(rows: Sequence[Sequence[Any]], *, header: bool) -> str:
@@ -388,11 +430,15 @@ def export_cursor(
     store: AuditStore | PgAuditStore, f: AuditFilter, fmt: str
 ) -> tuple[sqlite3.Cursor | ExportCursor, Encoder]:
     """The export's cursor and how a batch (and whether it is the first) becomes text: the database builds the lines."""
-    sqlite = isinstance(store, AuditStore)
+    cursor: sqlite3.Cursor | ExportCursor
+    if isinstance(store, AuditStore):
+        cursor = store.cursor(f, CSV_CELLS_SQL if fmt == "csv" else JSON_LINE_SQL, {"neutral_cert_cn": neutral_cert_cn})
+        if fmt == "csv":
+            return cursor, lambda batch, first: csv_rows_chunk(batch, header=False)
+    else:
+        cursor = store.cursor(f, PG_CSV_LINE_SQL if fmt == "csv" else PG_JSON_LINE_SQL, PG_EXPORT_SOURCE)
     if fmt == "csv":
-        cursor = store.cursor(f, CSV_LINE_SQL if sqlite else PG_CSV_LINE_SQL)
         return cursor, lambda batch, first: csv_lines_chunk(batch, header=False)
-    cursor = store.cursor(f, JSON_LINE_SQL if sqlite else PG_JSON_LINE_SQL)
     return cursor, lambda batch, first: json_lines_chunk(batch, first=first)
 
 

@@ -287,14 +287,15 @@ class PgAuditStore:
             rows = conn.execute(sql, [*params, f.limit, offset]).fetchall()
         return [_event(r) for r in rows], int(total[0]) if total else 0
 
-    def cursor(self, f: AuditFilter, columns: str = "") -> ExportCursor:
+    def cursor(self, f: AuditFilter, columns: str = "", source: str = "events") -> ExportCursor:
         """A server-side cursor over every event matching ``f`` (limit ignored), newest first.
 
         Holds one pooled connection until :meth:`close`; rows are tuples in FIELDS order, or
-        of ``columns`` (SQL expressions over the events' columns: the export's lines).
+        of ``columns`` (SQL expressions over the columns of ``source``, the events or the
+        events joined with what the export derives from them: the export's lines).
         """
         where, params = where_sql(f)
-        select = f"SELECT {columns} FROM events" if columns else SELECT_SQL  # noqa: S608
+        select = f"SELECT {columns} FROM {source}" if columns else SELECT_SQL  # noqa: S608
         stack = contextlib.ExitStack()
         try:
             conn = stack.enter_context(self.db.transaction())
