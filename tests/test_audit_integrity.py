@@ -304,3 +304,34 @@ def test_the_pages_without_a_signing_key_say_so(trail: Trail) -> None:
     (trail.config.parent / "audit-signing.key").unlink()
     state = page_state(trail, StateCache())
     assert not state.ok and not state.findings and "no audit signing key" in state.en
+
+
+def test_a_long_verification_does_not_hold_the_page(trail: Trail) -> None:
+    """Past the budget the line says "running"; the background verifier finishes it for the next view."""
+    import threading
+
+    cache = StateCache(budget=0.0)
+    gate = threading.Event()
+
+    def busy() -> TrailState:  # holds the one verifier thread until the gate opens
+        gate.wait(10)
+        return TrailState(True)
+
+    cache.submit(("busy",), busy)
+    now = utcnow()
+    f = AuditFilter(since=now - dt.timedelta(hours=24), until=now + dt.timedelta(hours=1))
+    try:
+        with Backend(load_config(trail.config)) as backend:
+            _, _, state = load_report(backend, f, now, cache)
+            assert state is not None and state.pending and not state.ok
+            assert "実行中" in state.ja and "Verifying this period in the background" in state.en
+            gate.set()
+            for _ in range(200):
+                if cache.verified_events:
+                    break
+                threading.Event().wait(0.05)
+            _, _, state = load_report(backend, f, now, cache)
+            assert state is not None and state.ok and not state.pending and cache.verified_events == 6
+    finally:
+        gate.set()
+        cache.close()

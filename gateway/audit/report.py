@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -201,19 +202,28 @@ def load_report(
     with source.audit(readonly=True) if isinstance(source, Backend) else AuditStore(source, readonly=True) as store:
         state = None
         if cache is not None and isinstance(source, Backend):
-            state = verification(store, source.config, since, until, f.instance, cache)
+            backend = source
+            state = verification(
+                store, lambda: backend.audit(readonly=True), backend.config, since, until, f.instance, cache
+            )
         return store.query(f), store.summary(since, until, match=f), state
 
 
 def verification(
-    store: AuditStoreProtocol, config: Config, since: dt.datetime, until: dt.datetime, instance: str, cache: StateCache
+    store: AuditStoreProtocol,
+    open_store: Callable[[], AbstractContextManager[AuditStoreProtocol]],
+    config: Config,
+    since: dt.datetime,
+    until: dt.datetime,
+    instance: str,
+    cache: StateCache,
 ) -> TrailState:
     """The period's verification line; a key that cannot be read is said on the line, not as a page error."""
     try:
         key = signing_public_key(config.audit.signing_key)
     except GatewayError as exc:
         return TrailState(False, problem=str(exc))
-    state = period_state(store, since, until, instance, key, cache, "audit")
+    state = period_state(store, open_store, since, until, instance, key, cache, "audit")
     return dataclasses.replace(state, command=state.command.replace("verify", f"verify --config {config.path}", 1))
 
 

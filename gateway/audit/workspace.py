@@ -285,6 +285,7 @@ class AuditWorkspace:
         return self._backend
 
     async def _close(self, _app: web.Application) -> None:
+        self._states.close()
         if self._backend is not None:
             backend, self._backend = self._backend, None
             backend.close()
@@ -461,5 +462,8 @@ def _load(
         summary = store.summary(since, f.until or now, match=f)
         state = None
         if states is not None and isinstance(source, Backend):  # a bare SQLite file (the bench) has no key
-            state = verification(store, source.config, since, f.until or now, f.instance, states)
+            backend = source
+            state = verification(
+                store, lambda: _reader(backend), backend.config, since, f.until or now, f.instance, states
+            )
     return events, total, summary, state
