@@ -37,8 +37,11 @@ def sections(config: Config) -> list[str]:
 
 
 def private_files(config: Config) -> list[str]:
-    """The server key and the session secret are for this user only."""
-    files = {"session.secret_file": config.session.secret_file}
+    """The server key, the session secret and the audit signing key are for this user only.
+
+    A missing audit signing key is fine: the audit writer creates it (0600) at first start.
+    """
+    files = {"session.secret_file": config.session.secret_file, "audit.signing_key": config.audit.signing_key}
     if config.tls is not None:
         files = {"tls.key": config.tls.key, **files}
     return list(_open_to_others(config, files))
@@ -182,8 +185,8 @@ def portal_sections(config: Config) -> list[str]:
 
 
 def portal_private_files(config: Config) -> list[str]:
-    """The portal's TLS key and the CA's signing key are for this user only."""
-    files: dict[str, Path] = {}
+    """The portal's TLS key, the CA's signing key and the audit signing key are for this user only."""
+    files: dict[str, Path] = {"audit.signing_key": config.audit.signing_key}
     if config.portal is not None:
         files["portal.tls.key"] = config.portal.tls.key
     if config.ca is not None:

@@ -19,8 +19,10 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.audit import signing
-from gateway.audit.events import AuditEvent, EventKind, utcnow
+from gateway.audit.events import AuditEvent, AuditFilter, EventKind, utcnow
+from gateway.audit.report import load_report
 from gateway.audit.store import CHAINED_FIELDS
+from gateway.audit.trailstate import StateCache, TrailState
 from gateway.cli import main
 from gateway.config import load_config
 from gateway.storage import postgres as pg
@@ -236,3 +238,100 @@ async def test_the_writer_signs_its_head_at_close(capsys: pytest.CaptureFixture[
         await audit.aclose()
     code, out = verify(capsys, trail)
     assert code == 0 and "seq 7; 2 good signatures, signed up to seq 7" in out, out
+
+
+# -- The verification line of the report pages (gateway.audit.trailstate) --------------------
+
+
+def page_state(trail: Trail, cache: StateCache, since: dt.datetime | None = None) -> TrailState:
+    now = utcnow()
+    f = AuditFilter(since=since or now - dt.timedelta(hours=24), until=now + dt.timedelta(hours=1))
+    with Backend(load_config(trail.config)) as backend:
+        _, _, state = load_report(backend, f, now, cache)
+    assert state is not None
+    return state
+
+
+def test_the_pages_say_a_clean_period_is_verified(trail: Trail) -> None:
+    state = page_state(trail, StateCache())
+    assert state.ok and state.instances == ("gw-a",) and state.unsigned == 2
+    assert state.ja.startswith("検証済み") and state.en.startswith("Verified:")
+
+
+def test_the_pages_name_the_first_finding_and_the_command(trail: Trail) -> None:
+    trail.tamper("UPDATE events SET reason = 'ok' WHERE seq = 2")
+    state = page_state(trail, StateCache())
+    assert not state.ok and state.findings == 1
+    assert state.first is not None and (state.first.kind, state.first.instance, state.first.seq) == (
+        "modified",
+        "gw-a",
+        2,
+    )
+    assert state.first.support_id and state.first.support_id in state.en
+    assert f"gateway audit verify --config {trail.config} --since " in state.en
+    assert state.ja.startswith("改ざんの疑い: 1 件")
+
+
+def test_paging_does_not_verify_again_and_new_events_are_verified_alone(trail: Trail) -> None:
+    clock = [0.0]
+    cache = StateCache(clock=lambda: clock[0])
+    since = utcnow() - dt.timedelta(hours=24)
+    assert page_state(trail, cache, since).ok and cache.verified_events == 6
+    assert page_state(trail, cache, since).ok and cache.verified_events == 6  # the heads did not move
+    trail.append([event(7)])
+    assert page_state(trail, cache, since).ok and cache.verified_events == 7  # seq 7 only
+    trail.tamper("UPDATE events SET reason = 'ok' WHERE seq = 2")
+    trail.append([event(8)])
+    assert page_state(trail, cache, since).ok  # verified a moment ago: only seq 8 is read
+    clock[0] += 301  # past max_age: the period is verified in full again
+    trail.append([event(9)])
+    state = page_state(trail, cache, since)
+    assert not state.ok and state.first is not None and state.first.seq == 2
+
+
+def test_the_pages_verify_from_the_last_checkpoint_before_the_period(trail: Trail) -> None:
+    since = utcnow()
+    trail.append([event(150)])  # seq 7, 50 s from now: the only event in the period
+    cache = StateCache()
+    state = page_state(trail, cache, since)
+    assert state.ok and cache.verified_events == 3  # seq 5-7, after the checkpoint at seq 4
+    trail.tamper("UPDATE events SET reason = 'ok' WHERE seq = 6")
+    state = page_state(trail, StateCache(), since)
+    assert not state.ok and state.first is not None and state.first.seq == 6
+
+
+def test_the_pages_without_a_signing_key_say_so(trail: Trail) -> None:
+    (trail.config.parent / "audit-signing.key").unlink()
+    state = page_state(trail, StateCache())
+    assert not state.ok and not state.findings and "no audit signing key" in state.en
+
+
+def test_a_long_verification_does_not_hold_the_page(trail: Trail) -> None:
+    """Past the budget the line says "running"; the background verifier finishes it for the next view."""
+    import threading
+
+    cache = StateCache(budget=0.0)
+    gate = threading.Event()
+
+    def busy() -> TrailState:  # holds the one verifier thread until the gate opens
+        gate.wait(10)
+        return TrailState(True)
+
+    cache.submit(("busy",), busy)
+    now = utcnow()
+    f = AuditFilter(since=now - dt.timedelta(hours=24), until=now + dt.timedelta(hours=1))
+    try:
+        with Backend(load_config(trail.config)) as backend:
+            _, _, state = load_report(backend, f, now, cache)
+            assert state is not None and state.pending and not state.ok
+            assert "実行中" in state.ja and "Verifying this period in the background" in state.en
+            gate.set()
+            for _ in range(200):
+                if cache.verified_events:
+                    break
+                threading.Event().wait(0.05)
+            _, _, state = load_report(backend, f, now, cache)
+            assert state is not None and state.ok and not state.pending and cache.verified_events == 6
+    finally:
+        gate.set()
+        cache.close()

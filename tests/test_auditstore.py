@@ -396,3 +396,19 @@ def test_a_version_1_file_gains_the_instance_column(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(StoreError, match="version 4"):
         AuditStore(path)
+
+
+def test_row_values_are_the_serialised_event_with_the_support_id_upper_cased() -> None:
+    """The append path reads the event without building a dict; it must store what event_to_dict says."""
+    from gateway.audit.events import FIELDS, epoch_ms, event_to_dict
+    from gateway.audit.store import row_values
+
+    when = dt.datetime(2026, 11, 30, 13, 50, 12, 345678, tzinfo=dt.timezone(dt.timedelta(hours=9)))
+    events = [
+        AuditEvent(EventKind.LOGIN_REFUSED, reason="bad_password", time=when, support_id="abc123def456"),
+        AuditEvent(EventKind.LOGIN, time=when, cert_serial="0x1a:2b", client_port=443, worker=1, instance="gw1"),
+        AuditEvent(EventKind.ADMIN_ACTION, time=when.replace(tzinfo=None), cert_serial="not hex"),
+    ]
+    for event in events:
+        expected = {**event_to_dict(event), "support_id": event.support_id.upper()}
+        assert row_values(event) == [epoch_ms(event.time), *(expected[name] for name in FIELDS)]

@@ -7,19 +7,23 @@ import datetime as dt
 import io
 import json
 import re
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import psycopg
 import pytest
 
 from gateway.access.login import LoginAccess
 from gateway.access.users import UserStore
-from gateway.audit.events import AuditEvent, EventKind
+from gateway.audit.events import AuditEvent, AuditFilter, EventKind
 from gateway.audit.rows import cert_cn, jst_text
 from gateway.audit.store import AuditStore
-from gateway.audit.workspace import csv_cell
+from gateway.audit.workspace import csv_cell, csv_chunk, export_cursor, json_chunk
 from gateway.certs.files import ThrowawayPki
+from gateway.storage import postgres
+from gateway.storage.pg_audit import SCHEMA, PgAuditStore
 from tests.harness import Harness, start_harness
 from tests.test_login import add_user, login
 
@@ -241,3 +245,66 @@ def test_cells_and_names() -> None:
     assert jst_text("2026-11-30T15:00:00.000Z") == "2026-12-01 00:00:00"
     assert csv_cell("=HYPERLINK(1)") == "'=HYPERLINK(1)"
     assert csv_cell("-1") == "-1" and csv_cell("LC-1") == "LC-1" and csv_cell(None) == ""
+
+
+async def test_the_page_shows_the_verification_of_the_period(gw: Harness) -> None:
+    from gateway.audit.signing import generate_signing_key
+
+    async with gw.session("LC000001") as s:
+        assert (await login(gw, s)).status == 303
+        status, page, _ = await get(s, gw, WORKSPACE, since="30d")
+        assert status == 200 and 'data-verified="no"' in page and "no audit signing key yet" in page
+        generate_signing_key(gw.config.audit.signing_key)
+        status, page, _ = await get(s, gw, WORKSPACE, since="30d")
+        assert status == 200 and 'data-verified="yes"' in page, re.findall(r"trail-state.*", page)
+        line = re.findall(r'<p class="trail-state".*</p>', page)
+        assert len(line) == 1 and "検証済み" in line[0] and "Verified: the hash chains and signed" in line[0], line
+
+
+def test_the_lines_the_database_builds_are_what_csv_and_json_would_write(
+    tmp_path: Path, store_backend: str, request: pytest.FixtureRequest
+) -> None:
+    """The exports' SQL encoding against the Python one, on hostile cells (formulas, quotes, newlines, DNs)."""
+    nasty = ["=1+2", "+1", "-1", "-12a", "-", "@SUM(A1)", "\tx", "\rx", "＝1", "＋1", "－1", "＠x", 'say "hi"',
+             "a,b", "two\nlines", "cr\rlf", "ｶﾅ 日本語", "", "'quoted", "-１２"]  # fmt: skip
+    subjects = ["LC000001", r"cn=Tanaka\, Taro,O=Ex", "O=Example,C=JP", r"O=x, CN=y\\z", "", "CN=", "C=JP,CN=ok"]
+    events = [
+        AuditEvent(
+            EventKind.LOGIN_REFUSED,
+            time=NOW - dt.timedelta(seconds=i),
+            reason=text,
+            user_agent=text,
+            path="/" + text,
+            cert_subject=subjects[i % len(subjects)] if i % 3 else rf"CN={text}\, x,O=Example",
+            client_port=None if i % 3 else 443,
+            worker=i % 2,
+        )
+        for i, text in enumerate(nasty)
+    ]
+    with ExitStack() as stack:
+        db: postgres.Database | None = None
+        if store_backend == "postgres":
+            url = request.getfixturevalue("pg_url")
+            with psycopg.connect(url, autocommit=True) as conn:
+                postgres.migrate(conn, [SCHEMA])
+            db = stack.enter_context(postgres.Database(postgres.target(url)))
+
+        def store() -> AuditStore | PgAuditStore:  # one a cursor: an export cursor holds its connection
+            return PgAuditStore(db) if db is not None else AuditStore(tmp_path / "audit.db")
+
+        with store() as writer:
+            writer.append(events)
+        f = AuditFilter()
+        with store() as reader:
+            plain = reader.cursor(f).fetchmany(1000)
+        with store() as reader:
+            lines, encode = export_cursor(reader, f, "csv")
+            csv_text = csv_chunk([], header=True) + encode(lines.fetchmany(1000), True)
+        with store() as reader:
+            lines, encode = export_cursor(reader, f, "json")
+            json_text = encode(lines.fetchmany(1000), True)
+    assert csv_text == csv_chunk(plain, header=True)
+    rows = list(csv.reader(io.StringIO(csv_text)))[1:]
+    assert [row[3] for row in rows][:3] == ["'=1+2", "'+1", "-1"] and "'-１２" in [row[3] for row in rows]
+    assert {row[1] for row in rows} >= {"LC000001", "Tanaka, Taro", "", "y\\z", "ok"}
+    assert json.loads("[" + json_text + "]") == json.loads("[" + json_chunk(plain, first=True) + "]")

@@ -240,7 +240,7 @@ def test_audit_serial_filter_finds_both_spellings_and_older_rows(
     old = _row(AuditEvent(EventKind.REQUEST_REFUSED, reason="certificate_expired", time=now))
     old[1 + FIELDS.index("cert_serial")] = odd.lstrip("0")
     with sqlite3.connect(deployment.parent / "audit.db") as conn:
-        conn.execute(_INSERT, [*old, 99, "", ""])  # outside the chain (seq, prev_hash, hash): only the listing matters
+        conn.execute(_INSERT, [*old, None, None, None])  # an unchained row, as before the chain
     for spelling in (odd, odd.lstrip("0"), odd.lower(), "0x" + odd):
         code, out, _ = run(
             capsys, "audit", "list", "--config", str(deployment), "--serial", spelling, "--format", "json"

@@ -68,6 +68,7 @@ LAYERS: list[tuple[str, list[str]]] = [
             "gateway.audit.spool",
             "gateway.audit.writer",
             "gateway.audit.signing",
+            "gateway.audit.trailstate",
             "gateway.ca.authority",
             "gateway.ca.publisher",
             "gateway.storage.interfaces",

@@ -22,6 +22,7 @@ import pytest
 import yaml
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from gateway.audit.signing import generate_signing_key
 from gateway.certs import builders as pki
 from gateway.certs.files import ThrowawayPki
 from gateway.config import load_config
@@ -71,6 +72,13 @@ CASES = [
         lambda d, p: (d / "session.key").chmod(0o640),
         "{cfg}: session.secret_file: {dir}/session.key is readable by group/others (mode 0640):"
         " chmod 600 {dir}/session.key",
+    ),
+    Broken(
+        "audit signing key readable by the group",
+        "private_files",
+        lambda d, p: (generate_signing_key(d / "audit-signing.key"), (d / "audit-signing.key").chmod(0o640)),
+        "{cfg}: audit.signing_key: {dir}/audit-signing.key is readable by group/others (mode 0640):"
+        " chmod 600 {dir}/audit-signing.key",
     ),
     Broken(
         "session secret of 5 bytes",
@@ -232,10 +240,14 @@ def test_demo_with_a_taken_port_is_one_line(tmp_path: Path, taken_port: int) -> 
 
 
 def test_a_private_key_at_0600_is_accepted(good: tuple[Path, ThrowawayPki]) -> None:
-    """The accept twin of the permission refusals: 0600 and 0400 both pass."""
+    """The accept twin of the permission refusals: 0600 and 0400 both pass; a missing audit key too (made at start)."""
     path, the_pki = good
+    assert not (path.parent / "audit-signing.key").exists()
+    assert gateway("check-config", "--config", str(path)).returncode == 0
+    generate_signing_key(path.parent / "audit-signing.key")
     for mode in (0o600, 0o400):
         the_pki.server_key.chmod(mode)
         (path.parent / "session.key").chmod(mode)
+        (path.parent / "audit-signing.key").chmod(mode)
         assert gateway("check-config", "--config", str(path)).returncode == 0
     assert os.stat(the_pki.server_key).st_mode & 0o777 == 0o400

@@ -132,9 +132,14 @@ def encode_event(record: Mapping[str, Any]) -> bytes:
 
 def encode_body(fields: Mapping[str, Any]) -> bytes:
     """The event's part of the encoding, computable before seq and prev_hash are known (outside a lock)."""
-    values = list(_GET_BODY(fields))
-    values[_BODY_PORT] = _number(values[_BODY_PORT])
-    values[_BODY_WORKER] = _number(values[_BODY_WORKER])
+    return encode_body_values(list(_GET_BODY(fields)))
+
+
+def encode_body_values(values: list[Any]) -> bytes:
+    """:func:`encode_body` of the values in :data:`BODY_FIELDS` order (a store's row, no dict); ``values`` is reused."""
+    port, worker = values[_BODY_PORT], values[_BODY_WORKER]
+    values[_BODY_PORT] = "" if port is None else str(port)
+    values[_BODY_WORKER] = "" if worker is None else str(worker)
     return _join(values)
 
 
@@ -316,6 +321,7 @@ def verify_chain(
     public_key: Ed25519PublicKey,
     *,
     partial: bool = False,
+    trusted: Mapping[str, Head] | None = None,
 ) -> Report:
     """Verify every instance's chain against the signed checkpoints and anchors.
 
@@ -325,6 +331,10 @@ def verify_chain(
     ``partial`` (an export or ``--since``) also right after a good checkpoint.
     Per instance the first bad event is reported, plus every checkpoint or
     anchor whose signature or position is wrong.
+
+    ``trusted``: per instance, a head this process verified itself a moment
+    ago (the report pages' cache); that chain continues from it, and its
+    events are those after it. Never a head read from the trail itself.
     """
     marks = [*checkpoints, *anchors]
     good: dict[str, list[Mark]] = {}
@@ -340,7 +350,11 @@ def verify_chain(
     chains = []
     for instance in sorted({*events_by_instance, *(m.instance for m in marks)}):
         summary, found = _verify_instance(
-            instance, events_by_instance.get(instance, ()), good.get(instance, []), partial
+            instance,
+            events_by_instance.get(instance, ()),
+            good.get(instance, []),
+            partial,
+            (trusted or {}).get(instance),
         )
         chains.append(summary)
         findings += found
@@ -349,11 +363,11 @@ def verify_chain(
 
 
 def _verify_instance(
-    instance: str, records: Sequence[Mapping[str, Any]], marks: list[Mark], partial: bool
+    instance: str, records: Sequence[Mapping[str, Any]], marks: list[Mark], partial: bool, trusted: Head | None
 ) -> tuple[ChainSummary, list[Finding]]:
     marks = sorted(marks, key=lambda m: m.seq)
-    start = _start(records, marks, partial)
-    walk = _Walk(instance, records, start, marks)
+    start = None if trusted is not None else _start(records, marks, partial)
+    walk = _Walk(instance, records, start, marks, trusted)
     finding = walk.run()
     findings = [*walk.mismatches]
     if finding is None:
@@ -364,7 +378,13 @@ def _verify_instance(
     summary = ChainSummary(
         instance=instance,
         events=len(records),
-        start="genesis" if start is None else start.describe(),
+        start=(
+            f"seq {trusted.seq} (verified before)"
+            if trusted is not None
+            else "genesis"
+            if start is None
+            else start.describe()
+        ),
         last_seq=walk.head.seq,
         last_hash=walk.head.hash,
         checkpoints=len(marks),
@@ -401,10 +421,17 @@ def _seq_of(record: Mapping[str, Any]) -> int | None:
 class _Walk:
     """One pass over an instance's events in storage order; anomalies are diagnosed with a full index."""
 
-    def __init__(self, instance: str, records: Sequence[Mapping[str, Any]], start: Mark | None, marks: list[Mark]):
+    def __init__(
+        self,
+        instance: str,
+        records: Sequence[Mapping[str, Any]],
+        start: Mark | None,
+        marks: list[Mark],
+        trusted: Head | None = None,
+    ):
         self.instance = instance
         self.records = records
-        self.head = Head(instance, start.seq, start.hash) if start is not None else Head(instance)
+        self.head = trusted or (Head(instance, start.seq, start.hash) if start is not None else Head(instance))
         self.pending = [m for m in marks if m.seq > self.head.seq]  # position checks still to do, by seq
         self.mismatches: list[Finding] = []
         self._seqs: list[int | None] | None = None

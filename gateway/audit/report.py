@@ -11,11 +11,13 @@ as ``gateway audit list`` and runs the queries in an executor.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime as dt
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -31,11 +33,16 @@ from gateway.audit.events import (
 )
 from gateway.audit.rows import page_rows
 from gateway.audit.store import AuditStore, AuditSummary
+from gateway.audit.trailstate import StateCache, TrailState, period_state, signing_public_key
 from gateway.errors import GatewayError, StoreError
 from gateway.storage.backends import Backend
+from gateway.storage.interfaces import AuditStoreProtocol
 from gateway.verdict import Reason
 from gateway.web.pages import render
 from gateway.web.responses import SECURITY_HEADERS as RESPONSE_SECURITY_HEADERS
+
+if TYPE_CHECKING:
+    from gateway.config import Config
 
 PALETTE = (
     "#b00020", "#00315e", "#e07b00", "#2e7d32", "#6a1b9a",
@@ -148,12 +155,14 @@ def render_report(
     rows: list[dict[str, Any]] | None = None,
     paging: Mapping[str, Any] | None = None,
     workspace: Mapping[str, str] | None = None,
+    trail_state: TrailState | None = None,
 ) -> str:
     """The whole audit page. ``filters`` are the form values as the user typed them.
 
     The admin listener's report and the gateway's workspace share it; the
     workspace adds ``paging`` (total count, previous/next links) and
-    ``workspace`` (the form's action and the export links).
+    ``workspace`` (the form's action and the export links). ``trail_state``
+    is the period's verification line (:mod:`gateway.audit.trailstate`).
     """
     chart = refusal_chart(summary.per_hour, summary.since, summary.until) if summary else None
     if rows is None:
@@ -168,6 +177,7 @@ def render_report(
         error_ja=error_ja,
         paging=paging,
         workspace=workspace,
+        trail_state=trail_state,
         detail=bool(filters.get("support_id")),
         fields=FIELDS,
         summary=summary,
@@ -180,12 +190,41 @@ def render_report(
     )
 
 
-def load_report(source: Backend | Path, f: AuditFilter, now: dt.datetime) -> tuple[list[AuditEvent], AuditSummary]:
-    """The blocking part of the page: one read-only store (the backend's, or a SQLite file), two queries."""
+def load_report(
+    source: Backend | Path, f: AuditFilter, now: dt.datetime, cache: StateCache | None = None
+) -> tuple[list[AuditEvent], AuditSummary, TrailState | None]:
+    """The blocking part of the page: one read-only store (the backend's, or a SQLite file), the queries.
+
+    With a ``cache`` the period's verification state too (on a backend, whose config names the key).
+    """
     since = f.since or now - DEFAULT_WINDOW
     until = f.until or now
     with source.audit(readonly=True) if isinstance(source, Backend) else AuditStore(source, readonly=True) as store:
-        return store.query(f), store.summary(since, until, match=f)
+        state = None
+        if cache is not None and isinstance(source, Backend):
+            backend = source
+            state = verification(
+                store, lambda: backend.audit(readonly=True), backend.config, since, until, f.instance, cache
+            )
+        return store.query(f), store.summary(since, until, match=f), state
+
+
+def verification(
+    store: AuditStoreProtocol,
+    open_store: Callable[[], AbstractContextManager[AuditStoreProtocol]],
+    config: Config,
+    since: dt.datetime,
+    until: dt.datetime,
+    instance: str,
+    cache: StateCache,
+) -> TrailState:
+    """The period's verification line; a key that cannot be read is said on the line, not as a page error."""
+    try:
+        key = signing_public_key(config.audit.signing_key)
+    except GatewayError as exc:
+        return TrailState(False, problem=str(exc))
+    state = period_state(store, open_store, since, until, instance, key, cache, "audit")
+    return dataclasses.replace(state, command=state.command.replace("verify", f"verify --config {config.path}", 1))
 
 
 Handler = Callable[[web.Request], Awaitable[web.Response]]
@@ -194,6 +233,7 @@ Handler = Callable[[web.Request], Awaitable[web.Response]]
 def audit_handler(source: Backend | Path | str) -> Handler:
     """A GET handler for the admin listener's ``/audit`` page, on a backend's store (or a SQLite file)."""
     path = source if isinstance(source, Backend) else Path(source)
+    cache = StateCache()  # verified heads: paging and reloading do not verify again
 
     async def handle(request: web.Request) -> web.Response:
         filters = {key: request.query.get(key, "") for key in FILTER_KEYS}
@@ -203,12 +243,12 @@ def audit_handler(source: Backend | Path | str) -> Handler:
         try:
             f = parse_filter(filters, now, default_limit=PAGE_LIMIT)
             loop = asyncio.get_running_loop()
-            events, summary = await loop.run_in_executor(None, load_report, path, f, now)
+            events, summary, state = await loop.run_in_executor(None, load_report, path, f, now, cache)
         except StoreError as exc:
             return _page(render_report([], None, filters, error=str(exc)), 503)
         except GatewayError as exc:
             return _page(render_report([], None, filters, error=str(exc)), 400)
-        return _page(render_report(events, summary, filters), 200)
+        return _page(render_report(events, summary, filters, trail_state=state), 200)
 
     return handle
 

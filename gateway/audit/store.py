@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,13 +44,13 @@ from gateway.audit.events import (
     EventKind,
     epoch_ms,
     event_from_dict,
-    event_to_dict,
     format_time,
     from_epoch_ms,
     normalize_serial,
     serial_spellings,
     utcnow,
 )
+from gateway.audit.rows import cert_cn
 from gateway.errors import StoreError
 
 T = TypeVar("T")
@@ -124,6 +126,11 @@ SELECT_SQL = f"SELECT {', '.join(FIELDS)} FROM events"  # noqa: S608 - constant 
 CHAINED_FIELDS = (*FIELDS, "seq", "prev_hash", "hash")
 CHAIN_SELECT_SQL = f"SELECT {', '.join(CHAINED_FIELDS)} FROM events WHERE instance = ? AND seq > ? ORDER BY id"  # noqa: S608
 HEAD_SQL = "SELECT seq, hash FROM audit_chain_heads WHERE instance = ?"
+# The heads of the instances with events in [since, until) (the report pages verify only those).
+PERIOD_HEADS_SQL = (
+    "SELECT h.instance, h.seq FROM audit_chain_heads h WHERE EXISTS "
+    "(SELECT 1 FROM events e WHERE e.instance = h.instance AND e.time_ms >= ? AND e.time_ms < ?)"
+)
 SET_HEAD_SQL = (
     "INSERT INTO audit_chain_heads (instance, seq, hash) VALUES (?, ?, ?) "
     "ON CONFLICT (instance) DO UPDATE SET seq = excluded.seq, hash = excluded.hash"
@@ -318,20 +325,34 @@ class AuditStore:
 
     # -- the chain --
 
-    def chain_trail(self, since: dt.datetime | None = None) -> chain.Trail:
+    def chain_trail(
+        self,
+        since: dt.datetime | None = None,
+        *,
+        instances: Collection[str] | None = None,
+        after: Mapping[str, int] | None = None,
+    ) -> chain.Trail:
         """Every instance's chain (storage order) and the marks, for verify and the export.
 
         With ``since``, each chain from the latest mark made before it (verify with ``partial=True``).
+        ``instances`` keeps those chains (and their marks) only; ``after`` reads an instance's events
+        after that seq instead (the report pages' cache verified the rest).
         """
-        marks = [mark_from_row(r) for r in self._read(SELECT_MARKS_SQL, [])]
-        instances = [str(r[0]) for r in self._read("SELECT instance FROM audit_chain_heads ORDER BY instance", [])]
-        trail = chain.Trail({}, [m for m in marks if m.kind is chain.MarkKind.CHECKPOINT], [])
-        trail.anchors.extend(m for m in marks if m.kind is chain.MarkKind.PRUNE)
-        for instance in instances:
-            start = start_seq(marks, instance, since)
-            rows = self._read(CHAIN_SELECT_SQL, [instance, start])
-            trail.events[instance] = [dict(zip(CHAINED_FIELDS, r, strict=True)) for r in rows]
-        return trail
+        with self._lock:
+            conn = self._conn
+
+            def read() -> chain.Trail:
+                conn.execute("BEGIN")  # one snapshot: the marks and the events agree
+                try:
+                    return trail_of(lambda sql, params: conn.execute(sql, params).fetchall(), since, instances, after)
+                finally:
+                    conn.execute("COMMIT")
+
+            return self._retry(read)
+
+    def chain_heads(self, since: dt.datetime, until: dt.datetime, instance: str = "") -> dict[str, int]:
+        """Instance -> head seq, for the instances (or ``instance``) with events in [since, until)."""
+        return period_heads(self._read, since, until, instance)
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -375,16 +396,23 @@ class AuditStore:
             rows, total = self._retry(read)
         return [event_from_dict(dict(r)) for r in rows], total
 
-    def cursor(self, f: AuditFilter) -> sqlite3.Cursor:
+    def cursor(
+        self, f: AuditFilter, columns: str = "", functions: Mapping[str, Callable[[str], str]] | None = None
+    ) -> sqlite3.Cursor:
         """A cursor over every event matching ``f`` (its limit ignored), newest first.
 
         For streamed exports: the caller fetches batches with ``fetchmany`` (from one
         thread at a time) and never holds the whole result. Rows are plain tuples in
-        FIELDS order (cheaper than ``sqlite3.Row`` at a million rows). Use a store of its own.
+        FIELDS order (cheaper than ``sqlite3.Row`` at a million rows), or of ``columns``,
+        SQL expressions over the events' columns, ``cert_cn(subject)`` and ``functions``
+        (one-argument SQL functions; the export builds its lines there). Use a store of its own.
         """
         where, params = where_sql(f)
-        sql = f"{_SELECT}{where}{ORDER_SQL}"
+        sql = f"SELECT {columns} FROM events{where}{ORDER_SQL}" if columns else f"{_SELECT}{where}{ORDER_SQL}"  # noqa: S608
         with self._lock:
+            named: dict[str, Callable[[str], str]] = {"cert_cn": _cert_cn, **(functions or {})}
+            for name, function in named.items():
+                self._conn.create_function(name, 1, function, deterministic=True)
             cursor = self._conn.cursor()
             cursor.row_factory = None
             return self._retry(lambda: cursor.execute(sql, params))
@@ -434,6 +462,10 @@ class AuditStore:
         raise AssertionError("unreachable")  # pragma: no cover
 
 
+# The same few certificates appear again and again in an export.
+_cert_cn = functools.lru_cache(maxsize=4096)(cert_cn)
+
+
 def _chain_existing(conn: sqlite3.Connection) -> None:
     """Migration to v3: chain the rows already stored, per instance in id (insertion) order."""
     conn.execute(_HEADS_TABLE)
@@ -471,13 +503,45 @@ def chain_bodies(events: Sequence[AuditEvent]) -> dict[str, tuple[list[list[Any]
     normalised serial), so what verify reads back hashes the same.
     """
     out: dict[str, tuple[list[list[Any]], list[bytes]]] = {}
+    encode = chain.encode_body_values
     for event in events:
         row = row_values(event)
-        fields = dict(zip(FIELDS, row[1:], strict=True))
         rows, bodies = out.setdefault(event.instance, ([], []))
         rows.append(row)
-        bodies.append(chain.encode_body(fields))
+        bodies.append(encode(row[1:-1]))  # FIELDS without `instance` (last) are BODY_FIELDS: asserted below
     return out
+
+
+assert (*chain.BODY_FIELDS, "instance") == FIELDS, "chain_bodies slices the row: AuditEvent's fields moved"
+
+
+def trail_of(
+    read: Reader,
+    since: dt.datetime | None,
+    instances: Collection[str] | None,
+    after: Mapping[str, int] | None,
+) -> chain.Trail:
+    """:meth:`AuditStore.chain_trail` with ``read(sql, params)`` (both backends, inside one snapshot)."""
+    marks = [mark_from_row(r) for r in read(SELECT_MARKS_SQL, [])]
+    names = [str(r[0]) for r in read("SELECT instance FROM audit_chain_heads ORDER BY instance", [])]
+    if instances is not None:
+        names = [name for name in names if name in instances]
+        marks = [m for m in marks if m.instance in instances]
+    trail = chain.Trail({}, [m for m in marks if m.kind is chain.MarkKind.CHECKPOINT], [])
+    trail.anchors.extend(m for m in marks if m.kind is chain.MarkKind.PRUNE)
+    for name in names:
+        start = (after or {}).get(name, start_seq(marks, name, since))
+        rows = read(CHAIN_SELECT_SQL, [name, start])
+        trail.events[name] = [dict(zip(CHAINED_FIELDS, r, strict=True)) for r in rows]
+    return trail
+
+
+def period_heads(read: Reader, since: dt.datetime, until: dt.datetime, instance: str) -> dict[str, int]:
+    """:meth:`AuditStore.chain_heads` with ``read(sql, params)``."""
+    sql, params = PERIOD_HEADS_SQL, [epoch_ms(since), epoch_ms(until)] + ([instance] if instance else [])
+    if instance:
+        sql += " AND h.instance = ?"
+    return {str(name): int(seq) for name, seq in read(sql + " ORDER BY h.instance", params)}
 
 
 def mark_values(mark: chain.Mark) -> tuple[Any, ...]:
@@ -511,12 +575,29 @@ def _is_busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+_ALL_FIELDS = attrgetter(*FIELDS)
+# Positions in a row_values row (epoch milliseconds first, then FIELDS).
+_ROW_TIME, _ROW_EVENT, _ROW_SID, _ROW_SERIAL = (
+    1 + FIELDS.index(n) for n in ("time", "event", "support_id", "cert_serial")
+)
+# A gateway sees the same few certificates again and again: their serials are normalised once.
+_serial = functools.lru_cache(maxsize=4096)(normalize_serial)
+
+
 def row_values(event: AuditEvent) -> list[Any]:
-    """The INSERT_SQL parameters of an event: epoch milliseconds, then FIELDS in order."""
-    data = event_to_dict(event)
-    data["support_id"] = event.support_id.upper()
-    data["cert_serial"] = normalize_serial(event.cert_serial) if event.cert_serial else ""
-    return [epoch_ms(event.time), *(data[name] for name in FIELDS)]
+    """The INSERT_SQL parameters of an event: epoch milliseconds, then FIELDS in order.
+
+    The values of :func:`~gateway.audit.events.event_to_dict` (a test compares them), plus the
+    support ID upper-cased, read without building a dict: this runs once per event written.
+    """
+    when = event.time
+    row = [epoch_ms(when), *_ALL_FIELDS(event)]
+    row[_ROW_TIME] = format_time(when)
+    row[_ROW_EVENT] = str(event.event)
+    row[_ROW_SID] = event.support_id.upper()
+    serial = event.cert_serial
+    row[_ROW_SERIAL] = _serial(serial) if serial else ""
+    return row
 
 
 _row = row_values

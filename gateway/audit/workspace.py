@@ -22,10 +22,12 @@ from __future__ import annotations
 import asyncio
 import csv
 import datetime as dt
+import functools
 import io
 import json
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote, urlencode
@@ -46,6 +48,7 @@ from gateway.audit.events import (
 )
 from gateway.audit.rows import cert_cn, page_rows
 from gateway.audit.store import AuditStore, AuditSummary
+from gateway.audit.trailstate import StateCache, TrailState
 from gateway.errors import GatewayError, StoreError
 from gateway.keys import PEER
 from gateway.storage.backends import Backend
@@ -128,7 +131,126 @@ def csv_cell(value: Any) -> Any:
     if value is None:
         return ""
     risky = value.__class__ is str and value and value[0] in _FORMULA_START
-    return "'" + value if risky and not (value[0] == "-" and value[1:].isdigit()) else value
+    return "'" + value if risky and not (value[0] == "-" and value[1:].isascii() and value[1:].isdigit()) else value
+
+
+# -- Export lines built by the database: the cells of csv_cell and json_chunk, at C speed --------------
+
+_INTEGER_FIELDS = ("client_port", "worker")
+_QUOTE, _TWO_QUOTES = "'\"'", "'\"\"'"
+# PostgreSQL has no cert_cn(): the same expression as gateway.audit.rows.cert_cn (a test compares them),
+# computed once per row in a LATERAL subquery (OFFSET 0 keeps the planner from copying it into each use).
+_PG_CN = (
+    r"(CASE WHEN cert_subject = '' THEN '' WHEN cert_subject ~* '(^|,)\s*CN=' THEN regexp_replace(substring("
+    r"cert_subject FROM '(?i)(?:^|,)\s*CN=((?:[^,\\]|\\.)*)'), '\\(.)', '\1', 'g')"
+    " WHEN strpos(cert_subject, '=') > 0 THEN '' ELSE cert_subject END)"
+)
+PG_EXPORT_SOURCE = f"events CROSS JOIN LATERAL (SELECT {_PG_CN} AS cn OFFSET 0) AS derived"
+
+
+@dataclass(frozen=True, slots=True)
+class _Dialect:
+    char: str  # the function making a character from its code
+    is_negative_number: str  # a format string over the value: "-" then ASCII digits only
+    needs_quotes: str  # a format string over the value: holds a quote, comma, CR or LF
+    cert_cn: str
+    neutral_cert_cn: str  # the certificate name's cell, when not the generic one over cert_cn
+    json_object: str
+
+
+_SQLITE = _Dialect(
+    char="char",
+    is_negative_number="({0} GLOB '-[0-9]*' AND substr({0}, 2) NOT GLOB '*[^0-9]*')",
+    needs_quotes="({0} GLOB '*[\",\n\r]*')",
+    cert_cn="cert_cn(cert_subject)",
+    neutral_cert_cn="neutral_cert_cn(cert_subject)",  # one Python call a row (cached), not one per use
+    json_object="json_object",
+)
+_POSTGRES = _Dialect(
+    char="chr",
+    is_negative_number="({0} ~ '^-[0-9]+$')",
+    needs_quotes="({0} ~ '[\",\n\r]')",
+    cert_cn="derived.cn",
+    neutral_cert_cn="",  # the generic cell over derived.cn (computed once a row)
+    json_object="json_build_object",
+)
+
+
+def _sql_source(name: str, d: _Dialect) -> str:
+    """The SQL value of an export column (before CSV or JSON encoding), as :func:`export_values` gives it."""
+    if name == "time_utc":
+        return "time"
+    if name == "cert_cn":
+        return d.cert_cn
+    return name
+
+
+def _sql_neutral_cell(name: str, d: _Dialect) -> str:
+    """:func:`csv_cell` in SQL: the value, an apostrophe before a formula's first character."""
+    if name == "cert_cn" and d.neutral_cert_cn:
+        return d.neutral_cert_cn
+    value = _sql_source(name, d)
+    if name in _INTEGER_FIELDS:
+        return f"coalesce(CAST({value} AS TEXT), '')"  # digits: never risky
+    risky = ", ".join(f"'{c}'" for c in "=+-@＝＋－＠") + f", {d.char}(9), {d.char}(13)"
+    return (
+        f"(CASE WHEN substr({value}, 1, 1) IN ({risky}) AND NOT {d.is_negative_number.format(value)}"
+        f" THEN {d.char}(39) || {value} ELSE {value} END)"
+    )
+
+
+def _sql_csv_cell(name: str, d: _Dialect) -> str:
+    """:func:`csv_cell` and the csv module's minimal quoting, in SQL."""
+    neutral = _sql_neutral_cell(name, d)
+    if name in _INTEGER_FIELDS:
+        return neutral  # digits: never quoted
+    # The apostrophe a neutral cell adds needs no quotes: whether to quote is decided on the value itself.
+    quoted = f"{_QUOTE} || replace({neutral}, {_QUOTE}, {_TWO_QUOTES}) || {_QUOTE}"
+    return f"(CASE WHEN {d.needs_quotes.format(_sql_source(name, d))} THEN {quoted} ELSE {neutral} END)"
+
+
+def csv_line_sql(d: _Dialect) -> str:
+    return " || ',' || ".join(_sql_csv_cell(name, d) for name in EXPORT_COLUMNS)
+
+
+def json_line_sql(d: _Dialect) -> str:
+    pairs = ", ".join(f"'{name}', {_sql_source(name, d)}" for name in EXPORT_COLUMNS)
+    return f"{d.json_object}({pairs})" + ("::text" if d is _POSTGRES else "")
+
+
+# SQLite: the neutral cells, quoted by the csv module (C; cheaper there than SQLite's per-cell checks).
+# PostgreSQL: the whole line, on the server (its CPU, not the gateway's).
+CSV_CELLS_SQL, JSON_LINE_SQL = ", ".join(_sql_neutral_cell(n, _SQLITE) for n in EXPORT_COLUMNS), json_line_sql(_SQLITE)
+PG_CSV_LINE_SQL, PG_JSON_LINE_SQL = csv_line_sql(_POSTGRES), json_line_sql(_POSTGRES)
+
+
+@functools.lru_cache(maxsize=4096)
+def neutral_cert_cn(subject: str) -> str:
+    """The certificate-name cell before quoting (SQLite's export calls it once a row)."""
+    return csv_cell(cert_cn(subject)) if subject else ""
+
+
+def csv_rows_chunk(rows: Sequence[Sequence[Any]], *, header: bool) -> str:
+    """CSV_CELLS_SQL's rows as CSV text, by the csv module (as :func:`csv_chunk` writes them)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    if header:
+        writer.writerow(EXPORT_COLUMNS)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def csv_lines_chunk(rows: Sequence[Sequence[Any]], *, header: bool) -> str:
+    """CSV_LINE_SQL's rows as CSV text (CRLF, like :func:`csv_chunk`)."""
+    lines = [row[0] for row in rows]
+    if header:
+        lines.insert(0, ",".join(EXPORT_COLUMNS))
+    return "\r\n".join(lines) + "\r\n" if lines else ""
+
+
+def json_lines_chunk(rows: Sequence[Sequence[Any]], *, first: bool) -> str:
+    """JSON_LINE_SQL's rows as the inside of the export's array (like :func:`json_chunk`)."""
+    return ("" if first else ",\n") + ",\n".join([row[0] for row in rows])
 
 
 def csv_chunk(rows: Sequence[Sequence[Any]], *, header: bool) -> str:
@@ -154,6 +276,7 @@ class AuditWorkspace:
         self.path = access.paths.prefix + "audit"
         self._backend: Backend | None = None
         self._own_backend = False
+        self._states = StateCache()  # the period's verification, kept while paging
 
     @property
     def backend(self) -> Backend:
@@ -165,6 +288,7 @@ class AuditWorkspace:
         return self._backend
 
     async def _close(self, _app: web.Application) -> None:
+        self._states.close()
         if self._backend is not None:
             backend, self._backend = self._backend, None
             if self._own_backend:
@@ -202,7 +326,9 @@ class AuditWorkspace:
             page = parse_page(request.query.get("page", "").strip())
             f = workspace_filter(filters, now)
             loop = asyncio.get_running_loop()
-            events, total, summary = await loop.run_in_executor(None, _load, self.backend, f, page, now)
+            events, total, summary, state = await loop.run_in_executor(
+                None, _load, self.backend, f, page, now, self._states
+            )
         except StoreError as exc:
             return self._html(render_report([], None, filters, error=str(exc), workspace=self._links(filters)), 503)
         except GatewayError as exc:
@@ -221,7 +347,13 @@ class AuditWorkspace:
         detail = f"filter: {filter_text(filters) or 'since=24h'}; page={page} rows={len(events)} total={total}"
         self.access._record(request, EventKind.AUDIT_VIEWED, Reason.OK, user_id=who, detail=detail)
         html = render_report(
-            events, summary, filters, rows=page_rows(events), paging=paging, workspace=self._links(filters)
+            events,
+            summary,
+            filters,
+            rows=page_rows(events),
+            paging=paging,
+            workspace=self._links(filters),
+            trail_state=state,
         )
         return self._html(html, 200)
 
@@ -259,13 +391,12 @@ class AuditWorkspace:
         complete = False
         try:
             await response.prepare(request)
-            cursor: sqlite3.Cursor | ExportCursor = await loop.run_in_executor(None, store.cursor, f)
+            cursor, encode = await loop.run_in_executor(None, export_cursor, store, f, fmt)
             await response.write(("\ufeff" if fmt == "csv" else "[\n").encode())
             if fmt == "csv":
                 await response.write(csv_chunk([], header=True).encode())
             while batch := await loop.run_in_executor(None, cursor.fetchmany, EXPORT_BATCH):
-                chunk = csv_chunk(batch, header=False) if fmt == "csv" else json_chunk(batch, first=rows == 0)
-                await response.write(chunk.encode())
+                await response.write(encode(batch, rows == 0).encode())
                 rows += len(batch)
             if fmt == "json":
                 await response.write(b"\n]\n")
@@ -297,6 +428,25 @@ class AuditWorkspace:
         return web.Response(text=text, status=status, content_type="text/html", charset="utf-8", headers=NO_STORE)
 
 
+Encoder = Callable[[Sequence[Sequence[Any]], bool], str]
+
+
+def export_cursor(
+    store: AuditStore | PgAuditStore, f: AuditFilter, fmt: str
+) -> tuple[sqlite3.Cursor | ExportCursor, Encoder]:
+    """The export's cursor and how a batch (and whether it is the first) becomes text: the database builds the lines."""
+    cursor: sqlite3.Cursor | ExportCursor
+    if isinstance(store, AuditStore):
+        cursor = store.cursor(f, CSV_CELLS_SQL if fmt == "csv" else JSON_LINE_SQL, {"neutral_cert_cn": neutral_cert_cn})
+        if fmt == "csv":
+            return cursor, lambda batch, first: csv_rows_chunk(batch, header=False)
+    else:
+        cursor = store.cursor(f, PG_CSV_LINE_SQL if fmt == "csv" else PG_JSON_LINE_SQL, PG_EXPORT_SOURCE)
+    if fmt == "csv":
+        return cursor, lambda batch, first: csv_lines_chunk(batch, header=False)
+    return cursor, lambda batch, first: json_lines_chunk(batch, first=first)
+
+
 def _reader(source: Backend | Path) -> AuditStore | PgAuditStore:
     """A read-only store that can page and stream (both backends' stores can); a Path is a SQLite file."""
     store = source.audit(readonly=True) if isinstance(source, Backend) else AuditStore(source, readonly=True)
@@ -305,13 +455,19 @@ def _reader(source: Backend | Path) -> AuditStore | PgAuditStore:
 
 
 def _load(
-    source: Backend | Path, f: AuditFilter, page: int, now: dt.datetime
-) -> tuple[list[AuditEvent], int, AuditSummary]:
-    """The blocking part of a page: one read-only store; the page, its total, the chart's counts."""
-    from gateway.audit.report import DEFAULT_WINDOW
+    source: Backend | Path, f: AuditFilter, page: int, now: dt.datetime, states: StateCache | None = None
+) -> tuple[list[AuditEvent], int, AuditSummary, TrailState | None]:
+    """The blocking part of a page: one read-only store; the page, its total, the chart's counts, the verification."""
+    from gateway.audit.report import DEFAULT_WINDOW, verification
 
     with _reader(source) as store:
         events, total = store.page(f, (page - 1) * f.limit)
         since = f.since or now - DEFAULT_WINDOW
         summary = store.summary(since, f.until or now, match=f)
-    return events, total, summary
+        state = None
+        if states is not None and isinstance(source, Backend):  # a bare SQLite file (the bench) has no key
+            backend = source
+            state = verification(
+                store, lambda: _reader(backend), backend.config, since, f.until or now, f.instance, states
+            )
+    return events, total, summary, state

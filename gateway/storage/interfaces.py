@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import builtins
 import datetime as dt
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol, Self
 
 if TYPE_CHECKING:
@@ -149,7 +149,15 @@ class AuditStoreProtocol(Closable, Protocol):
 
     def checkpoint(self, instance: str, key: Ed25519PrivateKey, now: dt.datetime) -> Mark | None: ...
 
-    def chain_trail(self, since: dt.datetime | None = None) -> Trail: ...
+    def chain_trail(
+        self,
+        since: dt.datetime | None = None,
+        *,
+        instances: Collection[str] | None = None,
+        after: Mapping[str, int] | None = None,
+    ) -> Trail: ...
+
+    def chain_heads(self, since: dt.datetime, until: dt.datetime, instance: str = "") -> dict[str, int]: ...
 
     def query(self, f: AuditFilter) -> list[AuditEvent]: ...
 

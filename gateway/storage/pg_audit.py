@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Self
 
 import psycopg
@@ -37,24 +37,21 @@ from gateway.audit import chain
 from gateway.audit.chain import BODY_FIELDS
 from gateway.audit.events import FIELDS, AuditEvent, AuditFilter, epoch_ms, event_from_dict, utcnow
 from gateway.audit.store import (
-    CHAIN_SELECT_SQL,
-    CHAINED_FIELDS,
     HEAD_SQL,
     INSERT_MARK_SQL,
     INSERT_SQL,
     ORDER_SQL,
     PRUNE_BOUNDS_SQL,
-    SELECT_MARKS_SQL,
     SELECT_SQL,
     SET_HEAD_SQL,
     AuditSummary,
     chain_bodies,
-    mark_from_row,
     mark_values,
+    period_heads,
     prune_note,
     prune_plan,
-    start_seq,
     summarize,
+    trail_of,
     where_sql,
 )
 from gateway.errors import StoreError
@@ -254,18 +251,23 @@ class PgAuditStore:
 
     # -- the chain --
 
-    def chain_trail(self, since: dt.datetime | None = None) -> chain.Trail:
+    def chain_trail(
+        self,
+        since: dt.datetime | None = None,
+        *,
+        instances: Collection[str] | None = None,
+        after: Mapping[str, int] | None = None,
+    ) -> chain.Trail:
         """Every instance's chain (storage order) and the marks, from one snapshot; see the SQLite store."""
         with self.db.transaction() as conn:
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-            marks = [mark_from_row(r) for r in conn.execute(SELECT_MARKS_SQL).fetchall()]
-            instances = [str(r[0]) for r in conn.execute("SELECT instance FROM audit_chain_heads ORDER BY instance")]
-            trail = chain.Trail({}, [m for m in marks if m.kind is chain.MarkKind.CHECKPOINT], [])
-            trail.anchors.extend(m for m in marks if m.kind is chain.MarkKind.PRUNE)
-            for instance in instances:
-                rows = conn.execute(_pg(CHAIN_SELECT_SQL), (instance, start_seq(marks, instance, since))).fetchall()
-                trail.events[instance] = [dict(zip(CHAINED_FIELDS, r, strict=True)) for r in rows]
-        return trail
+            return trail_of(
+                lambda sql, params: conn.execute(_pg(sql), list(params)).fetchall(), since, instances, after
+            )
+
+    def chain_heads(self, since: dt.datetime, until: dt.datetime, instance: str = "") -> dict[str, int]:
+        """Instance -> head seq, for the instances (or ``instance``) with events in [since, until)."""
+        return period_heads(self._read, since, until, instance)
 
     # -- reading --
 
@@ -285,18 +287,21 @@ class PgAuditStore:
             rows = conn.execute(sql, [*params, f.limit, offset]).fetchall()
         return [_event(r) for r in rows], int(total[0]) if total else 0
 
-    def cursor(self, f: AuditFilter) -> ExportCursor:
+    def cursor(self, f: AuditFilter, columns: str = "", source: str = "events") -> ExportCursor:
         """A server-side cursor over every event matching ``f`` (limit ignored), newest first.
 
-        Holds one pooled connection until :meth:`close`; rows are tuples in FIELDS order.
+        Holds one pooled connection until :meth:`close`; rows are tuples in FIELDS order, or
+        of ``columns`` (SQL expressions over the columns of ``source``, the events or the
+        events joined with what the export derives from them: the export's lines).
         """
         where, params = where_sql(f)
+        select = f"SELECT {columns} FROM {source}" if columns else SELECT_SQL  # noqa: S608
         stack = contextlib.ExitStack()
         try:
             conn = stack.enter_context(self.db.transaction())
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             cur = stack.enter_context(conn.cursor(name="audit_export"))
-            cur.execute(_pg(f"{SELECT_SQL}{where}{ORDER_SQL}"), params)
+            cur.execute(select + _pg(where + ORDER_SQL), params)  # the columns may hold a "?" (a regex)
         except psycopg.Error as exc:
             stack.close()
             raise StoreError(f"database {self.db.target}: {self.db.target.scrub(str(exc).strip())}") from None
