@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -10,6 +11,8 @@ from aiohttp.test_utils import make_mocked_request
 
 from gateway import app as gateway_app
 from gateway.app import GatewayRuntime, build_app, proxied_fast_path
+from gateway.certs.files import ThrowawayPki
+from tests.harness import start_harness
 
 
 class _Pages:
@@ -80,7 +83,32 @@ async def test_only_requests_for_the_proxy_route_take_the_short_way(
     assert (short, slow) == (([request.path], []) if short_way else ([], [request.path]))
 
 
-async def test_an_extra_middleware_turns_the_short_way_off() -> None:
+async def test_a_middleware_after_the_certificate_check_runs_on_the_short_way_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The access layer's middleware (database outage → 503) must not be skipped by the short way."""
+    app, order = _app(), list[str]()
+
+    @web.middleware
+    async def extra(request: web.Request, handler: Any) -> web.StreamResponse:
+        order.append("extra")  # answers itself (as the outage middleware does), so no backend is needed
+        return web.Response(status=503)
+
+    app.middlewares.append(extra)
+    slow: list[str] = []
+    handle = proxied_fast_path(app, _fallback(slow))
+
+    async def checked(request: web.Request, handler: Any) -> web.StreamResponse:
+        order.append("certificate")
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    monkeypatch.setattr(gateway_app, "certificate_middleware", checked)
+    response = await handle(make_mocked_request("GET", "/onre/tiny", app=app))
+    assert (order, slow, response.status) == (["certificate", "extra"], [], 503)
+
+
+async def test_no_short_way_unless_the_certificate_check_comes_first() -> None:
     app = _app()
 
     @web.middleware
@@ -88,6 +116,17 @@ async def test_an_extra_middleware_turns_the_short_way_off() -> None:
         response: web.StreamResponse = await handler(request)
         return response
 
-    app.middlewares.append(extra)
+    app.middlewares.insert(0, extra)
     fallback = _fallback([])
     assert proxied_fast_path(app, fallback) is fallback
+
+
+async def test_the_gateway_as_served_takes_the_short_way(tmp_path: Path, session_pki: ThrowawayPki) -> None:
+    """The production worker (login pages, the access layer's own middleware) installs the short way."""
+    h = await start_harness(tmp_path, session_pki, login_mode="gateway")
+    try:
+        runner = h.worker._runner
+        assert runner is not None and runner.server is not None
+        assert runner.server.request_handler.__qualname__.startswith("proxied_fast_path")
+    finally:
+        await h.close()
