@@ -64,3 +64,31 @@ async def test_parallel_guesses_for_one_user_each_see_the_lock(tmp_path: Path) -
     pool.shutdown()
     assert reasons.count("bad_credentials") == 3
     assert reasons.count("account_locked") == 5
+
+
+async def test_a_right_password_locked_out_mid_check_gets_the_wrong_password_answer(tmp_path: Path) -> None:
+    """Another process locks the ID while this (correct) password is checked: the answer must not tell."""
+    from gateway.access.passwords import hash_password
+
+    with UserStore(tmp_path / "u.db") as store, UserStore(tmp_path / "u.db") as elsewhere:
+        store.add_user("LC000001", hash_password("right password 1"), ["tdnet"], now=NOW)
+        settings = LoginSettings()
+
+        async def locking_elsewhere(func: Any, *args: Any) -> Any:
+            if func is verify_password:  # the other process's failures reach the limit meanwhile
+                for _ in range(settings.max_failures):
+                    elsewhere.record_failure("LC000001", "198.51.100.7", NOW, settings)
+            return func(*args)
+
+        accounts = Accounts(store, settings, locking_elsewhere)
+        result = await accounts.login(
+            user_id="LC000001",
+            password="right password 1",
+            ip="192.0.2.1",
+            now=NOW,
+            csrf_ok=True,
+            certificate=Verdict.allow(),
+            cert_subject="LC000001",
+        )
+    assert str(result.outcome.verdict.reason) == "bad_credentials"  # what a wrong guess gets here
+    assert "correct password" in result.outcome.verdict.detail  # the security team is told

@@ -250,8 +250,10 @@ class Accounts:
         if not outcome.verdict.allowed:
             return LoginResult(outcome, user, await self._count_failure(user_id, ip, now, outcome))
         if await self._run(self.users.locked_until, user_id, now) is not None:
-            # Another process locked the ID while this password was being checked.
-            locked = Verdict.deny(Reason.ACCOUNT_LOCKED, "locked during the password check")
+            # Another process locked the ID while this password was being checked. The answer
+            # is the one a wrong password gets in this state: a different one would tell a
+            # guesser that this guess was right. The audit trail says what happened.
+            locked = Verdict.deny(Reason.BAD_CREDENTIALS, "correct password, but the ID was locked during the check")
             return LoginResult(LoginOutcome(locked), user)
         await self._run(self.users.clear_failures, user_id)
         if user is not None and needs_rehash(user.password_hash):
