@@ -64,7 +64,7 @@ def test_migrate_creates_every_component_then_is_up_to_date(
     assert code == 0, err
     assert "users: 0 → 1" in out
     assert "audit: 0 → 2" in out
-    assert "ca: 0 → 1" in out
+    assert "ca: 0 → 2" in out
     assert "postgres:***@" in out
     code, out, _ = run(capsys, "db", "migrate", "--config", str(config))
     assert code == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import multiprocessing
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -246,3 +247,28 @@ def test_malformed_push_payloads_are_ignored() -> None:
     assert pg_issuance.parse_payload("zz:10") is None
     assert pg_issuance.parse_payload("abcd:") is None
     assert pg_issuance.parse_payload("abcd:1F") == (b"\xab\xcd", 0x1F)
+
+
+def test_a_revocation_is_final_even_for_someone_writing_to_the_records_directly(
+    ca: CertificateAuthority, store_backend: str, backend_url: str
+) -> None:
+    """A gateway host's database role may write the records; it still cannot un-revoke (the next CRL would forget)."""
+    revoked = ca.issue_client("LC000001", T0, "test").record
+    ca.revoke(revoked.serial, RevocationReason.KEY_COMPROMISE, T0 + dt.timedelta(days=1), "cli:admin")
+    valid = ca.issue_client("LC000002", T0, "test").record
+    serial = f"{revoked.serial:X}"
+    attacks = [
+        "UPDATE certificates SET status = 'valid', revoked_at = NULL, revocation_reason = NULL WHERE serial = '{s}'",
+        "DELETE FROM certificates WHERE serial = '{s}'",
+    ]
+    for attack in attacks:
+        if store_backend == "sqlite":
+            with sqlite3.connect(ca.database_path) as conn, pytest.raises(sqlite3.IntegrityError, match="final"):
+                conn.execute(attack.format(s=serial))
+        else:
+            with psycopg.connect(backend_url, autocommit=True) as conn, pytest.raises(psycopg.Error, match="final"):
+                conn.execute(attack.format(s=serial).encode())
+    assert ca.records.get(revoked.serial).revoked_at is not None
+    # the accept twin: a valid certificate's row is still written as before (here: revoked by the CA)
+    ca.revoke(valid.serial, RevocationReason.SUPERSEDED, T0 + dt.timedelta(days=2), "cli:admin")
+    assert ca.records.get(valid.serial).revoked_at is not None

@@ -94,6 +94,21 @@ CREATE TABLE crls (
 CREATE TABLE meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL);
 INSERT INTO meta (key, value) VALUES ('crl_number', 0), ('crl_stale', 1);
 """,
+        # A revocation is final: no role that may write the records (a gateway host's
+        # included) can turn a revoked certificate valid again or delete it, which
+        # would take it off the next CRL.
+        2: """
+CREATE FUNCTION certificates_revocation_final() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF OLD.status = 'revoked' AND (TG_OP = 'DELETE' OR NEW.status <> 'revoked'
+                                   OR NEW.revoked_at IS DISTINCT FROM OLD.revoked_at) THEN
+        RAISE EXCEPTION 'certificate %: a revocation is final', OLD.serial;
+    END IF;
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END $$;
+CREATE TRIGGER certificates_revocation_final BEFORE UPDATE OR DELETE ON certificates
+    FOR EACH ROW EXECUTE FUNCTION certificates_revocation_final();
+""",
     },
 )
 

@@ -67,6 +67,18 @@ CREATE TABLE IF NOT EXISTS crls (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('crl_number', 0), ('crl_stale', 1);
+-- A revocation is final: nothing turns a revoked certificate valid again or deletes it
+-- (which would take it off the next CRL).
+CREATE TRIGGER IF NOT EXISTS certificates_unrevoke BEFORE UPDATE ON certificates
+WHEN OLD.status = 'revoked' AND (NEW.status <> 'revoked' OR NEW.revoked_at IS NOT OLD.revoked_at)
+BEGIN
+    SELECT RAISE(ABORT, 'a revocation is final');
+END;
+CREATE TRIGGER IF NOT EXISTS certificates_revoked_delete BEFORE DELETE ON certificates
+WHEN OLD.status = 'revoked'
+BEGIN
+    SELECT RAISE(ABORT, 'a revocation is final');
+END;
 PRAGMA user_version = 1;
 """
 
