@@ -133,8 +133,13 @@ class Spool:
     def _open(self) -> _File:
         if self._own is None:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)  # ours: a fresh name (instance and pid), never contended for long
+            # Created and locked under a name claim_orphans does not look at, then renamed:
+            # between a create and its lock another process could take the file for a dead
+            # one's (the lock survives the rename; it is on the open file).
+            making = self.path.with_name(self.path.name + ".new")
+            fd = os.open(making, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.rename(making, self.path)
             self._own = _File(self.path, fd)
         return self._own
 
