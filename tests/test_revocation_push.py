@@ -177,3 +177,18 @@ async def test_on_reconnect_the_listener_loads_the_revocations_it_missed(
     # The reload takes only revoked certificates: the other user's is not in the set.
     other = gw.pki.clients["LC000002"].certificate
     assert not feed.is_revoked(pg_issuance.authority_key_id(other), other.serial_number)
+
+
+async def test_a_reload_keeps_only_what_the_database_revoked_and_pushes_are_bounded(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anyone who may connect can NOTIFY: junk pushes are dropped at the next reload, and never exceed the bound."""
+    with psycopg.connect(pg_url, autocommit=True) as conn:
+        postgres.migrate(conn, [pg_issuance.SCHEMA])
+    feed = pg_issuance.RevocationFeed(postgres.target(pg_url), clock=lambda: dt.datetime.now(dt.UTC))
+    monkeypatch.setattr(pg_issuance, "MAX_PUSHED", 3)
+    for serial in range(1, 6):
+        feed._on_push(pg_issuance.CHANNEL, f"{'ab' * 20}:{serial:x}")
+    assert len(feed.revoked) == 3  # bounded
+    await feed._reload()
+    assert feed.revoked == set() and feed.loads == 1  # the database revoked none of them

@@ -58,6 +58,9 @@ from gateway.storage.postgres import Database, Listener, Schema, Target
 log = logging.getLogger("gateway.storage")
 
 CHANNEL = "gateway_revocations"
+# Pushed revocations a gateway worker holds at most (a million ~ 100 MB; a CRL that size
+# is the design's upper end). Pushes beyond it are ignored until the next reload.
+MAX_PUSHED = 1_000_000
 # pg_advisory_xact_lock(class, hashtext(user_id)): the class keeps these apart from other locks.
 _ISSUE_LOCK_CLASS = 0x4341  # "CA"
 
@@ -348,15 +351,20 @@ def revoked_keys(conn: psycopg.Connection[Any], now: dt.datetime) -> set[PushedK
 class RevocationFeed:
     """A gateway worker's pushed revocations: a set filled by LISTEN and by a reload on every connect.
 
-    ``revoked`` is mutated in place on the event loop and only ever grows
-    (revocation is final), so the per-request check holds a reference to it
-    and pays one set lookup.
+    ``revoked`` is mutated in place on the event loop, so the per-request
+    check holds a reference to it and pays one set lookup. Anyone who may
+    connect to the database can NOTIFY, so pushes are bounded
+    (:data:`MAX_PUSHED`; beyond it the CRL alone covers) and each reload
+    replaces the set with what the database says is revoked (plus what was
+    pushed while it read), dropping anything pushed that is not.
     """
 
     def __init__(self, where: Target, *, clock: Callable[[], dt.datetime], heartbeat: float = 2.0) -> None:
         self.target = where
         self.clock = clock
         self.revoked: set[PushedKey] = set()
+        self._pushed_while_loading: list[set[PushedKey]] = []  # one per reload in flight
+        self._full_logged = False
         self.loads = 0  # completed reloads (tests and metrics read it)
         self.listener = Listener(where, (CHANNEL,), self._on_push, self._on_state, heartbeat=heartbeat)
         self._load: asyncio.Task[None] | None = None
@@ -382,7 +390,14 @@ class RevocationFeed:
         if key is None:
             log.warning("ignored a malformed revocation push (%d characters)", len(payload))
             return
+        if len(self.revoked) >= MAX_PUSHED:
+            if not self._full_logged:
+                self._full_logged = True
+                log.warning("%d pushed revocations held: further pushes wait for the CRL", MAX_PUSHED)
+            return
         self.revoked.add(key)
+        for pushed in self._pushed_while_loading:
+            pushed.add(key)
 
     def _on_state(self, up: bool) -> None:
         """On (re)connect, load what may have been missed while down (LISTEN is already on)."""
@@ -392,12 +407,19 @@ class RevocationFeed:
             self._load = asyncio.get_running_loop().create_task(self._reload(), name="revocation-reload")
 
     async def _reload(self) -> None:
+        pushed: set[PushedKey] = set()
+        self._pushed_while_loading.append(pushed)
         try:
             keys = await asyncio.get_running_loop().run_in_executor(None, self._read)
         except Exception as exc:  # the CRL still covers: say so and go on
             log.warning("could not load revoked serials from the database: %s", self.target.scrub(str(exc)))
             return
-        self.revoked.update(keys)
+        finally:
+            self._pushed_while_loading.remove(pushed)
+        # In place and without an await between: a request sees the old set or the new one.
+        self.revoked.clear()
+        self.revoked.update(keys | pushed)
+        self._full_logged = False
         self.loads += 1
 
     def _read(self) -> set[PushedKey]:
