@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from gateway.storage.interfaces import AuditStoreProtocol
 
 log = logging.getLogger("gateway.audit")
+# How long the writer waits for more events before a small batch goes to the shared database.
+COALESCE_SECONDS = 0.01
 
 BATCH_SIZE = 500
 DEFAULT_QUEUE_SIZE = 10_000
@@ -245,6 +247,11 @@ class AuditLog:
                     continue
             else:
                 item = await self._queue.get()
+            if self._spool is not None and item is not None and self._queue.qsize() < self.batch_size:
+                # The shared database: let a few more events arrive, so a batch is one transaction for
+                # many events rather than one each (a transaction costs PostgreSQL ~50 µs of CPU per
+                # event in full batches, several times that in batches of one or two).
+                await asyncio.sleep(COALESCE_SECONDS)
             while item is not None:
                 batch.append(item)
                 if len(batch) >= self.batch_size or self._queue.empty():
