@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Self
+from typing import Any
 
 import psycopg
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -55,7 +55,7 @@ from gateway.audit.store import (
     where_sql,
 )
 from gateway.errors import StoreError
-from gateway.storage.postgres import Database, Schema
+from gateway.storage.postgres import Database, PgStore, Schema
 
 _INTEGER_COLUMNS = {"client_port", "worker"}
 # COLLATE "C": byte order, as SQLite sorts (summaries break ties by value) and cheaper to index.
@@ -173,14 +173,14 @@ def _pg(sql: str) -> str:
     return sql.replace("?", "%s")
 
 
-class PgAuditStore:
+class PgAuditStore(PgStore):
     """The audit store on a shared :class:`~gateway.storage.postgres.Database` (its pool is not ours to close).
 
     ``readonly=True`` (the CLI's readers, the report pages) refuses to append.
     """
 
     def __init__(self, db: Database, *, readonly: bool = False) -> None:
-        self.db = db
+        super().__init__(db)
         self.readonly = readonly
         self._exports: list[contextlib.ExitStack] = []
 
@@ -190,12 +190,6 @@ class PgAuditStore:
         for stack in exports:
             with contextlib.suppress(Exception):
                 stack.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- writing --
 

@@ -35,7 +35,7 @@ import contextlib
 import datetime as dt
 import logging
 from collections.abc import Callable, Iterable
-from typing import Any, Self
+from typing import Any
 
 import psycopg
 from cryptography import x509
@@ -118,11 +118,8 @@ CREATE TRIGGER certificates_revocation_final BEFORE UPDATE OR DELETE ON certific
 Signer = Callable[[], tuple[CertificateRecord, bytes]]
 
 
-class PgIssuanceRecords:
+class PgIssuanceRecords(postgres.PgStore):
     """The issuance records in the shared database; uses the process's pool, never closes it."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
 
     @classmethod
     def open(cls, db: Database) -> PgIssuanceRecords:
@@ -132,15 +129,6 @@ class PgIssuanceRecords:
 
     def __repr__(self) -> str:
         return f"PgIssuanceRecords({self.db.target})"
-
-    def close(self) -> None:
-        """The pool belongs to the :class:`~gateway.storage.backends.Backend`."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- reading -----------------------------------------------------------
 

@@ -32,7 +32,7 @@ import datetime as dt
 import secrets
 import time
 from collections.abc import Callable, Iterable
-from typing import Any, Self
+from typing import Any
 
 import psycopg
 
@@ -46,7 +46,7 @@ from gateway.access.sessions import (
     well_formed_id,
 )
 from gateway.access.users import join_systems, to_epoch
-from gateway.storage.postgres import Database, DatabaseUnavailable, Listener, Schema, notify
+from gateway.storage.postgres import Database, DatabaseUnavailable, Listener, PgStore, Schema, notify
 
 SCHEMA = Schema(
     "sessions",
@@ -84,20 +84,8 @@ def announce(conn: psycopg.Connection[Any], hashes: list[str]) -> None:
         notify(conn, CHANNEL, hashed)
 
 
-class PgSessionStore:
+class PgSessionStore(PgStore):
     """Sessions in the shared database; every change is announced on :data:`CHANNEL`."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    def close(self) -> None:
-        """Nothing of its own to close: the pool belongs to the Backend."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def create(
         self,

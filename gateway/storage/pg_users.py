@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable
-from typing import Any, Self
+from typing import Any
 
 import psycopg
 
@@ -39,7 +39,7 @@ from gateway.access.users import (
     validate_systems,
     validate_user_id,
 )
-from gateway.storage.postgres import Database, Schema
+from gateway.storage.postgres import PgStore, Schema
 
 SCHEMA = Schema(
     "users",
@@ -75,20 +75,8 @@ _USER_COLUMNS = "user_id, password_hash, systems, enabled, must_change_password,
 _LOCK = "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))"
 
 
-class PgUserStore:
+class PgUserStore(PgStore):
     """Accounts, failures and locks in the shared database (``db`` is the process's pool)."""
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    def close(self) -> None:
-        """Nothing of its own to close: the pool belongs to the Backend."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # -- accounts ---------------------------------------------------------
 

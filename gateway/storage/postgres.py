@@ -176,6 +176,27 @@ class Database:
         return self.target.scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
 
 
+class PgStore:
+    """The base of every PostgreSQL store: it uses the process's pool and never closes it.
+
+    The pool belongs to the :class:`~gateway.storage.backends.Backend` that
+    made it, shared by all of the process's stores; ``close`` and the
+    context manager exist so a store is used like its SQLite twin.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def close(self) -> None:
+        """Nothing of its own to close (a subclass closes what it opened itself)."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def connect(where: Target, *, timeout: float = 5.0) -> psycopg.Connection[Any]:
     """One plain connection (autocommit), for the CLI's one-off jobs (migrate, import)."""
     try:
