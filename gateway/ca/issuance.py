@@ -337,6 +337,37 @@ RECORD_COLUMNS = (
     "serial, kind, user_id, not_before, not_after, issued_at, fingerprint, requested_by, "
     "windows_login, revoked_at, revocation_reason, revoked_by"
 )
+# A new certificate's row: INSERT_COLUMNS with the values of :func:`insert_values`, status 'valid'.
+INSERT_COLUMNS = (
+    "serial, kind, user_id, not_before, not_after, issued_at, fingerprint, requested_by, windows_login, status, der"
+)
+
+
+def insert_values(record: CertificateRecord, der: bytes) -> tuple[object, ...]:
+    """The values of a new certificate's row, in INSERT_COLUMNS order (status 'valid' comes from the SQL)."""
+    return (
+        storage_serial(record.serial),
+        record.kind,
+        record.user_id,
+        timestamp(record.not_before),
+        timestamp(record.not_after),
+        timestamp(record.issued_at),
+        record.fingerprint,
+        record.requested_by,
+        record.windows_login,
+        der,
+    )
+
+
+def record_filter(user: str | None, kind: CertificateKind | None) -> tuple[list[str], list[str]]:
+    """The columns to match and their values for a listing; each backend adds its placeholder."""
+    pairs = [(column, value) for column, value in (("user_id", user), ("kind", kind)) if value is not None]
+    return [column for column, _ in pairs], [value for _, value in pairs]
+
+
+def crl_entry_of_row(serial: str, revoked_at: int, reason: str | None) -> CrlEntry:
+    """A CRL entry from a row of (serial, revoked_at, revocation_reason) (either backend)."""
+    return CrlEntry(int(serial, 16), from_timestamp(revoked_at), RevocationReason(reason) if reason else None)
 
 
 class IssuanceRefused(CaError):

@@ -235,9 +235,7 @@ class PgIssuanceRecords(postgres.PgStore):
                 (timestamp(cutoff),),
             ).fetchall()
         assert number_row is not None
-        return int(number_row[0]), [
-            CrlEntry(int(s, 16), from_timestamp(at), RevocationReason(why) if why else None) for s, at, why in rows
-        ]
+        return int(number_row[0]), [issuance.crl_entry_of_row(*row) for row in rows]
 
     def finish_crl(self, info: CrlInfo) -> None:
         with self.db.transaction() as conn:
@@ -251,39 +249,22 @@ class PgIssuanceRecords(postgres.PgStore):
             conn.execute("UPDATE meta SET value = 1 WHERE key = 'crl_stale'")
 
 
+_INSERT = (
+    f"INSERT INTO certificates ({issuance.INSERT_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'valid', %s)"  # noqa: S608
+)
+
+
 def _records(
     conn: psycopg.Connection[Any], *, user: str | None = None, kind: CertificateKind | None = "client"
 ) -> builtins.list[CertificateRecord]:
-    clauses, params = [], []
-    if user is not None:
-        clauses.append("user_id = %s")
-        params.append(user)
-    if kind is not None:
-        clauses.append("kind = %s")
-        params.append(kind)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    columns, params = issuance.record_filter(user, kind)
+    where = f" WHERE {' AND '.join(f'{c} = %s' for c in columns)}" if columns else ""
     rows = conn.execute(f"SELECT {RECORD_COLUMNS} FROM certificates{where}", params).fetchall()  # noqa: S608
     return [issuance.record_of_row(row) for row in rows]
 
 
 def _insert(conn: psycopg.Connection[Any], record: CertificateRecord, der: bytes) -> None:
-    conn.execute(
-        "INSERT INTO certificates (serial, kind, user_id, not_before, not_after, issued_at, "
-        "fingerprint, requested_by, windows_login, status, der) "
-        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'valid', %s)",
-        (
-            issuance.storage_serial(record.serial),
-            record.kind,
-            record.user_id,
-            timestamp(record.not_before),
-            timestamp(record.not_after),
-            timestamp(record.issued_at),
-            record.fingerprint,
-            record.requested_by,
-            record.windows_login,
-            der,
-        ),
-    )
+    conn.execute(_INSERT, issuance.insert_values(record, der))
 
 
 def _get(conn: psycopg.Connection[Any], serial: int) -> CertificateRecord:

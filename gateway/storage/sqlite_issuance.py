@@ -213,7 +213,7 @@ class SqliteIssuanceRecords:
                 "WHERE status = 'revoked' AND not_after >= ?",
                 (timestamp(cutoff),),
             ).fetchall()
-        return int(number), [_entry(*row) for row in rows]
+        return int(number), [issuance.crl_entry_of_row(*row) for row in rows]
 
     def finish_crl(self, info: CrlInfo) -> None:
         with self._transaction() as conn:
@@ -255,39 +255,20 @@ class SqliteIssuanceRecords:
                 raise StoreError(f"{self.path}: commit failed: {exc}") from exc
 
 
+_INSERT = f"INSERT INTO certificates ({issuance.INSERT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'valid', ?)"  # noqa: S608
+
+
 def _records(
     conn: sqlite3.Connection, *, user: str | None = None, kind: CertificateKind | None = "client"
 ) -> builtins.list[CertificateRecord]:
-    clauses, params = [], []
-    if user is not None:
-        clauses.append("user_id = ?")
-        params.append(user)
-    if kind is not None:
-        clauses.append("kind = ?")
-        params.append(kind)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    columns, params = issuance.record_filter(user, kind)
+    where = f" WHERE {' AND '.join(f'{c} = ?' for c in columns)}" if columns else ""
     rows = conn.execute(f"SELECT {RECORD_COLUMNS} FROM certificates{where}", params).fetchall()  # noqa: S608
     return [issuance.record_of_row(row) for row in rows]
 
 
 def _insert(conn: sqlite3.Connection, record: CertificateRecord, der: bytes) -> None:
-    conn.execute(
-        "INSERT INTO certificates (serial, kind, user_id, not_before, not_after, issued_at, "
-        "fingerprint, requested_by, windows_login, status, der) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'valid', ?)",
-        (
-            issuance.storage_serial(record.serial),
-            record.kind,
-            record.user_id,
-            timestamp(record.not_before),
-            timestamp(record.not_after),
-            timestamp(record.issued_at),
-            record.fingerprint,
-            record.requested_by,
-            record.windows_login,
-            der,
-        ),
-    )
+    conn.execute(_INSERT, issuance.insert_values(record, der))
 
 
 def _get(conn: sqlite3.Connection, serial: int) -> CertificateRecord:
@@ -298,7 +279,3 @@ def _get(conn: sqlite3.Connection, serial: int) -> CertificateRecord:
     if row is None:
         raise issuance.unknown_serial(serial)
     return issuance.record_of_row(row)
-
-
-def _entry(serial: str, revoked_at: int, reason: str | None) -> CrlEntry:
-    return CrlEntry(int(serial, 16), from_timestamp(revoked_at), RevocationReason(reason) if reason else None)
