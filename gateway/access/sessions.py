@@ -114,25 +114,9 @@ class SessionStore(SqliteStore):
         Always a new random id, never one the client brought along (no
         session fixation). Sign the id with :func:`sign` for the cookie.
         """
-        session_id = secrets.token_urlsafe(32)
-        csrf_token = secrets.token_urlsafe(32)
-        at = to_epoch(now)
+        session_id, csrf_token, row = new_session_row(user_id, cert_fingerprint, systems, must_change_password, now)
         with self._guard() as conn:
-            conn.execute(
-                "INSERT INTO sessions (id_hash, user_id, cert_fingerprint, systems,"
-                " must_change_password, csrf_token, created_at, last_seen)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    id_hash(session_id),
-                    user_id,
-                    cert_fingerprint.lower(),
-                    join_systems(systems),
-                    must_change_password,
-                    csrf_token,
-                    at,
-                    at,
-                ),
-            )
+            conn.execute(f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)  # noqa: S608
         return session_id, csrf_token
 
     def get(self, session_id: str) -> SessionRecord | None:
@@ -332,6 +316,33 @@ def cookie_value(header: str | None, name: str) -> str | None:
 def well_formed_id(session_id: str) -> bool:
     """True for text that could be a session id (anything else is not even looked up)."""
     return _TOKEN_RE.fullmatch(session_id) is not None
+
+
+# A session row's columns, in the order :func:`new_session_row` gives them (both backends).
+SESSION_COLUMNS = "id_hash, user_id, cert_fingerprint, systems, must_change_password, csrf_token, created_at, last_seen"
+
+
+def new_session_row(
+    user_id: str, cert_fingerprint: str, systems: Iterable[str], must_change_password: bool, now: dt.datetime
+) -> tuple[str, str, tuple[Any, ...]]:
+    """A new session: ``(session_id, csrf_token, row)`` with fresh random ids and the row in SESSION_COLUMNS order.
+
+    Always a new random id, never one the client brought along (no session fixation).
+    """
+    session_id = secrets.token_urlsafe(32)
+    csrf_token = secrets.token_urlsafe(32)
+    at = to_epoch(now)
+    row = (
+        id_hash(session_id),
+        user_id,
+        cert_fingerprint.lower(),
+        join_systems(systems),
+        int(must_change_password),
+        csrf_token,
+        at,
+        at,
+    )
+    return session_id, csrf_token, row
 
 
 def session_record(session_id: str, row: Sequence[Any]) -> SessionRecord:

@@ -29,7 +29,6 @@ listener is down, notifications may be lost, so:
 from __future__ import annotations
 
 import datetime as dt
-import secrets
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -39,9 +38,11 @@ import psycopg
 from gateway import metrics
 from gateway.access.policy import SessionLimits
 from gateway.access.sessions import (
+    SESSION_COLUMNS,
     TOUCH_INTERVAL,
     SessionRecord,
     id_hash,
+    new_session_row,
     session_record,
     well_formed_id,
 )
@@ -101,25 +102,9 @@ class PgSessionStore(PgStore):
         exist (its cookie is signed only after this returns), and an
         announcement would only make every worker read the new session twice.
         """
-        session_id = secrets.token_urlsafe(32)
-        csrf_token = secrets.token_urlsafe(32)
-        at = to_epoch(now)
+        session_id, csrf_token, row = new_session_row(user_id, cert_fingerprint, systems, must_change_password, now)
         with self.db.connection() as conn:
-            conn.execute(
-                "INSERT INTO sessions (id_hash, user_id, cert_fingerprint, systems,"
-                " must_change_password, csrf_token, created_at, last_seen)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    id_hash(session_id),
-                    user_id,
-                    cert_fingerprint.lower(),
-                    join_systems(systems),
-                    int(must_change_password),
-                    csrf_token,
-                    at,
-                    at,
-                ),
-            )
+            conn.execute(f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)", row)  # noqa: S608
         return session_id, csrf_token
 
     def get(self, session_id: str) -> SessionRecord | None:
