@@ -53,6 +53,8 @@ class Backend:
         procs.stop(self.proc)
 
 
+# tls.session_resumption for the gateway (BENCH_RESUMPTION=tickets|cache; unset: the gateway's default).
+RESUMPTION = os.environ.get("BENCH_RESUMPTION", "")
 SHIM: list[Path] = []  # set by the runner: the event-loop shim for the gateway, if any
 
 
@@ -114,6 +116,7 @@ class Gateway(Server):
                 "cert": str(self.pki.server_cert),
                 "key": str(self.pki.server_key),
                 "client_ca": str(self.pki.ca_cert),
+                **({"session_resumption": RESUMPTION} if RESUMPTION else {}),
             },
             "revocation": {"crl": str(self.crl), "refresh_seconds": self.refresh_seconds, "grace_seconds": 3600},
             "backends": [

@@ -37,6 +37,7 @@ T = TypeVar("T")
 LoginMode = Literal["gateway", "passthrough"]
 # Mozilla's server-side TLS profiles: "intermediate" (TLS 1.2 AEAD + 1.3) or "modern" (TLS 1.3 only).
 TlsProfile = Literal["intermediate", "modern"]
+SessionResumption = Literal["auto", "tickets", "cache"]
 # Client and CA key types the certificate profile accepts (tls.key_types).
 KEY_TYPE_NAMES = ("ec-p256", "ec-p384", "ec-p521", "rsa")
 DEFAULT_KEY_TYPES: tuple[str, ...] = ("ec-p256", "ec-p384", "rsa")
@@ -286,6 +287,12 @@ class TlsConfig:
         DEFAULT_KEY_TYPES, Check(_plain(_key_types), f"a list from {', '.join(KEY_TYPE_NAMES)}")
     )
     rsa_min_bits: int = setting(2048, Check(_plain(_rsa_bits), "2048 or more, a multiple of 8"))
+    # How a returning client skips the full handshake: "cache" keeps sessions in the worker's
+    # memory, "tickets" hands them to the client encrypted with keys all workers share;
+    # "auto" is the cache with one worker and tickets with several (see resumption_mode).
+    session_resumption: SessionResumption = setting(
+        "auto", Check(_plain(_one_of("auto", "tickets", "cache")), "auto, tickets or cache")
+    )
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ from gateway.tls.termination import (
     TlsAcceptor,
     build_server_context,
     load_client_cas,
+    resumption_mode,
 )
 from gateway.web.admin import build_admin_app, crl_health_detail, health_from_metrics
 from gateway.web.messages import plural
@@ -109,8 +110,9 @@ def load_tls_state(config: Config) -> TlsState:
     policy = KeyPolicy(frozenset(config.tls.key_types), config.tls.rsa_min_bits)
     cas = load_client_cas(config.tls.client_ca, policy)
     keys = os.environ.get(TICKET_KEYS_ENV)
+    cache = resumption_mode(config.tls.session_resumption, config.workers) == "cache"
     return TlsState(
-        context=build_server_context(config.tls, cas, bytes.fromhex(keys) if keys else None),
+        context=build_server_context(config.tls, cas, bytes.fromhex(keys) if keys else None, session_cache=cache),
         anchors=TrustAnchors.of(cas, config.tls.issuer, key_policy=policy, max_chain_depth=config.tls.max_chain_depth),
         ca_ders=[ca.public_bytes(Encoding.DER) for ca in cas],
     )

@@ -1,4 +1,5 @@
-"""TLS layer details: session tickets shared across workers, resumption keeps the client certificate."""
+"""TLS layer details: how sessions resume (tickets shared across workers, or one worker's cache), and that
+resumption keeps the client certificate."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from gateway.certs.files import ThrowawayPki
 from gateway.server import TICKET_KEYS_ENV, GatewayWorker
-from gateway.tls.termination import TICKET_KEYS_BYTES
+from gateway.tls.termination import TICKET_KEYS_BYTES, resumption_mode
 from tests.harness import ListAudit, start_harness
 
 
@@ -39,7 +40,7 @@ async def test_ticket_from_one_worker_resumes_at_another_only_with_shared_keys(
         monkeypatch.setenv(TICKET_KEYS_ENV, secrets.token_hex(TICKET_KEYS_BYTES))
     else:
         monkeypatch.delenv(TICKET_KEYS_ENV, raising=False)
-    h = await start_harness(tmp_path, pki)
+    h = await start_harness(tmp_path, pki, extra={"workers": 2})  # several workers: tickets (auto)
     other = GatewayWorker(h.config, ListAudit(), worker=1, serve_admin=False)
     await other.start()
     try:
@@ -52,6 +53,93 @@ async def test_ticket_from_one_worker_resumes_at_another_only_with_shared_keys(
     finally:
         await other.stop()
         await h.close()
+
+
+def _tls(pki: ThrowawayPki, mode: str | None) -> dict[str, Any]:
+    tls: dict[str, Any] = {"cert": str(pki.server_cert), "key": str(pki.server_key), "client_ca": str(pki.ca_cert)}
+    return tls if mode is None else {**tls, "session_resumption": mode}
+
+
+@pytest.mark.parametrize("mode", [None, "cache"], ids=["auto", "cache"])
+async def test_one_worker_resumes_from_its_own_cache_and_keeps_the_certificate(
+    tmp_path: Path, pki: ThrowawayPki, monkeypatch: pytest.MonkeyPatch, mode: str | None
+) -> None:
+    """One worker (the default) keeps sessions in memory: they resume there with the certificate, and
+    nowhere else, even with shared ticket keys (no ticket is issued: nothing to decrypt elsewhere)."""
+    monkeypatch.setenv(TICKET_KEYS_ENV, secrets.token_hex(TICKET_KEYS_BYTES))
+    h = await start_harness(tmp_path, pki, extra={"tls": _tls(pki, mode)})
+    other = GatewayWorker(h.config, ListAudit(), worker=1, serve_admin=False)
+    await other.start()
+    try:
+        ctx = h.client_context("LC000001")
+        resumed, session, head = await asyncio.to_thread(fetch, h.worker.port, ctx, None)
+        assert (resumed, head) == (False, b"HTTP/1.1 200 OK")
+        for _ in range(2):
+            resumed, session, head = await asyncio.to_thread(fetch, h.worker.port, ctx, session)
+            assert (resumed, head) == (True, b"HTTP/1.1 200 OK")  # the cached session carries the certificate
+        resumed, _, head = await asyncio.to_thread(fetch, other.port, ctx, session)
+        assert (resumed, head) == (False, b"HTTP/1.1 200 OK")
+    finally:
+        await other.stop()
+        await h.close()
+
+
+async def test_tickets_chosen_for_one_worker_resume_at_another(
+    tmp_path: Path, pki: ThrowawayPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``session_resumption: tickets`` overrides the one-worker default."""
+    monkeypatch.setenv(TICKET_KEYS_ENV, secrets.token_hex(TICKET_KEYS_BYTES))
+    h = await start_harness(tmp_path, pki, extra={"tls": _tls(pki, "tickets")})
+    other = GatewayWorker(h.config, ListAudit(), worker=1, serve_admin=False)
+    await other.start()
+    try:
+        ctx = h.client_context("LC000001")
+        _, session, _ = await asyncio.to_thread(fetch, h.worker.port, ctx, None)
+        resumed, _, head = await asyncio.to_thread(fetch, other.port, ctx, session)
+        assert (resumed, head) == (True, b"HTTP/1.1 200 OK")
+    finally:
+        await other.stop()
+        await h.close()
+
+
+@pytest.mark.parametrize(
+    ("setting", "workers", "mode"),
+    [
+        ("auto", 1, "cache"),
+        ("auto", 2, "tickets"),
+        ("auto", 8, "tickets"),
+        ("cache", 4, "cache"),
+        ("tickets", 1, "tickets"),
+    ],
+)
+def test_resumption_mode(setting: str, workers: int, mode: str) -> None:
+    assert resumption_mode(setting, workers) == mode
+
+
+def test_session_cache_is_bounded_and_holds_the_session_not_a_ticket(pki: ThrowawayPki) -> None:
+    """A cached session costs ~12 KiB (its client certificate decoded): the worker keeps at most
+    SESSION_CACHE_SIZE of them, where OpenSSL would keep 20,480; with tickets nothing is kept."""
+    from gateway.config import TlsConfig
+    from gateway.tls.termination import SESSION_CACHE_SIZE, _openssl_ctx, build_server_context, load_client_cas
+
+    config = TlsConfig(cert=pki.server_cert, key=pki.server_key, client_ca=(pki.ca_cert,))
+    files = pki.clients["LC000001"]
+    client_ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    client_ctx.load_cert_chain(files.cert, files.key)
+    found = {}
+    for cache in (True, False):
+        server_ctx = build_server_context(config, load_client_cas(config.client_ca), session_cache=cache)
+        assert bool(server_ctx.options & ssl.OP_NO_TICKET) is cache
+        lib, pointer = _openssl_ctx(server_ctx)
+        assert lib is not None and pointer is not None
+        size = lib.SSL_CTX_ctrl(pointer, 43, 0, None)  # SSL_CTRL_GET_SESS_CACHE_SIZE
+        server, client, pump = _handshake_pair(server_ctx, client_ctx)
+        server.write(b"x")  # TLS 1.3 sends the session after the handshake: let it arrive
+        pump()
+        assert client.read(1) == b"x"
+        assert client.session is not None
+        found[cache] = (size, server_ctx.session_stats()["number"])
+    assert found == {True: (SESSION_CACHE_SIZE, 1), False: (20_480, 0)}
 
 
 def _handshake_pair(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[ssl.SSLObject, ssl.SSLObject, Any]:

@@ -231,6 +231,8 @@ tls:
                                   # longest configured CA path plus the leaf; copies of configured CAs not counted)
   key_types: [ec-p256, ec-p384, rsa]   # keys accepted in client and CA certificates (also ec-p521); never DSA
   rsa_min_bits: 2048              # smallest RSA key accepted; RSA sizes must be a multiple of 8
+  session_resumption: auto        # auto: one worker keeps sessions in memory (cheapest resumption, ~12 MiB
+                                  # for its 1,000 newest); several share encrypted tickets. Or: cache, tickets
 
 revocation:
   crl: $crl                       # file path or http(s) URL, PEM or DER; a list for several CAs

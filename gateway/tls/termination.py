@@ -191,13 +191,26 @@ def load_client_cas(paths: Sequence[Path], policy: KeyPolicy | None = None) -> l
 
 
 def build_server_context(
-    tls: TlsConfig, client_cas: Sequence[x509.Certificate], ticket_keys: bytes | None = None
+    tls: TlsConfig,
+    client_cas: Sequence[x509.Certificate],
+    ticket_keys: bytes | None = None,
+    *,
+    session_cache: bool = False,
 ) -> ssl.SSLContext:
     """The server SSLContext: TLS 1.2+, client certificate requested and chain-verified.
 
-    ``ticket_keys`` (80 bytes) makes every worker encrypt session tickets with
-    the same keys, so a ticket issued by one worker resumes at another (the
-    port is shared by SO_REUSEPORT, so the next connection may land anywhere).
+    Resumption is either by session tickets or from the worker's session cache:
+
+    * ``ticket_keys`` (80 bytes) makes every worker encrypt session tickets with
+      the same keys, so a ticket issued by one worker resumes at another (the
+      port is shared by SO_REUSEPORT, so the next connection may land anywhere).
+    * ``session_cache`` turns tickets off: the session (client certificate
+      included) stays in this process's memory, at most
+      :data:`SESSION_CACHE_SIZE` of them, and the client gets only its id. A
+      resumption is then a lookup, where a ticket costs a decryption and a
+      decode of the whole session, certificate and public key included (about
+      a third of a resumed connection's CPU). Only one process can find its own
+      sessions, so this pays with one worker only (:func:`resumption_mode`).
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     apply_profile(ctx, tls.profile)
@@ -215,6 +228,8 @@ def build_server_context(
     # One TLS 1.3 ticket per full handshake, not OpenSSL's two: a resumption brings a fresh
     # one, and each costs an encryption of the session (client certificate included).
     ctx.num_tickets = 1
+    if session_cache:
+        ctx.options |= ssl.OP_NO_TICKET  # TLS 1.3 then sends the session's id as its "ticket"
     lib, pointer = _openssl_ctx(ctx)
     if lib is not None and pointer is not None:
         ctx._gateway_ctx_pointer = pointer  # type: ignore[attr-defined]
@@ -222,9 +237,36 @@ def build_server_context(
         _no_auto_chain(lib, pointer)
         if tls.send_ca_names:
             set_client_ca_names(ctx, client_cas, lib, pointer)
-        if ticket_keys is not None:
+        if session_cache:
+            _set_cache_size(lib, pointer, SESSION_CACHE_SIZE)
+        elif ticket_keys is not None:
             set_ticket_keys(lib, pointer, ticket_keys)
     return ctx
+
+
+# Sessions one worker keeps for resumption (OpenSSL's default is 20,480). One costs ~12 KiB
+# with its client certificate; the oldest go first, and an evicted client does one full handshake.
+SESSION_CACHE_SIZE = 1_000
+_SSL_CTRL_SET_SESS_CACHE_SIZE = 42
+
+
+def resumption_mode(setting: str, workers: int) -> str:
+    """``tickets`` or ``cache`` for ``tls.session_resumption``; ``auto`` picks by worker count.
+
+    A cached session is found only by the worker that made it, and SO_REUSEPORT
+    sends a returning client to any worker: with several workers most lookups
+    would miss, so they share ticket keys instead.
+    """
+    if setting != "auto":
+        return setting
+    return "cache" if workers == 1 else "tickets"
+
+
+def _set_cache_size(lib: ctypes.CDLL, pointer: int, size: int) -> None:
+    """``SSL_CTX_sess_set_cache_size``: bound the worker's memory for sessions."""
+    lib.SSL_CTX_ctrl.restype = ctypes.c_long
+    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
+    lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_SIZE, size, None)
 
 
 def apply_profile(ctx: ssl.SSLContext, profile: str) -> None:
