@@ -118,7 +118,7 @@ def _base_tables(base: dict[str, Any], plan: dict[str, Any]) -> list[str]:
                 f"{_f(nk.get('per_second'))} | {_f(ceiling)} | "
                 f"{throughput_ratio(gk.get('per_second'), nk.get('per_second'), ceiling)} | {resumed} |"
             )
-    out += ["", *_ceiling_table(base, plan)]
+    out += ["", *_session_cache_table(base), *_ceiling_table(base, plan)]
     out += [
         "### 2. Logged-in keep-alive requests through the proxy (autocannon with LC000001's certificate → server → backend)",  # noqa: E501 - one markdown/log line
         "",
@@ -139,6 +139,34 @@ def _base_tables(base: dict[str, Any], plan: dict[str, Any]) -> list[str]:
                 f"{_f(gk.get('p50_ms'), 1)} / {_f(gk.get('p99_ms'), 1)} | {_f(nk.get('p50_ms'), 1)} / {_f(nk.get('p99_ms'), 1)} | "  # noqa: E501 - one markdown/log line
                 f"{_ratio(gk.get('p99_ms'), nk.get('p99_ms'))} | {_f(gk.get('backend_cpu_us'))} / {_f(nk.get('backend_cpu_us'))} | "  # noqa: E501 - one markdown/log line
                 f"{_f(gk.get('loadgen_cpu_us'))} / {_f(nk.get('loadgen_cpu_us'))} | {_bad(gk)} / {_bad(nk)} |"
+            )
+    out.append("")
+    return out
+
+
+def _session_cache_table(base: dict[str, Any]) -> list[str]:
+    """Figure 1 against nginx resuming from a session cache (tickets off), as the gateway does with one worker."""
+    rows = [(w, r) for w, r in base.items() if r.get("nginx", {}).get("session_cache")]
+    if not rows:
+        return []
+    out = [
+        "### 1b. The same handshakes against nginx with a session cache instead of tickets",
+        "",
+        "The gateway resumes from its own memory with one worker and from shared tickets with several "
+        "(`tls.session_resumption: auto`); nginx above uses tickets, its default. Here nginx gets "
+        "`ssl_session_cache shared:SSL:10m; ssl_session_tickets off;`: like for like with the one-worker gateway.",
+        "",
+        "| workers | kind | gateway CPU ms/conn | nginx (cache) CPU ms/conn | CPU gateway/nginx (cache) | "
+        "nginx (cache) /s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for workers, row in rows:
+        g, n = row.get("gateway", {}), row["nginx"]["session_cache"]
+        for kind in ("full", "resumed"):
+            gc, nc = g.get(kind, {}).get("server_cpu_ms"), n.get(kind, {}).get("server_cpu_ms")
+            out.append(
+                f"| {workers} | {kind} | {_f(gc, 2)} | {_f(nc, 2)} | {_ratio(gc, nc)} | "
+                f"{_f(n.get(kind, {}).get('per_second'))} |"
             )
     out.append("")
     return out

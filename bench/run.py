@@ -191,11 +191,34 @@ class Runner:
                 row["memory"] = self.memory(server)
                 if isinstance(server, Nginx):
                     row["ceiling"] = self.ceiling(server)
+                    row["session_cache"] = self.nginx_session_cache(workers, crl)
                 log(
                     f"  full {row['full']['per_second']:.0f}/s, resumed {row['resumed']['per_second']:.0f}/s "
                     f"({row['resumed']['resumed']}/{row['resumed']['connections']} resumed)"
                 )
             self.results["figures"].setdefault("base", {}).setdefault(str(workers), {})[system] = row
+
+    def nginx_session_cache(self, workers: int, crl: Path) -> dict[str, Any]:
+        """Figure 1's handshakes on nginx resuming from a shared session cache, tickets off.
+
+        The gateway resumes from its memory with one worker (``tls.session_resumption: auto``) and from
+        tickets with several, while nginx as configured for the other figures uses tickets: this row is
+        nginx given the cache too, so the resumption figure can be read like for like.
+        """
+        assert self.backend is not None
+        server = Nginx(self.workdir, self.pki, self.backend.port, workers, crl, session_cache=True)
+        try:
+            server.start()
+            seconds = self.plan.handshake_seconds
+            out = {
+                kind: self.measure_handshakes(server, reuse=kind == "resumed", seconds=seconds)
+                for kind in ("full", "resumed")
+            }
+        finally:
+            server.stop()
+        full, resumed = out["full"]["per_second"], out["resumed"]["per_second"]
+        log(f"  nginx with a session cache: full {full:.0f}/s, resumed {resumed:.0f}/s")
+        return out
 
     def crl_figures(self, workers: int) -> None:
         for entries in self.plan.crl_sizes:

@@ -53,8 +53,6 @@ class Backend:
         procs.stop(self.proc)
 
 
-# tls.session_resumption for the gateway (BENCH_RESUMPTION=tickets|cache; unset: the gateway's default).
-RESUMPTION = os.environ.get("BENCH_RESUMPTION", "")
 SHIM: list[Path] = []  # set by the runner: the event-loop shim for the gateway, if any
 
 
@@ -96,6 +94,7 @@ class Gateway(Server):
     workers: int
     crl: Path
     refresh_seconds: float = 3600.0
+    resumption: str = ""  # tls.session_resumption (tickets|cache); empty: the gateway's default
     name: str = "gateway"
     port: int = 0
     admin_port: int = 0
@@ -116,7 +115,7 @@ class Gateway(Server):
                 "cert": str(self.pki.server_cert),
                 "key": str(self.pki.server_key),
                 "client_ca": str(self.pki.ca_cert),
-                **({"session_resumption": RESUMPTION} if RESUMPTION else {}),
+                **({"session_resumption": self.resumption} if self.resumption else {}),
             },
             "revocation": {"crl": str(self.crl), "refresh_seconds": self.refresh_seconds, "grace_seconds": 3600},
             "backends": [
@@ -221,6 +220,7 @@ async def login(port: int, pki: BenchPki) -> str:
     return f"__Host-gw_session={session}"
 
 
+NGINX_SESSION_CACHE = "\n        ssl_session_cache shared:SSL:10m;\n        ssl_session_tickets off;"
 NGINX_CONF = """\
 worker_processes {workers};
 pid {prefix}/nginx.pid;
@@ -247,7 +247,7 @@ http {{
         ssl_protocols TLSv1.2 TLSv1.3;
         ssl_client_certificate {ca_cert};
         ssl_verify_client on;
-        ssl_crl {crl};
+        ssl_crl {crl};{resumption}
         client_max_body_size 0;
         location = /bench-direct {{ return 200 "ok"; }}
         location / {{
@@ -273,6 +273,9 @@ class Nginx(Server):
     backend_port: int
     workers: int
     crl: Path
+    # nginx resumes with session tickets unless told otherwise; True gives it a session cache shared by
+    # its workers instead, tickets off (what the gateway does with one worker): a like-for-like check.
+    session_cache: bool = False
     name: str = "nginx"
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
@@ -295,6 +298,7 @@ class Nginx(Server):
                 server_key=self.pki.server_key,
                 ca_cert=self.pki.ca_cert,
                 crl=self.crl,
+                resumption=NGINX_SESSION_CACHE if self.session_cache else "",
             )
         )
         return self.conf

@@ -137,6 +137,18 @@ def test_table_marks_the_ratio_not_measurable_under_a_low_ceiling() -> None:
     assert full == "| 1 | full | 1.50 | 1.00 | 1.50 | 400 | 500 | 600 | not measurable | – |"
 
 
+def test_table_compares_handshakes_with_nginx_given_a_session_cache_too() -> None:
+    results = _results(ceiling_rps=40_000)
+    without = report.render(results, {"date": "now"}, "./dev.sh bench")
+    assert "### 1b." not in without  # a results file from before the row existed still renders
+    nginx = results["figures"]["base"]["1"]["nginx"]  # type: ignore[index]
+    nginx["session_cache"] = {"full": {"per_second": 700.0, "server_cpu_ms": 0.75}, "resumed": {"server_cpu_ms": 0.25}}
+    text = report.render(results, {"date": "now"}, "./dev.sh bench")
+    assert "### 1b. The same handshakes against nginx with a session cache instead of tickets" in text
+    assert "| 1 | full | 1.50 | 0.75 | 2.00 | 700 |" in text
+    assert "| 1 | resumed | 1.00 | 0.25 | 4.00 | – |" in text
+
+
 def test_profile_stacks_are_sorted_into_layers() -> None:
     """py-spy ``--native --format raw`` lines captured from a gateway worker under keep-alive load."""
     stacks = profile.parse_collapsed((SAMPLES / "py-spy-raw-keepalive.txt").read_text())
