@@ -29,25 +29,10 @@ from pathlib import Path
 from bench import load, procs
 from bench.fixtures import OUT, BenchPki, ensure_crl, load_pki
 from bench.run import DIRECT, keepalive_row, log
-from bench.servers import PY, Backend, Gateway, Nginx, Server, Stunnel, _env
+from bench.servers import Backend, Ceiling, Gateway, Nginx, Server, Stunnel
 
 CEILINGS = ("hello", "aiohttp-proxy", "upstream-proxy")
 TOOLS = ("autocannon", "autocannon-2", "wrk-stunnel")
-
-
-class Ceiling(Server):
-    """A :mod:`bench.ceiling` server as a system under test."""
-
-    def __init__(self, kind: str, workdir: Path, pki: BenchPki, backend_port: int) -> None:
-        self.name, self.workers, self.cookie = kind, 1, ""
-        self.port = procs.free_port()
-        argv = [PY, "-m", "bench.ceiling", kind, str(self.port)]
-        argv += [str(pki.server_cert), str(pki.server_key), str(pki.ca_cert), str(backend_port)]
-        self.proc = procs.start(argv, workdir / f"{kind}.log", env=_env())
-        procs.wait_port(self.port, 30, self.proc)
-
-    def worker_pids(self) -> list[int]:
-        return self.all_pids()
 
 
 def keepalive(system: str, conns: int, seconds: float, tool: str) -> None:

@@ -87,6 +87,7 @@ def render(results: dict[str, Any], machine: dict[str, str], command: str) -> st
             )
         out.append("")
     out += _base_tables(figs.get("base", {}), plan)
+    out += _floors_table(figs.get("floors", {}), figs.get("base", {}))
     out += _crl_table(figs.get("crl", {}), figs.get("base", {}))
     out += _stream_table(figs.get("streaming", {}))
     out += _reload_table(figs.get("reload", {}), plan)
@@ -140,6 +141,32 @@ def _base_tables(base: dict[str, Any], plan: dict[str, Any]) -> list[str]:
                 f"{_ratio(gk.get('p99_ms'), nk.get('p99_ms'))} | {_f(gk.get('backend_cpu_us'))} / {_f(nk.get('backend_cpu_us'))} | "  # noqa: E501 - one markdown/log line
                 f"{_f(gk.get('loadgen_cpu_us'))} / {_f(nk.get('loadgen_cpu_us'))} | {_bad(gk)} / {_bad(nk)} |"
             )
+    out.append("")
+    return out
+
+
+def _floors_table(floors: dict[str, Any], base: dict[str, Any]) -> list[str]:
+    """Figure 2 for minimal aiohttp servers: what the design costs before the gateway does anything."""
+    if not floors:
+        return []
+    conns = floors["connections"]
+    w1 = base.get("1", {})
+    gateway = w1.get("gateway", {}).get(f"keepalive_{conns}", {}).get("server_cpu_us")
+    nginx = w1.get("nginx", {}).get(f"keepalive_{conns}", {}).get("server_cpu_us")
+    out = [
+        f"### 2b. Floors of the design (1 worker, {conns} connections, same load and backend as figure 2)",
+        "",
+        "Minimal aiohttp TLS servers on uvloop (`bench/ceiling.py`): `hello` answers itself (aiohttp's server "
+        "and TLS, nothing else), `upstream-proxy` forwards with the gateway's backend client and makes no check.",
+        "",
+        "| server | CPU µs/req | CPU / nginx proxying | req/s |",
+        "|---|---|---|---|",
+    ]
+    for kind in ("hello", "upstream-proxy"):
+        row = floors.get(kind, {})
+        cpu = row.get("server_cpu_us")
+        out.append(f"| {kind} | {_f(cpu)} | {_ratio(cpu, nginx)} | {_f(row.get('rps'))} |")
+    out.append(f"| gateway (figure 2, every check) | {_f(gateway)} | {_ratio(gateway, nginx)} | – |")
     out.append("")
     return out
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from bench import load, procs
 from bench.fixtures import BenchPki, ensure_crl, upload_file
-from bench.servers import Backend, Gateway, Nginx, Server
+from bench.servers import Backend, Ceiling, Gateway, Nginx, Server
 
 DIRECT = "/bench-direct"  # nginx answers ``return 200 "ok"`` itself: the load generator's ceiling
 
@@ -125,6 +125,8 @@ class Runner:
             self.load_generator_check()
             for workers in self.plan.workers:
                 self.base_figures(workers)
+                if workers == 1:
+                    self.floors()
                 self.crl_figures(workers)
             self.streaming()
             self.reload_under_load()
@@ -197,6 +199,24 @@ class Runner:
                     f"({row['resumed']['resumed']}/{row['resumed']['connections']} resumed)"
                 )
             self.results["figures"].setdefault("base", {}).setdefault(str(workers), {})[system] = row
+
+    def floors(self) -> None:
+        """Figure 2 for the design's floors: minimal aiohttp TLS servers (:mod:`bench.ceiling`), one worker.
+
+        ``hello`` answers itself (aiohttp's server and TLS, nothing else); ``upstream-proxy`` forwards
+        with the gateway's backend client and no checks. What the gateway costs above them is its own.
+        """
+        assert self.backend is not None
+        conns = self.plan.connections[0]
+        out: dict[str, Any] = {"connections": conns}
+        for kind in ("hello", "upstream-proxy"):
+            server = Ceiling(kind, self.workdir, self.pki, self.backend.port)
+            try:
+                out[kind] = self.measure_keepalive(server, conns, self.plan.keepalive_seconds)
+            finally:
+                server.stop()
+            log(f"  floor {kind} c={conns}: {out[kind]['server_cpu_us']:.0f} µs/request, {out[kind]['rps']:.0f} req/s")
+        self.results["figures"]["floors"] = out
 
     def nginx_session_cache(self, workers: int, crl: Path) -> dict[str, Any]:
         """Figure 1's handshakes on nginx resuming from a shared session cache, tickets off.

@@ -266,6 +266,21 @@ http {{
 """
 
 
+class Ceiling(Server):
+    """A :mod:`bench.ceiling` server (a floor of the gateway's design) as a system under test."""
+
+    def __init__(self, kind: str, workdir: Path, pki: BenchPki, backend_port: int) -> None:
+        self.name, self.workers, self.cookie = kind, 1, ""
+        self.port = procs.free_port()
+        argv = [PY, "-m", "bench.ceiling", kind, str(self.port)]
+        argv += [str(pki.server_cert), str(pki.server_key), str(pki.ca_cert), str(backend_port)]
+        self.proc = procs.start(argv, workdir / f"{kind}.log", env=_env())
+        procs.wait_port(self.port, 30, self.proc)
+
+    def worker_pids(self) -> list[int]:
+        return self.all_pids()
+
+
 @dataclass
 class Nginx(Server):
     workdir: Path

@@ -149,6 +149,20 @@ def test_table_compares_handshakes_with_nginx_given_a_session_cache_too() -> Non
     assert "| 1 | resumed | 1.00 | 0.25 | 4.00 | – |" in text
 
 
+def test_table_prints_the_floors_beside_the_gateway() -> None:
+    results = _results(ceiling_rps=40_000)
+    assert "### 2b." not in report.render(results, {"date": "now"}, "./dev.sh bench")
+    results["figures"]["floors"] = {  # type: ignore[index]
+        "connections": 50,
+        "hello": _keepalive(30_000, 50),
+        "upstream-proxy": _keepalive(12_000, 80),
+    }
+    text = report.render(results, {"date": "now"}, "./dev.sh bench")
+    assert "| hello | 50 | 2.50 | 30,000 |" in text
+    assert "| upstream-proxy | 80 | 4.00 | 12,000 |" in text
+    assert "| gateway (figure 2, every check) | 120 | 6.00 | – |" in text
+
+
 def test_profile_stacks_are_sorted_into_layers() -> None:
     """py-spy ``--native --format raw`` lines captured from a gateway worker under keep-alive load."""
     stacks = profile.parse_collapsed((SAMPLES / "py-spy-raw-keepalive.txt").read_text())
