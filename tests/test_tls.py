@@ -8,12 +8,14 @@ import contextlib
 import secrets
 import socket
 import ssl
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from gateway.certs.files import ThrowawayPki
+from gateway.config import TlsConfig
 from gateway.server import TICKET_KEYS_ENV, GatewayWorker
 from gateway.tls.termination import TICKET_KEYS_BYTES, resumption_mode
 from tests.harness import ListAudit, start_harness
@@ -32,6 +34,19 @@ def fetch(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> tup
         return tls.session_reused, tls.session, data.split(b"\r\n", 1)[0]
 
 
+@contextlib.asynccontextmanager
+async def two_workers(tmp_path: Path, pki: ThrowawayPki, extra: dict[str, Any]) -> AsyncIterator[tuple[int, int, Any]]:
+    """Two workers of one configuration on their own ports: (first port, second port, client context)."""
+    h = await start_harness(tmp_path, pki, extra=extra)
+    other = GatewayWorker(h.config, ListAudit(), worker=1, serve_admin=False)
+    await other.start()
+    try:
+        yield h.worker.port, other.port, h.client_context("LC000001")
+    finally:
+        await other.stop()
+        await h.close()
+
+
 @pytest.mark.parametrize("shared", [True, False], ids=["shared-keys", "own-keys"])
 async def test_ticket_from_one_worker_resumes_at_another_only_with_shared_keys(
     tmp_path: Path, pki: ThrowawayPki, monkeypatch: pytest.MonkeyPatch, shared: bool
@@ -40,19 +55,12 @@ async def test_ticket_from_one_worker_resumes_at_another_only_with_shared_keys(
         monkeypatch.setenv(TICKET_KEYS_ENV, secrets.token_hex(TICKET_KEYS_BYTES))
     else:
         monkeypatch.delenv(TICKET_KEYS_ENV, raising=False)
-    h = await start_harness(tmp_path, pki, extra={"workers": 2})  # several workers: tickets (auto)
-    other = GatewayWorker(h.config, ListAudit(), worker=1, serve_admin=False)
-    await other.start()
-    try:
-        ctx = h.client_context("LC000001")
-        resumed, session, head = await asyncio.to_thread(fetch, h.worker.port, ctx, None)
+    async with two_workers(tmp_path, pki, {"workers": 2}) as (first, second, ctx):  # several workers: tickets
+        resumed, session, head = await asyncio.to_thread(fetch, first, ctx, None)
         assert (resumed, head) == (False, b"HTTP/1.1 200 OK")
-        resumed, _, head = await asyncio.to_thread(fetch, other.port, ctx, session)
+        resumed, _, head = await asyncio.to_thread(fetch, second, ctx, session)
         assert head == b"HTTP/1.1 200 OK"  # the resumed session still carries the certificate
         assert resumed is shared
-    finally:
-        await other.stop()
-        await h.close()
 
 
 def _tls(pki: ThrowawayPki, mode: str | None) -> dict[str, Any]:
@@ -67,21 +75,14 @@ async def test_one_worker_resumes_from_its_own_cache_and_keeps_the_certificate(
     """One worker (the default) keeps sessions in memory: they resume there with the certificate, and
     nowhere else, even with shared ticket keys (no ticket is issued: nothing to decrypt elsewhere)."""
     monkeypatch.setenv(TICKET_KEYS_ENV, secrets.token_hex(TICKET_KEYS_BYTES))
-    h = await start_harness(tmp_path, pki, extra={"tls": _tls(pki, mode)})
-    other = GatewayWorker(h.config, ListAudit(), worker=1, serve_admin=False)
-    await other.start()
-    try:
-        ctx = h.client_context("LC000001")
-        resumed, session, head = await asyncio.to_thread(fetch, h.worker.port, ctx, None)
+    async with two_workers(tmp_path, pki, {"tls": _tls(pki, mode)}) as (first, second, ctx):
+        resumed, session, head = await asyncio.to_thread(fetch, first, ctx, None)
         assert (resumed, head) == (False, b"HTTP/1.1 200 OK")
         for _ in range(2):
-            resumed, session, head = await asyncio.to_thread(fetch, h.worker.port, ctx, session)
+            resumed, session, head = await asyncio.to_thread(fetch, first, ctx, session)
             assert (resumed, head) == (True, b"HTTP/1.1 200 OK")  # the cached session carries the certificate
-        resumed, _, head = await asyncio.to_thread(fetch, other.port, ctx, session)
+        resumed, _, head = await asyncio.to_thread(fetch, second, ctx, session)
         assert (resumed, head) == (False, b"HTTP/1.1 200 OK")
-    finally:
-        await other.stop()
-        await h.close()
 
 
 async def test_tickets_chosen_for_one_worker_resume_at_another(
@@ -89,17 +90,10 @@ async def test_tickets_chosen_for_one_worker_resume_at_another(
 ) -> None:
     """``session_resumption: tickets`` overrides the one-worker default."""
     monkeypatch.setenv(TICKET_KEYS_ENV, secrets.token_hex(TICKET_KEYS_BYTES))
-    h = await start_harness(tmp_path, pki, extra={"tls": _tls(pki, "tickets")})
-    other = GatewayWorker(h.config, ListAudit(), worker=1, serve_admin=False)
-    await other.start()
-    try:
-        ctx = h.client_context("LC000001")
-        _, session, _ = await asyncio.to_thread(fetch, h.worker.port, ctx, None)
-        resumed, _, head = await asyncio.to_thread(fetch, other.port, ctx, session)
+    async with two_workers(tmp_path, pki, {"tls": _tls(pki, "tickets")}) as (first, second, ctx):
+        _, session, _ = await asyncio.to_thread(fetch, first, ctx, None)
+        resumed, _, head = await asyncio.to_thread(fetch, second, ctx, session)
         assert (resumed, head) == (True, b"HTTP/1.1 200 OK")
-    finally:
-        await other.stop()
-        await h.close()
 
 
 @pytest.mark.parametrize(
@@ -119,13 +113,9 @@ def test_resumption_mode(setting: str, workers: int, mode: str) -> None:
 def test_session_cache_is_bounded_and_holds_the_session_not_a_ticket(pki: ThrowawayPki) -> None:
     """A cached session costs ~12 KiB (its client certificate decoded): the worker keeps at most
     SESSION_CACHE_SIZE of them, where OpenSSL would keep 20,480; with tickets nothing is kept."""
-    from gateway.config import TlsConfig
     from gateway.tls.termination import SESSION_CACHE_SIZE, _openssl_ctx, build_server_context, load_client_cas
 
-    config = TlsConfig(cert=pki.server_cert, key=pki.server_key, client_ca=(pki.ca_cert,))
-    files = pki.clients["LC000001"]
-    client_ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
-    client_ctx.load_cert_chain(files.cert, files.key)
+    config, client_ctx = _tls_config_and_client(pki)
     found = {}
     for cache in (True, False):
         server_ctx = build_server_context(config, load_client_cas(config.client_ca), session_cache=cache)
@@ -140,6 +130,14 @@ def test_session_cache_is_bounded_and_holds_the_session_not_a_ticket(pki: Throwa
         assert client.session is not None
         found[cache] = (size, server_ctx.session_stats()["number"])
     assert found == {True: (SESSION_CACHE_SIZE, 1), False: (20_480, 0)}
+
+
+def _tls_config_and_client(pki: ThrowawayPki) -> tuple[TlsConfig, ssl.SSLContext]:
+    """The gateway's TLS settings for the throwaway PKI, and a client context presenting LC000001."""
+    files = pki.clients["LC000001"]
+    client_ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    client_ctx.load_cert_chain(files.cert, files.key)
+    return TlsConfig(cert=pki.server_cert, key=pki.server_key, client_ca=(pki.ca_cert,)), client_ctx
 
 
 def _handshake_pair(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> tuple[ssl.SSLObject, ssl.SSLObject, Any]:
@@ -165,7 +163,6 @@ def test_message_callback_stops_after_the_handshake_and_one_ticket_per_handshake
     call per record afterwards); the twin without the switch-off keeps being called."""
     import _ssl
 
-    from gateway.config import TlsConfig
     from gateway.tls.termination import _on_tls_message, build_server_context, load_client_cas, stop_message_callback
 
     seen: list[int] = []
@@ -174,10 +171,7 @@ def test_message_callback_stops_after_the_handshake_and_one_ticket_per_handshake
         seen.append(content_type)
         _on_tls_message(conn, direction, version, content_type, msg_type, data)
 
-    config = TlsConfig(cert=pki.server_cert, key=pki.server_key, client_ca=(pki.ca_cert,))
-    files = pki.clients["LC000001"]
-    client_ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
-    client_ctx.load_cert_chain(files.cert, files.key)
+    config, client_ctx = _tls_config_and_client(pki)
     results = {}
     for stop in (True, False):
         server_ctx = build_server_context(config, load_client_cas(config.client_ca))
