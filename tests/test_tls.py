@@ -132,6 +132,19 @@ def test_session_cache_is_bounded_and_holds_the_session_not_a_ticket(pki: Throwa
     assert found == {True: (SESSION_CACHE_SIZE, 1), False: (20_480, 0)}
 
 
+def test_no_unbounded_cache_when_openssl_is_out_of_reach(pki: ThrowawayPki, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without ctypes access the cache size cannot be set, so the worker keeps tickets rather than an
+    unbounded cache (OpenSSL's 20,480 sessions would be ~240 MiB)."""
+    from gateway.tls import termination
+
+    config, _ = _tls_config_and_client(pki)
+    monkeypatch.setattr(termination, "_openssl_ctx", lambda ctx: (None, None))
+    server_ctx = termination.build_server_context(
+        config, termination.load_client_cas(config.client_ca), session_cache=True
+    )
+    assert not server_ctx.options & ssl.OP_NO_TICKET
+
+
 def _tls_config_and_client(pki: ThrowawayPki) -> tuple[TlsConfig, ssl.SSLContext]:
     """The gateway's TLS settings for the throwaway PKI, and a client context presenting LC000001."""
     files = pki.clients["LC000001"]

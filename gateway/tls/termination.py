@@ -209,7 +209,7 @@ def build_server_context(
       :data:`SESSION_CACHE_SIZE` of them, and the client gets only its id. A
       resumption is then a lookup, where a ticket costs a decryption and a
       decode of the whole session, certificate and public key included (about
-      a third of a resumed connection's CPU). Only one process can find its own
+      a quarter of a resumed connection's CPU). Only one process can find its own
       sessions, so this pays with one worker only (:func:`resumption_mode`).
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -228,8 +228,6 @@ def build_server_context(
     # One TLS 1.3 ticket per full handshake, not OpenSSL's two: a resumption brings a fresh
     # one, and each costs an encryption of the session (client certificate included).
     ctx.num_tickets = 1
-    if session_cache:
-        ctx.options |= ssl.OP_NO_TICKET  # TLS 1.3 then sends the session's id as its "ticket"
     lib, pointer = _openssl_ctx(ctx)
     if lib is not None and pointer is not None:
         ctx._gateway_ctx_pointer = pointer  # type: ignore[attr-defined]
@@ -238,7 +236,10 @@ def build_server_context(
         if tls.send_ca_names:
             set_client_ca_names(ctx, client_cas, lib, pointer)
         if session_cache:
+            # Only a bounded cache: unbounded, OpenSSL would keep 20,480 sessions (~240 MiB). Without
+            # ctypes this branch is skipped and the one worker keeps its own tickets instead.
             _set_cache_size(lib, pointer, SESSION_CACHE_SIZE)
+            ctx.options |= ssl.OP_NO_TICKET  # TLS 1.3 then sends the session's id as its "ticket"
         elif ticket_keys is not None:
             set_ticket_keys(lib, pointer, ticket_keys)
     return ctx
