@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -36,6 +39,48 @@ def test_an_existing_key_is_never_overwritten(tmp_path: Path) -> None:
         generate_signing_key(path)
     assert path.read_bytes() == before
     assert load_or_create_signing_key(path).private_bytes_raw() == load_signing_key(path).private_bytes_raw()
+
+
+def test_the_loser_of_a_creation_race_uses_the_winners_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process creates the key between our look and our link: ours is dropped, theirs is used."""
+    path = tmp_path / "audit-signing.key"
+    real_link = os.link
+    theirs: list[bytes] = []
+
+    def someone_else_first(src: str | Path, dst: str | Path) -> None:
+        monkeypatch.setattr(os, "link", real_link)
+        theirs.append(generate_signing_key(path).private_bytes_raw())
+        real_link(src, dst)
+
+    monkeypatch.setattr(os, "link", someone_else_first)
+    key = load_or_create_signing_key(path)
+    assert key.private_bytes_raw() == theirs[0] == load_signing_key(path).private_bytes_raw()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit-signing.key"]  # no temporary file left
+
+
+def _load_or_create_together(path: Path, barrier: Any, out: Any) -> None:
+    barrier.wait()
+    try:
+        out.put(load_or_create_signing_key(path).private_bytes_raw())
+    except PkiError as exc:
+        out.put(str(exc))
+
+
+def test_processes_starting_together_all_get_the_one_key(tmp_path: Path) -> None:
+    """A gateway and the portal (or instances sharing the file) starting at once: one key, nobody fails."""
+    path = tmp_path / "audit-signing.key"
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(6), ctx.Queue()
+    procs = [ctx.Process(target=_load_or_create_together, args=(path, barrier, out)) for _ in range(6)]
+    for proc in procs:
+        proc.start()
+    keys = [out.get(timeout=60) for _ in procs]
+    for proc in procs:
+        proc.join(timeout=60)
+    out.close()
+    out.join_thread()
+    assert keys == [load_signing_key(path).private_bytes_raw()] * 6
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit-signing.key"]
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o620])

@@ -21,21 +21,36 @@ from gateway.certs.files import write_atomic
 from gateway.errors import PkiError
 
 
+class SigningKeyExists(PkiError):
+    """:func:`generate_signing_key` found a key at the path already (made by someone else meanwhile)."""
+
+
 def generate_signing_key(path: Path) -> Ed25519PrivateKey:
-    """Create a new key at ``path`` (0600); an existing file is never overwritten (its checkpoints need it)."""
+    """Create a new key at ``path`` (0600); an existing file is never overwritten (its checkpoints need it).
+
+    The key is written whole to a private temporary file first and then linked
+    into place, which fails if ``path`` exists: a process reading ``path`` never
+    sees half a key, and of two processes creating it at once exactly one wins.
+    """
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        raise SigningKeyExists(f"{path}: an audit signing key exists already; refusing to overwrite it")
+    making = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}")
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(making, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(pem)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.link(making, path)
     except FileExistsError:
-        raise PkiError(f"{path}: an audit signing key exists already; refusing to overwrite it") from None
+        raise SigningKeyExists(f"{path}: an audit signing key exists already; refusing to overwrite it") from None
     except OSError as exc:
         raise PkiError(f"{path}: cannot create the audit signing key: {exc.strerror}") from exc
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(pem)
-        handle.flush()
-        os.fsync(handle.fileno())
+    finally:
+        making.unlink(missing_ok=True)
     return key
 
 
@@ -58,8 +73,18 @@ def load_signing_key(path: Path) -> Ed25519PrivateKey:
 
 
 def load_or_create_signing_key(path: Path) -> Ed25519PrivateKey:
-    """The key at ``path``, created on first use (what a gateway's first start does)."""
-    return load_signing_key(path) if path.exists() else generate_signing_key(path)
+    """The key at ``path``, created on first use (what a gateway's first start does).
+
+    Processes sharing the path (a gateway and the portal on one host, instances
+    sharing the file) may start together and all find it missing: one creates
+    it and the others use that one.
+    """
+    if path.exists():
+        return load_signing_key(path)
+    try:
+        return generate_signing_key(path)
+    except SigningKeyExists:
+        return load_signing_key(path)
 
 
 def public_key_pem(key: Ed25519PrivateKey | Ed25519PublicKey) -> bytes:
