@@ -479,15 +479,17 @@ def audit_routes(config: Config) -> Callable[[web.Application], None]:
 
     def add(app: web.Application) -> None:
         if config.admin is not None and config.admin.audit_report:
+            from gateway.audit.trailstate import StateCache
             from gateway.storage.backends import Backend
 
-            backend = Backend(config, role="admin")
+            backend, states = Backend(config, role="admin"), StateCache()
 
             async def close(_app: web.Application) -> None:
+                states.close()  # the page's background verifier
                 backend.close()
 
             app.on_cleanup.append(close)
-            app.router.add_get("/audit", audit_handler(backend))
+            app.router.add_get("/audit", audit_handler(backend, states))
 
     return add
 

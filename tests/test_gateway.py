@@ -12,6 +12,7 @@ import hashlib
 import json
 import re
 import ssl
+import threading
 import warnings
 from pathlib import Path
 
@@ -461,21 +462,35 @@ async def test_healthz_and_metrics(gw: Harness) -> None:
 async def test_admin_listener_serves_the_audit_report(tmp_path: Path, pki: ThrowawayPki) -> None:
     """/audit, when enabled, is wired through the worker's admin listener (its module loads on the first request)."""
     from gateway.audit.events import AuditEvent, EventKind
+    from gateway.audit.signing import generate_signing_key
     from gateway.audit.store import AuditStore
 
     gw = await start_harness(tmp_path, pki, extra={"admin": {"host": "127.0.0.1", "port": 0, "audit_report": True}})
+    generate_signing_key(gw.config.audit.signing_key)  # with a key the page verifies the period, in a thread
     event = AuditEvent(EventKind.REQUEST_REFUSED, reason="certificate_revoked", user_id="LC000009")
     with AuditStore(gw.config.audit.database) as store:
         store.append([event])
-    async with aiohttp.ClientSession() as s:
-        for _ in range(2):  # the first request imports the report module, the second reuses it
-            async with s.get(gw.admin_url("/audit"), params={"support_id": event.support_id}) as r:
-                assert r.status == 200
-                assert r.content_type == "text/html"
-                assert "LC000009" in await r.text()
-        async with s.get(gw.admin_url("/audit"), params={"since": "not-a-time"}) as r:
-            assert r.status == 400  # the report's own filter check answers, not a 404 or 500
-    await gw.close()
+    try:
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):  # the first request imports the report module, the second reuses it
+                async with s.get(gw.admin_url("/audit"), params={"support_id": event.support_id}) as r:
+                    assert r.status == 200
+                    assert r.content_type == "text/html"
+                    assert "LC000009" in await r.text()
+            async with s.get(gw.admin_url("/audit"), params={"since": "not-a-time"}) as r:
+                assert r.status == 400  # the report's own filter check answers, not a 404 or 500
+        assert verifier_threads()
+    finally:
+        await gw.close()
+    for _ in range(200):  # the listener's cleanup stops the verifier; its thread ends soon after
+        if not verifier_threads():
+            break
+        await asyncio.sleep(0.02)
+    assert not verifier_threads()
+
+
+def verifier_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("audit-verify")]
 
 
 async def test_underscore_spellings_of_identity_headers_are_dropped(gw: Harness) -> None:

@@ -230,10 +230,14 @@ def verification(
 Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
-def audit_handler(source: Backend | Path | str) -> Handler:
-    """A GET handler for the admin listener's ``/audit`` page, on a backend's store (or a SQLite file)."""
+def audit_handler(source: Backend | Path | str, cache: StateCache | None = None) -> Handler:
+    """A GET handler for the admin listener's ``/audit`` page, on a backend's store (or a SQLite file).
+
+    ``cache`` keeps verified heads, so paging and reloading do not verify again; it runs the
+    verifications in a thread of its own, so its owner closes it when the listener stops.
+    """
     path = source if isinstance(source, Backend) else Path(source)
-    cache = StateCache()  # verified heads: paging and reloading do not verify again
+    cache = cache if cache is not None else StateCache()
 
     async def handle(request: web.Request) -> web.Response:
         filters = {key: request.query.get(key, "") for key in FILTER_KEYS}
