@@ -238,7 +238,7 @@ def build_server_context(
         if session_cache:
             # Only a bounded cache: unbounded, OpenSSL would keep 20,480 sessions (~240 MiB). Without
             # ctypes this branch is skipped and the one worker keeps its own tickets instead.
-            _set_cache_size(lib, pointer, SESSION_CACHE_SIZE)
+            lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_SIZE, SESSION_CACHE_SIZE, None)
             ctx.options |= ssl.OP_NO_TICKET  # TLS 1.3 then sends the session's id as its "ticket"
         elif ticket_keys is not None:
             set_ticket_keys(lib, pointer, ticket_keys)
@@ -248,7 +248,7 @@ def build_server_context(
 # Sessions one worker keeps for resumption (OpenSSL's default is 20,480). One costs ~12 KiB
 # with its client certificate; the oldest go first, and an evicted client does one full handshake.
 SESSION_CACHE_SIZE = 1_000
-_SSL_CTRL_SET_SESS_CACHE_SIZE = 42
+_SSL_CTRL_SET_SESS_CACHE_SIZE = 42  # SSL_CTX_sess_set_cache_size is this SSL_CTX_ctrl
 
 
 def resumption_mode(setting: str, workers: int) -> str:
@@ -261,13 +261,6 @@ def resumption_mode(setting: str, workers: int) -> str:
     if setting != "auto":
         return setting
     return "cache" if workers == 1 else "tickets"
-
-
-def _set_cache_size(lib: ctypes.CDLL, pointer: int, size: int) -> None:
-    """``SSL_CTX_sess_set_cache_size``: bound the worker's memory for sessions."""
-    lib.SSL_CTX_ctrl.restype = ctypes.c_long
-    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
-    lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_SESS_CACHE_SIZE, size, None)
 
 
 def apply_profile(ctx: ssl.SSLContext, profile: str) -> None:
@@ -334,21 +327,21 @@ def set_ticket_keys(lib: ctypes.CDLL, pointer: int, keys: bytes) -> None:
     """``SSL_CTX_set_tlsext_ticket_keys``: the session-ticket keys shared by all workers."""
     if len(keys) != TICKET_KEYS_BYTES:
         raise ValueError(f"ticket keys must be {TICKET_KEYS_BYTES} bytes")
-    lib.SSL_CTX_ctrl.restype = ctypes.c_long
-    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
     buffer = ctypes.create_string_buffer(keys, len(keys))
     if lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_SET_TLSEXT_TICKET_KEYS, len(keys), buffer) != 1:
         log.warning("tls: OpenSSL refused the shared session-ticket keys; each worker keeps its own")
 
 
 def _load_lib() -> ctypes.CDLL | None:
-    """libssl as ``_ssl`` loaded it, once, with the prototypes of the per-connection calls."""
+    """libssl as ``_ssl`` loaded it, once, with the prototypes of the calls made through it."""
     try:
         lib = ctypes.CDLL(_ssl.__file__)
         lib.SSL_get_SSL_CTX.restype = ctypes.c_void_p
         lib.SSL_get_SSL_CTX.argtypes = [ctypes.c_void_p]
         lib.SSL_set_msg_callback.restype = None
         lib.SSL_set_msg_callback.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.SSL_CTX_ctrl.restype = ctypes.c_long
+        lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
     except (OSError, AttributeError) as exc:
         log.warning("tls: cannot reach OpenSSL through ctypes: %s", exc)
         return None
@@ -385,8 +378,6 @@ def _no_auto_chain(lib: ctypes.CDLL, pointer: int) -> None:
     the same CA issuing the server and the client certificates, the self-signed
     root went out with every handshake. ``SSL_MODE_NO_AUTO_CHAIN`` stops that.
     """
-    lib.SSL_CTX_ctrl.restype = ctypes.c_long
-    lib.SSL_CTX_ctrl.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p]
     lib.SSL_CTX_ctrl(pointer, _SSL_CTRL_MODE, _SSL_MODE_NO_AUTO_CHAIN, None)
 
 
