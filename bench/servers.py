@@ -94,7 +94,6 @@ class Gateway(Server):
     workers: int
     crl: Path
     refresh_seconds: float = 3600.0
-    resumption: str = ""  # tls.session_resumption (tickets|cache); empty: the gateway's default
     name: str = "gateway"
     port: int = 0
     admin_port: int = 0
@@ -115,7 +114,6 @@ class Gateway(Server):
                 "cert": str(self.pki.server_cert),
                 "key": str(self.pki.server_key),
                 "client_ca": str(self.pki.ca_cert),
-                **({"session_resumption": self.resumption} if self.resumption else {}),
             },
             "revocation": {"crl": str(self.crl), "refresh_seconds": self.refresh_seconds, "grace_seconds": 3600},
             "backends": [
